@@ -1,0 +1,58 @@
+"""socketcomm: framed messages over TCP for Python, with a Rust/tokio networking core.
+
+    import socketcomm
+
+    with socketcomm.Server("127.0.0.1", 0) as server:
+        for event in server:
+            if isinstance(event, socketcomm.Message):
+                event.reply(b"got " + event.data)
+
+See the README for the command line (``socketcomm server``/``socketcomm client``) and
+``docs/protocol.md`` for the wire format.
+"""
+
+from typing import Union
+
+from socketcomm._socketcomm import (
+    ACK_REPLY,
+    DEFAULT_HOST,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PORT,
+    PROTOCOL_VERSION,
+    Client,
+    Connected,
+    ConnectionClosedError,
+    Disconnected,
+    FrameTooLargeError,
+    Message,
+    ProtocolError,
+    Server,
+    SocketCommError,
+    TlsError,
+    TransferError,
+    __version__,
+)
+
+Event = Union[Connected, Message, Disconnected]
+"""What iterating over a `Server` yields."""
+
+__all__ = [
+    "ACK_REPLY",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
+    "Client",
+    "Connected",
+    "ConnectionClosedError",
+    "Disconnected",
+    "Event",
+    "FrameTooLargeError",
+    "Message",
+    "ProtocolError",
+    "Server",
+    "SocketCommError",
+    "TlsError",
+    "TransferError",
+    "__version__",
+]

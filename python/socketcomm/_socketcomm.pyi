@@ -1,0 +1,297 @@
+"""The native core of socketcomm (Rust, tokio), exposed through PyO3.
+
+Every blocking call below releases the GIL while it waits and wakes at least every 100 ms to let
+signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/O happens on a
+process-wide pool of tokio threads that never run Python code.
+"""
+
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Final, Union, final
+
+from typing_extensions import Buffer, Self, TypeAlias
+
+__all__ = [
+    "ACK_REPLY",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
+    "Client",
+    "Connected",
+    "ConnectionClosedError",
+    "Disconnected",
+    "FrameTooLargeError",
+    "Message",
+    "ProtocolError",
+    "Server",
+    "SocketCommError",
+    "TlsError",
+    "TransferError",
+    "__version__",
+]
+
+__version__: Final[str]
+DEFAULT_HOST: Final[str]
+"""Where servers listen and clients connect unless told otherwise: loopback."""
+DEFAULT_PORT: Final[int]
+"""The command line's default port (unprivileged, so no root is needed)."""
+DEFAULT_MAX_FRAME: Final[int]
+"""The default bound on one frame, 16 MiB."""
+PROTOCOL_VERSION: Final[int]
+ACK_REPLY: Final[bytes]
+"""The original server's reply, ``b"Your message has been received, Thank you!"``."""
+
+_Data: TypeAlias = Union[str, Buffer]
+"""A message payload: ``str`` is sent as UTF-8, any bytes-like object as is."""
+
+class SocketCommError(Exception):
+    """The root of every socketcomm exception.
+
+    OS failures are not wrapped: they stay the built-in ``OSError`` subclasses
+    (``ConnectionRefusedError``, ``TimeoutError``, ``PermissionError``, ...).
+    """
+
+class ConnectionClosedError(SocketCommError, ConnectionError):
+    """The connection has ended (the peer closed it, it was reset, or it was closed here)."""
+
+    code: int | None
+    """The close code when the ending side sent one (1000 normal, 1001 server shutting down,
+    1002 protocol error, 1003 unsupported version, 1004 frame too large, 1005 server full,
+    1006 idle timeout)."""
+    reason: str
+    """Why the connection ended, in words."""
+
+class ProtocolError(SocketCommError):
+    """The peer does not speak the socketcomm protocol, or broke it."""
+
+    code: int | None
+    reason: str
+
+class FrameTooLargeError(ProtocolError, ValueError):
+    """A message is larger than the receiving side's ``max_frame``.
+
+    Raised by ``send`` before anything is written when the peer announced a smaller limit, and
+    by ``recv`` when the peer sent (or announced) a frame over this side's limit.
+    """
+
+class TlsError(SocketCommError, ConnectionError):
+    """A TLS handshake or certificate check failed."""
+
+class TransferError(SocketCommError):
+    """A file transfer failed or could not be verified."""
+
+@final
+class Connected:
+    """A client connected."""
+
+    @property
+    def conn_id(self) -> int:
+        """The connection's id, unique for the lifetime of the server."""
+    @property
+    def peer(self) -> tuple[str, int]:
+        """The client's ``(host, port)``."""
+
+@final
+class Message:
+    """A message from a client."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def data(self) -> bytes:
+        """The message as sent."""
+    @property
+    def text(self) -> str:
+        """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
+    @property
+    def request_id(self) -> int | None:
+        """The correlation id when the client sent a request and waits for the reply."""
+    def reply(self, data: _Data) -> None:
+        """Answers this message: the reply to a request, or a plain message otherwise.
+
+        Blocks (GIL released) only while the connection's outbound queue is full. Raises
+        ``ConnectionClosedError`` when the client has gone, ``FrameTooLargeError`` when the
+        client's ``max_frame`` is smaller.
+        """
+
+@final
+class Disconnected:
+    """A connection ended."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def reason(self) -> str:
+        """Why it ended, in words ("closed by the client", "server shutting down", ...)."""
+    @property
+    def code(self) -> int | None:
+        """The close code, when a close frame was exchanged."""
+
+_Event: TypeAlias = Union[Connected, Message, Disconnected]
+
+@final
+class Server:
+    """A TCP server: framed socketcomm clients and plain sockets on the same port.
+
+    Binds on construction (``port=0`` picks a free port; ``address`` tells which), then serves
+    once started by ``start()``, ``serve_forever()``, ``with``, ``recv()`` or iteration.
+    Each connection is told apart by its first bytes: a socketcomm hello selects the framed
+    protocol, anything else raw mode (bytes as they come, as the original ``server.py`` spoke).
+
+    Modes:
+      * ``"events"`` (default): messages become events, read by iterating over the server or by
+        ``recv()``, or handed to ``on_message``/``on_connect``/``on_disconnect`` callbacks.
+      * ``"echo"``: every message is sent back, natively (no Python per message).
+      * ``"ack"``: every message is answered with ``reply``, natively.
+
+    Options: ``max_frame`` bounds a frame from a client (bytes); ``backlog`` is the listen
+    backlog; ``nodelay`` sets TCP_NODELAY; ``event_queue`` and ``outbound_queue`` bound the
+    events waiting for Python and the messages waiting to be written to one client (when
+    either is full, the connection waits: backpressure, never unbounded memory).
+
+    Raises ``OSError`` (e.g. ``errno.EADDRINUSE``) when the address cannot be bound and
+    ``ValueError`` for an invalid option.
+    """
+
+    def __new__(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        mode: str = "events",
+        reply: _Data | None = None,
+        on_message: Callable[[int, bytes], _Data | None] | None = None,
+        on_connect: Callable[[int, tuple[str, int]], object] | None = None,
+        on_disconnect: Callable[[int, str], object] | None = None,
+        max_frame: int = ...,
+        backlog: int = 1024,
+        nodelay: bool = True,
+        event_queue: int = 4096,
+        outbound_queue: int = 1024,
+    ) -> Self: ...
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` the server listens on."""
+    @property
+    def mode(self) -> str: ...
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+    def start(self) -> None:
+        """Starts serving in the background and returns at once. Idempotent.
+
+        With ``on_*`` handlers, a dispatcher thread calls them, taking the GIL once per batch
+        of events. ``on_message(conn_id, data)`` may return the reply (str or bytes-like) or
+        None; an exception in a handler is logged to the ``socketcomm.server`` logger and the
+        server keeps serving.
+        """
+    def serve_forever(self) -> None:
+        """Serves until ``close()`` (from another thread or a handler) or Ctrl-C.
+
+        Blocks, GIL released. Needs a native mode or ``on_*`` handlers; in ``"events"`` mode
+        without handlers iterate over the server instead (``ValueError`` otherwise).
+        """
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops accepting, closes every connection after what is queued for it (framed
+        clients get a close frame saying the server is shutting down), waits up to
+        ``timeout`` seconds for that, then drops what remains. Idempotent; blocks, GIL
+        released."""
+    def recv(self, timeout: float | None = None) -> _Event:
+        """The next event, waiting up to ``timeout`` seconds (None: no limit).
+
+        Blocks, GIL released. Raises ``TimeoutError`` when none arrives in time, and
+        ``ConnectionClosedError`` once the server is closed and every event was read.
+        """
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> _Event:
+        """The next event; iteration ends once the server is closed and drained. Blocks, GIL
+        released; Ctrl-C raises ``KeyboardInterrupt`` within about 100 ms."""
+    def send(self, conn_id: int, data: _Data) -> None:
+        """Sends one message to a connection. Blocks (GIL released) only while its outbound
+        queue is full. ``ConnectionClosedError`` when the connection has ended."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...
+
+@final
+class Client:
+    """A connection to a socketcomm server (or, with ``raw=True``, to any TCP server).
+
+    Connects on construction within ``connect_timeout`` seconds. ``timeout`` is the default
+    limit of ``recv()`` and ``request()`` (None: wait without limit). One client may be used
+    from several threads at once: ``request()`` matches its reply by a correlation id, so
+    concurrent requests and unsolicited messages read by ``recv()`` never get mixed up.
+
+    Raises ``ConnectionRefusedError`` (and the other ``OSError`` subclasses) when the server
+    cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
+    the server is not a socketcomm server (connect with ``raw=True`` to plain TCP servers).
+    """
+
+    def __new__(
+        cls,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        raw: bool = False,
+        max_frame: int = ...,
+        nodelay: bool = True,
+    ) -> Self: ...
+    @property
+    def address(self) -> tuple[str, int]:
+        """The server's ``(host, port)``."""
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """This end's ``(host, port)``."""
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def raw(self) -> bool: ...
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended or ``close()`` was called."""
+    def send(self, data: _Data) -> None:
+        """Queues one message; it is written in the background, in order, and flushed by
+        ``close()``. Blocks (GIL released) only while the outbound queue is full.
+
+        Raises ``FrameTooLargeError`` before sending anything when the server's ``max_frame``
+        is smaller, and ``ConnectionClosedError`` once the connection has ended.
+        """
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next message that is not a reply to a request. Blocks, GIL released.
+
+        ``timeout`` (seconds) overrides the client's. Raises ``TimeoutError`` when nothing
+        arrives in time (no message is lost), ``ConnectionClosedError`` once the connection
+        has ended and every earlier message was read. In raw mode a message is whatever bytes
+        arrived together.
+        """
+    def request(self, data: _Data, timeout: float | None = None) -> bytes:
+        """Sends ``data`` as a request and returns the server's reply to it. Blocks, GIL
+        released; raises as ``send()`` and ``recv()``. In raw mode there is no correlation id:
+        the reply is the next bytes to arrive."""
+    def close(self) -> None:
+        """Writes what was sent, tells the server goodbye and closes (waiting up to 5 s).
+        Idempotent; later calls raise ``ConnectionClosedError``."""
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> bytes:
+        """The next message; iteration ends when the server closes the connection normally.
+        Blocks without a time limit, GIL released."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...

@@ -1,0 +1,304 @@
+"""The command line: ``socketcomm server|client``, ``python -m socketcomm``, and the drop-in
+``server.py``/``client.py`` wrappers.
+
+Host and port come from ``--host``/``--port``, else ``SOCKETCOMM_HOST``/``SOCKETCOMM_PORT``, else
+the defaults (127.0.0.1 and an unprivileged port, so nothing needs root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from socketcomm._socketcomm import (
+    ACK_REPLY,
+    DEFAULT_HOST,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PORT,
+    Client,
+    Connected,
+    Disconnected,
+    Message,
+    Server,
+    SocketCommError,
+)
+
+HOST_ENV = "SOCKETCOMM_HOST"
+PORT_ENV = "SOCKETCOMM_PORT"
+DEFAULT_MESSAGE = "Hello World"
+
+log = logging.getLogger("socketcomm.cli")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _env_port() -> int:
+    text = os.environ.get(PORT_ENV)
+    if text is None:
+        return DEFAULT_PORT
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"error: {PORT_ENV}: {e}") from None
+
+
+def _add_address_options(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument(
+        "--host",
+        default=os.environ.get(HOST_ENV, DEFAULT_HOST),
+        help=f"address to {role} (default: ${HOST_ENV} or %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help=f"TCP port to {role} (default: ${PORT_ENV} or {DEFAULT_PORT})",
+    )
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log connections and errors in detail"
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+SERVER_DESCRIPTION = """\
+Serve socketcomm clients and plain TCP sockets on one port.
+
+For every client it prints, as the original server.py did:
+  connected to ('127.0.0.1', 45396)
+  message from client is Hello World
+  Communication with ('127.0.0.1', 45396) ended!
+
+A socketcomm client is told apart from a plain socket by its first bytes, so the original
+client.py (any plain socket that sends and reads) works unchanged. Stop with Ctrl-C.
+"""
+
+SERVER_MODES = {
+    "reply": "print each message and answer it with --reply (the original's behaviour)",
+    "echo": "send every message back, natively in Rust (prints connects only)",
+    "ack": "answer every message with --reply, natively in Rust (prints connects only)",
+}
+
+
+SERVER_EPILOG = "modes:\n" + "\n".join(f"  {k:<6} {v}" for k, v in SERVER_MODES.items())
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_address_options(parser, "listen on")
+    parser.add_argument(
+        "--mode",
+        choices=list(SERVER_MODES),
+        default="reply",
+        help="how messages are answered (default: %(default)s; see below)",
+    )
+    parser.add_argument(
+        "--reply",
+        default=ACK_REPLY.decode(),
+        help="the answer of the reply and ack modes (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--max-frame",
+        type=int,
+        default=DEFAULT_MAX_FRAME,
+        metavar="BYTES",
+        help="largest frame accepted from a client (default: %(default)s)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing per client")
+    _add_logging_options(parser)
+    parser.set_defaults(run=run_server)
+
+
+def _printable(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace")
+    if "\ufffd" in text and "\ufffd".encode() not in data:
+        log.warning("the message was not valid UTF-8; undecodable bytes are shown as \ufffd")
+    return text
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_server(args: argparse.Namespace) -> int:
+    port = args.port if args.port is not None else _env_port()
+    native = args.mode != "reply"
+    server = Server(
+        args.host,
+        port,
+        mode=args.mode if native else "events",
+        reply=args.reply,
+        max_frame=args.max_frame,
+    )
+    # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    host, bound_port = server.address
+    print(f"listening on {host}:{bound_port} (mode {args.mode}); Ctrl-C stops", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        for event in server:
+            if args.quiet:
+                if isinstance(event, Message) and not native:
+                    event.reply(args.reply)
+                continue
+            if isinstance(event, Connected):
+                print(f"connected to {event.peer}", flush=True)
+            elif isinstance(event, Message):
+                print(f"message from client is {_printable(event.data)}", flush=True)
+                _answer(event, args.reply)
+            elif isinstance(event, Disconnected):
+                print(f"Communication with {event.peer} ended!", flush=True)
+                log.info("connection %d ended: %s", event.conn_id, event.reason)
+    except KeyboardInterrupt:
+        print("stopping: closing connections", file=sys.stderr)
+    finally:
+        server.close()
+    return 0
+
+
+def _answer(message: Message, reply: str) -> None:
+    try:
+        message.reply(reply)
+    except SocketCommError as e:
+        # The client left before the answer; the server goes on with the others.
+        print(f"could not answer {message.peer}: {e}", file=sys.stderr)
+
+
+CLIENT_DESCRIPTION = """\
+Connect, send one message, print the answer and exit, as the original client.py did.
+
+Against a plain TCP server (such as the original server.py) add --raw.
+"""
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "message",
+        nargs="?",
+        default=DEFAULT_MESSAGE,
+        help="what to send (default: %(default)r)",
+    )
+    _add_address_options(parser, "connect to")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="plain TCP with no framing, for servers that are not socketcomm servers",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the connection and the answer (default: %(default)s)",
+    )
+    _add_logging_options(parser)
+    parser.set_defaults(run=run_client)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    port = args.port if args.port is not None else _env_port()
+    try:
+        with Client(
+            args.host, port, timeout=args.timeout, connect_timeout=args.timeout, raw=args.raw
+        ) as client:
+            if args.raw:
+                client.send(args.message)
+                answer = client.recv()
+            else:
+                answer = client.request(args.message)
+    except (OSError, SocketCommError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(answer.decode("utf-8", errors="replace"))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    try:
+        result: int = args.run(args)
+    except (OSError, SocketCommError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    """``server.py``: run a server (see ``--help``)."""
+    parser = _parser(SERVER_DESCRIPTION, SERVER_EPILOG)
+    _add_server_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    """``client.py``: send one message and print the answer (see ``--help``)."""
+    parser = _parser(CLIENT_DESCRIPTION)
+    _add_client_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``socketcomm server|client ...`` and ``python -m socketcomm``."""
+    parser = argparse.ArgumentParser(
+        prog="socketcomm",
+        description="Framed messages over TCP: run a server, or send a message as a client.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_server_arguments(
+        commands.add_parser(
+            "server",
+            help="serve clients (socketcomm server --help tells more)",
+            description=SERVER_DESCRIPTION,
+            epilog=SERVER_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    _add_client_arguments(
+        commands.add_parser(
+            "client",
+            help="send one message and print the answer (socketcomm client --help tells more)",
+            description=CLIENT_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    return _run(parser.parse_args(argv))

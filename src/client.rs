@@ -1,0 +1,460 @@
+//! The client: connects (with a timeout), exchanges hellos, then a reader task routes replies to
+//! the requests waiting for them by correlation id and queues every other message for `recv`, so
+//! one client can be shared by many threads or tasks without their messages getting mixed up.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClientConfig;
+use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox};
+use crate::error::{CloseInfo, Error, FrameError, Result};
+use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
+
+/// A connection to a server. Every method takes `&self`: share it behind an `Arc`.
+pub struct Client {
+    peer: SocketAddr,
+    local: SocketAddr,
+    raw: bool,
+    outbox: Outbox,
+    inbound: flume::Receiver<Bytes>,
+    shared: Arc<Shared>,
+    next_id: AtomicU32,
+    closed_locally: AtomicBool,
+    writer: Mutex<Option<JoinHandle<io::Result<()>>>>,
+    abort: CancellationToken,
+}
+
+/// What the client and its reader task share.
+struct Shared {
+    /// Requests waiting for their reply, by correlation id; `None` once the connection ended, so
+    /// that no request can start waiting for a reply that will never come.
+    pending: Mutex<Option<HashMap<u32, oneshot::Sender<Bytes>>>>,
+    finish: Mutex<Option<Finish>>,
+}
+
+impl Shared {
+    /// Tells the writer to finish after what is queued, with `last` as the final frame.
+    fn finish_writer(&self, last: Option<Frame>) {
+        if let Some(finish) = lock(&self.finish).take() {
+            let _ = finish.send(last);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Client {
+    /// Connects to `host:port`, trying each address the name resolves to.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when no address accepts (refused, unreachable, unknown host),
+    /// [`Error::Timeout`] after `connect_timeout`, [`Error::Protocol`] when the server does not
+    /// answer the hello as a socketcomm server.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing outlives a cancelled connect.
+    pub async fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        let target = format!("{host}:{port}");
+        tokio::time::timeout(
+            config.connect_timeout,
+            Self::connect_inner(host, port, &config),
+        )
+        .await
+        .map_err(|_| {
+            Error::Timeout(format!(
+                "connecting to {target} took longer than {:?} (connect_timeout); check the \
+                     address, and that the server runs and is reachable",
+                config.connect_timeout
+            ))
+        })?
+    }
+
+    async fn connect_inner(host: &str, port: u16, config: &ClientConfig) -> Result<Client> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| Error::io(format!("cannot resolve host {host:?}"), e))?
+            .collect();
+        let mut last_error = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Self::handshake(stream, config).await,
+                Err(e) => last_error = Some((addr, e)),
+            }
+        }
+        let (addr, e) = last_error.ok_or_else(|| {
+            Error::io(
+                format!("cannot connect to {host}:{port}"),
+                io::Error::new(io::ErrorKind::NotFound, "the name has no addresses"),
+            )
+        })?;
+        let hint = if e.kind() == io::ErrorKind::ConnectionRefused {
+            "; is the server running on that port? (start one with `python server.py`)"
+        } else {
+            ""
+        };
+        Err(Error::io_with_hint(
+            format!("cannot connect to {addr}"),
+            e,
+            hint,
+        ))
+    }
+
+    async fn handshake(mut stream: TcpStream, config: &ClientConfig) -> Result<Client> {
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| Error::io("cannot read the peer address", e))?;
+        let local = stream
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the local address", e))?;
+        if config.nodelay {
+            stream
+                .set_nodelay(true)
+                .map_err(|e| Error::io("cannot set TCP_NODELAY", e))?;
+        }
+        let state = ConnState::new(u32::MAX);
+        let mut buffered = BytesMut::new();
+        if !config.raw {
+            let hello = read_hello(&mut stream, peer, config.max_frame, &mut buffered).await?;
+            state.set_peer_max_frame(hello.max_frame);
+        }
+        Ok(Client::spawn(stream, peer, local, config, state, buffered))
+    }
+
+    fn spawn(
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        config: &ClientConfig,
+        state: Arc<ConnState>,
+        buffered: BytesMut,
+    ) -> Client {
+        let (reader, writer) = stream.into_split();
+        let (queue, queued) = flume::bounded(config.outbound_queue);
+        let (to_app, inbound) = flume::bounded(config.inbound_queue);
+        let (finish, finished) = oneshot::channel();
+        let abort = CancellationToken::new();
+        let outbox = Outbox::new(queue, state);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Some(HashMap::new())),
+            finish: Mutex::new(Some(finish)),
+        });
+        let writer = tokio::spawn(write_loop(
+            writer,
+            queued,
+            finished,
+            config.raw,
+            abort.clone(),
+        ));
+        let inbound_frames = Inbound::new(reader, config.raw, config.max_frame, buffered);
+        tokio::spawn(read_loop(
+            inbound_frames,
+            to_app,
+            Arc::clone(&shared),
+            outbox.clone(),
+            abort.clone(),
+        ));
+        Client {
+            peer,
+            local,
+            raw: config.raw,
+            outbox,
+            inbound,
+            shared,
+            next_id: AtomicU32::new(1),
+            closed_locally: AtomicBool::new(false),
+            writer: Mutex::new(Some(writer)),
+            abort,
+        }
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn is_raw(&self) -> bool {
+        self.raw
+    }
+
+    /// Whether the connection has ended, or [`Client::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed_locally.load(Ordering::Relaxed) || self.outbox.state().close_info().is_some()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed_locally.load(Ordering::Relaxed) {
+            return Err(Error::Closed(CloseInfo::new(
+                Some(CloseCode::NORMAL),
+                "this client was closed; create a new Client to connect again",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues one message; it is written in the background, in order.
+    ///
+    /// # Errors
+    /// [`Error::FrameTooLarge`] when the server's `max_frame` is smaller (nothing is sent),
+    /// [`Error::Closed`] when the connection has ended.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled send queued the whole message or nothing.
+    pub async fn send(&self, data: Bytes) -> Result<()> {
+        self.check_open()?;
+        self.outbox.send(Frame::Data(data)).await
+    }
+
+    /// The next message that is not a reply to a request.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] once the connection has ended and every message received before was
+    /// read; [`Error::FrameTooLarge`]-like endings are reported through the close code.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled receive takes no message.
+    pub async fn recv(&self) -> Result<Bytes> {
+        self.check_open()?;
+        self.inbound
+            .recv_async()
+            .await
+            .map_err(|_| self.outbox.state().closed_error())
+    }
+
+    /// Sends `data` as a request and waits for the server's reply to it. In raw mode there are
+    /// no correlation ids: the reply is the next bytes that arrive.
+    ///
+    /// # Errors
+    /// As [`Client::send`], and [`Error::Closed`] if the connection ends before the reply.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe in the sense that the request may already be sent; a reply that arrives
+    /// after cancellation is discarded.
+    pub async fn request(&self, data: Bytes) -> Result<Bytes> {
+        self.check_open()?;
+        if self.raw {
+            self.send(data).await?;
+            return self.recv().await;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply_to, reply) = oneshot::channel();
+        match lock(&self.shared.pending).as_mut() {
+            Some(pending) => pending.insert(id, reply_to),
+            None => return Err(self.outbox.state().closed_error()),
+        };
+        let _forget = ForgetOnDrop {
+            shared: &self.shared,
+            id,
+        };
+        self.outbox.send(Frame::Request { id, body: data }).await?;
+        reply.await.map_err(|_| self.outbox.state().closed_error())
+    }
+
+    /// Closes the connection: what was sent before is written, then a close frame; waits up to
+    /// `grace` for that, then drops the connection.
+    ///
+    /// # Cancel safety
+    /// Cancel safe; the connection is closed either way.
+    pub async fn close(&self, grace: Duration) {
+        if self.closed_locally.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let last = (!self.raw).then(|| Frame::close(CloseCode::NORMAL, "client closed"));
+        self.shared.finish_writer(last);
+        let writer = lock(&self.writer).take();
+        if let Some(writer) = writer {
+            let _ = tokio::time::timeout(grace, writer).await;
+        }
+        self.abort.cancel();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Flush what is queued and say goodbye; the reader ends when the server hangs up.
+        let last = (!self.raw && !self.closed_locally.load(Ordering::Relaxed))
+            .then(|| Frame::close(CloseCode::NORMAL, "client closed"));
+        self.shared.finish_writer(last);
+    }
+}
+
+/// Removes a request's entry when its caller stops waiting, so abandoned requests leak nothing.
+struct ForgetOnDrop<'a> {
+    shared: &'a Shared,
+    id: u32,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = lock(&self.shared.pending).as_mut() {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+/// Reads the server's hello, telling a socketcomm server from anything else at the first byte
+/// that differs.
+async fn read_hello(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    max_frame: u32,
+    buffered: &mut BytesMut,
+) -> Result<Hello> {
+    stream
+        .write_all(&Hello::client(max_frame).encode())
+        .await
+        .map_err(|e| Error::io(format!("cannot send the hello to {peer}"), e))?;
+    loop {
+        match frame::sniff(buffered) {
+            Sniff::Framed => break,
+            Sniff::Raw => {
+                return Err(Error::Protocol(format!(
+                    "{peer} did not answer with a socketcomm hello (it sent {:?}); if it is a \
+                     plain TCP server, connect with raw=True (--raw on the command line)",
+                    String::from_utf8_lossy(&buffered[..buffered.len().min(64)])
+                )))
+            }
+            Sniff::NeedMore => {}
+        }
+        let read = stream
+            .read_buf(buffered)
+            .await
+            .map_err(|e| Error::io(format!("the hello from {peer} failed"), e))?;
+        if read == 0 {
+            return Err(Error::Protocol(format!(
+                "{peer} closed the connection instead of answering the hello; is it a \
+                 socketcomm server? For a plain TCP server, connect with raw=True (--raw)"
+            )));
+        }
+    }
+    let hello_bytes: [u8; HELLO_LEN] = buffered.split_to(HELLO_LEN)[..]
+        .try_into()
+        .expect("sniff saw a whole hello");
+    let hello = Hello::decode(&hello_bytes)
+        .map_err(|e| Error::Protocol(format!("{peer} sent a broken hello: {e}")))?;
+    if hello.agreed_version().is_some() {
+        return Ok(hello);
+    }
+    // A refusal is followed by a close frame that says why.
+    let reason = read_close_reason(stream, buffered)
+        .await
+        .unwrap_or_else(|| {
+            format!(
+                "the server speaks protocol versions up to {}",
+                hello.max_version
+            )
+        });
+    Err(Error::Protocol(format!(
+        "{peer} refused the connection: {reason}"
+    )))
+}
+
+async fn read_close_reason(stream: &mut TcpStream, buffered: &mut BytesMut) -> Option<String> {
+    use tokio_util::codec::Decoder;
+    let mut codec = FrameCodec::new(frame::MIN_MAX_FRAME);
+    loop {
+        if let Ok(Some(Frame::Close { reason, .. })) = codec.decode(buffered) {
+            return Some(reason);
+        }
+        if stream.read_buf(buffered).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+async fn read_loop(
+    mut inbound: Inbound<OwnedReadHalf>,
+    to_app: flume::Sender<Bytes>,
+    shared: Arc<Shared>,
+    outbox: Outbox,
+    abort: CancellationToken,
+) {
+    let (info, last_frame) = loop {
+        let next = tokio::select! {
+            () = abort.cancelled() => break (CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"), None),
+            next = inbound.next() => next,
+        };
+        match next {
+            None => {
+                break (
+                    CloseInfo::new(None, "the server closed the connection"),
+                    None,
+                )
+            }
+            Some(Ok(Frame::Data(body) | Frame::Request { body, .. })) => {
+                let delivered = tokio::select! {
+                    () = abort.cancelled() => false,
+                    sent = to_app.send_async(body) => sent.is_ok(),
+                };
+                if !delivered {
+                    break (
+                        CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"),
+                        None,
+                    );
+                }
+            }
+            Some(Ok(Frame::Reply { id, body })) => {
+                let waiter = lock(&shared.pending).as_mut().and_then(|p| p.remove(&id));
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(body);
+                    }
+                    None => log::debug!("discarded the reply to request {id}: nobody waits for it"),
+                }
+            }
+            Some(Ok(Frame::Ping(token))) => {
+                outbox.try_send(Frame::Pong(token));
+            }
+            Some(Ok(Frame::Pong(_))) => {}
+            Some(Ok(Frame::Close { code, reason })) => {
+                let reason = if reason.is_empty() {
+                    "the server closed the connection".to_owned()
+                } else {
+                    format!("the server closed the connection: {reason}")
+                };
+                break (CloseInfo::new(Some(code), reason), None);
+            }
+            Some(Err(FrameError::Io(e))) => {
+                let reason = if e.kind() == io::ErrorKind::ConnectionReset {
+                    "the server reset the connection".to_owned()
+                } else {
+                    format!("reading from the server failed: {e}")
+                };
+                break (CloseInfo::new(None, reason), None);
+            }
+            Some(Err(e)) => {
+                let code = e.close_code();
+                let reason = format!("the server sent a bad frame: {e}");
+                log::warn!("{reason}");
+                break (
+                    CloseInfo::new(Some(code), reason),
+                    Some(Frame::close(code, &e.to_string())),
+                );
+            }
+        }
+    };
+    outbox.state().mark_closed(info);
+    // Wake every request still waiting; they report the reason just recorded.
+    lock(&shared.pending).take();
+    shared.finish_writer(last_frame);
+}
+
+/// How long [`Client::close`] waits for queued messages by default.
+pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(5);

@@ -1,0 +1,256 @@
+//! One TCP connection, as both the server and the client drive it: [`Inbound`] yields frames (or,
+//! in raw mode, chunks as they arrive), and [`write_loop`] drains a bounded queue of outgoing
+//! frames that any number of [`Outbox`] clones feed.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::codec::{BytesCodec, Decoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{CloseInfo, Error, FrameError, Result};
+use crate::frame::{encode_frame, Frame, FrameCodec};
+
+/// The writer gathers queued frames into one buffer up to this size before writing, so that many
+/// small messages cost one system call.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What a connection's handles share: the peer's frame limit and, once it ends, why.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    peer_max_frame: AtomicU32,
+    closed: OnceLock<CloseInfo>,
+}
+
+impl ConnState {
+    pub(crate) fn new(peer_max_frame: u32) -> Arc<ConnState> {
+        Arc::new(ConnState {
+            peer_max_frame: AtomicU32::new(peer_max_frame),
+            closed: OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn set_peer_max_frame(&self, max_frame: u32) {
+        self.peer_max_frame.store(max_frame, Ordering::Relaxed);
+    }
+
+    /// Records why the connection ended; the first reason wins.
+    pub(crate) fn mark_closed(&self, info: CloseInfo) {
+        let _ = self.closed.set(info);
+    }
+
+    pub(crate) fn close_info(&self) -> Option<&CloseInfo> {
+        self.closed.get()
+    }
+
+    /// The error every operation on the ended connection returns.
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::Closed(
+            self.closed
+                .get()
+                .cloned()
+                .unwrap_or_else(|| CloseInfo::new(None, "the connection is closed")),
+        )
+    }
+}
+
+/// A cloneable handle that queues frames for one connection's writer.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    queue: flume::Sender<Frame>,
+    state: Arc<ConnState>,
+}
+
+impl Outbox {
+    pub(crate) fn new(queue: flume::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
+        Outbox { queue, state }
+    }
+
+    pub(crate) fn state(&self) -> &Arc<ConnState> {
+        &self.state
+    }
+
+    /// Queues `frame`, waiting while the queue is full (backpressure).
+    ///
+    /// # Errors
+    /// [`Error::FrameTooLarge`] when the peer announced a smaller `max_frame` (nothing is queued);
+    /// [`Error::Closed`] when the connection has ended.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled send queued either the whole frame or nothing.
+    pub(crate) async fn send(&self, frame: Frame) -> Result<()> {
+        self.check_size(&frame)?;
+        self.queue
+            .send_async(frame)
+            .await
+            .map_err(|_| self.state.closed_error())
+    }
+
+    /// Queues `frame` if there is room, and reports whether there was.
+    pub(crate) fn try_send(&self, frame: Frame) -> bool {
+        self.queue.try_send(frame).is_ok()
+    }
+
+    fn check_size(&self, frame: &Frame) -> Result<()> {
+        let max = self.state.peer_max_frame.load(Ordering::Relaxed);
+        let len = frame.encoded_len();
+        if len > max as usize {
+            return Err(Error::outgoing_too_large(len, max));
+        }
+        Ok(())
+    }
+}
+
+/// The reading half of a connection, framed or raw.
+pub(crate) struct Inbound<R> {
+    codec: InboundCodec<R>,
+    /// Bytes read before the mode was known are still buffered: decode them before reading, as
+    /// `FramedRead` would otherwise wait for the socket first (and a client waiting for our
+    /// answer would never send more).
+    primed: bool,
+}
+
+enum InboundCodec<R> {
+    Framed(FramedRead<R, FrameCodec>),
+    Raw(FramedRead<R, BytesCodec>),
+}
+
+impl<R: AsyncRead + Unpin> Inbound<R> {
+    /// Wraps `reader`; `already_read` holds bytes read before the mode was known.
+    pub(crate) fn new(reader: R, raw: bool, max_frame: u32, already_read: BytesMut) -> Inbound<R> {
+        let primed = !already_read.is_empty();
+        let codec = if raw {
+            let mut framed = FramedRead::new(reader, BytesCodec::new());
+            *framed.read_buffer_mut() = already_read;
+            InboundCodec::Raw(framed)
+        } else {
+            let mut framed = FramedRead::new(reader, FrameCodec::new(max_frame));
+            *framed.read_buffer_mut() = already_read;
+            InboundCodec::Framed(framed)
+        };
+        Inbound { codec, primed }
+    }
+
+    /// The next frame; a raw chunk comes as a [`Frame::Data`]. `None` at the end of the stream.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: bytes read stay buffered for the next call.
+    pub(crate) async fn next(&mut self) -> Option<Result<Frame, FrameError>> {
+        match &mut self.codec {
+            InboundCodec::Framed(framed) => {
+                if self.primed {
+                    match decode_buffered(framed) {
+                        Ok(Some(frame)) => return Some(Ok(frame)),
+                        Ok(None) => self.primed = false,
+                        Err(error) => return Some(Err(error)),
+                    }
+                }
+                framed.next().await
+            }
+            InboundCodec::Raw(framed) => {
+                if self.primed {
+                    self.primed = false;
+                    let chunk = framed.read_buffer_mut().split();
+                    return Some(Ok(Frame::Data(chunk.freeze())));
+                }
+                let chunk = framed.next().await?;
+                Some(
+                    chunk
+                        .map(|chunk| Frame::Data(chunk.freeze()))
+                        .map_err(FrameError::from),
+                )
+            }
+        }
+    }
+}
+
+fn decode_buffered<R>(framed: &mut FramedRead<R, FrameCodec>) -> Result<Option<Frame>, FrameError> {
+    let mut codec = framed.decoder().clone();
+    codec.decode(framed.read_buffer_mut())
+}
+
+/// How the writer is told to finish: with an optional last frame (a close frame, usually).
+pub(crate) type Finish = oneshot::Sender<Option<Frame>>;
+
+/// Writes queued frames until told to finish, then writes what is still queued, the last frame,
+/// and shuts the write half down. `abort` stops it at once, whatever is pending.
+///
+/// # Errors
+/// The first write error; the connection is unusable after it.
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    mut io: W,
+    queue: flume::Receiver<Frame>,
+    mut finish: oneshot::Receiver<Option<Frame>>,
+    raw: bool,
+    abort: CancellationToken,
+) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    let mut queue_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            () = abort.cancelled() => return Ok(()),
+            frame = queue.recv_async(), if queue_open => match frame {
+                Ok(frame) => {
+                    encode(&frame, raw, &mut buf);
+                    while buf.len() < WRITE_BATCH {
+                        match queue.try_recv() {
+                            Ok(frame) => encode(&frame, raw, &mut buf),
+                            Err(_) => break,
+                        }
+                    }
+                    write_buffer(&mut io, &mut buf, &abort).await?;
+                }
+                // Every sender is gone; only `finish` (or `abort`) can end the loop now.
+                Err(_) => queue_open = false,
+            },
+            last = &mut finish => {
+                while let Ok(frame) = queue.try_recv() {
+                    encode(&frame, raw, &mut buf);
+                }
+                if let Ok(Some(frame)) = last {
+                    encode(&frame, raw, &mut buf);
+                }
+                write_buffer(&mut io, &mut buf, &abort).await?;
+                return io.shutdown().await;
+            }
+        }
+    }
+}
+
+async fn write_buffer<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    buf: &mut BytesMut,
+    abort: &CancellationToken,
+) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    tokio::select! {
+        () = abort.cancelled() => Ok(()),
+        written = io.write_all(buf) => {
+            buf.clear();
+            written
+        }
+    }
+}
+
+/// Appends `frame` as it goes on the wire: framed, or in raw mode the bare payload (control
+/// frames have no raw form and are left out).
+fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
+    if !raw {
+        encode_frame(frame, buf);
+        return;
+    }
+    match frame {
+        Frame::Data(body) | Frame::Request { body, .. } | Frame::Reply { body, .. } => {
+            buf.extend_from_slice(body);
+        }
+        Frame::Ping(_) | Frame::Pong(_) | Frame::Close { .. } => {}
+    }
+}

@@ -1,0 +1,380 @@
+//! The framed wire protocol: the hello both sides exchange, the frame types and the codec.
+//!
+//! Pure parsing with no I/O, in the manner of mini-redis' `frame.rs`: the decoder checks that a
+//! whole frame is buffered (and that its declared length is within `max_frame`, before reserving
+//! any memory), then parses it and advances the buffer. `docs/protocol.md` describes the same
+//! format byte by byte; keep the two in step.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::error::FrameError;
+
+/// The four bytes every framed connection starts with. The first byte is not printable ASCII so
+/// that no text-speaking plain-socket client is mistaken for a framed one (the idea of PNG's
+/// signature).
+pub const MAGIC: [u8; 4] = [0x89, b'S', b'C', b'M'];
+
+/// The protocol version this build speaks. Peers announce a range, so a later version can be
+/// added without breaking version-1 peers.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Length of the hello in bytes: magic (4), two version bytes, flags (u16), max_frame (u32).
+pub const HELLO_LEN: usize = 12;
+
+/// Length of the length prefix in front of every frame.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// The default upper bound on a frame's declared length (type byte and payload), 16 MiB.
+pub const DEFAULT_MAX_FRAME: u32 = 16 * 1024 * 1024;
+
+/// The first message on a framed connection, in each direction.
+///
+/// The client sends the range of versions it speaks; the server answers with the version chosen
+/// (`min_version == max_version`), or with `min_version == 0` when it speaks none of them.
+/// Each side also says the largest frame it accepts, so a sender can refuse an oversized message
+/// locally, before a byte of it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u8,
+    pub max_version: u8,
+    pub max_frame: u32,
+}
+
+impl Hello {
+    /// The hello a client of this build sends.
+    pub fn client(max_frame: u32) -> Hello {
+        Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            max_frame,
+        }
+    }
+
+    /// The server's answer to `offered`: the highest version both speak, or a refusal.
+    pub fn answer(offered: &Hello, max_frame: u32) -> Hello {
+        let version = if (offered.min_version..=offered.max_version).contains(&PROTOCOL_VERSION) {
+            PROTOCOL_VERSION
+        } else {
+            0
+        };
+        Hello {
+            min_version: version,
+            max_version: if version == 0 {
+                PROTOCOL_VERSION
+            } else {
+                version
+            },
+            max_frame,
+        }
+    }
+
+    /// The version this hello settles on, when it is a server's answer.
+    pub fn agreed_version(&self) -> Option<u8> {
+        (self.min_version != 0 && self.min_version == self.max_version).then_some(self.min_version)
+    }
+
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut out = [0u8; HELLO_LEN];
+        out[..4].copy_from_slice(&MAGIC);
+        out[4] = self.min_version;
+        out[5] = self.max_version;
+        // out[6..8]: flags, all reserved and zero in version 1.
+        out[8..].copy_from_slice(&self.max_frame.to_be_bytes());
+        out
+    }
+
+    /// Parses a hello from exactly [`HELLO_LEN`] bytes.
+    ///
+    /// # Errors
+    /// [`FrameError::BadHello`] when the bytes do not start with [`MAGIC`], the version range is
+    /// empty, or `max_frame` is below [`MIN_MAX_FRAME`].
+    pub fn decode(bytes: &[u8; HELLO_LEN]) -> Result<Hello, FrameError> {
+        if bytes[..4] != MAGIC {
+            return Err(FrameError::BadHello(format!(
+                "expected the socketcomm magic {MAGIC:02x?}, got {:02x?}",
+                &bytes[..4]
+            )));
+        }
+        let hello = Hello {
+            min_version: bytes[4],
+            max_version: bytes[5],
+            max_frame: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        };
+        if hello.max_frame < MIN_MAX_FRAME {
+            return Err(FrameError::BadHello(format!(
+                "max_frame of {} bytes is below the minimum of {MIN_MAX_FRAME}",
+                hello.max_frame
+            )));
+        }
+        if hello.min_version > hello.max_version {
+            return Err(FrameError::BadHello(format!(
+                "version range {}..={} is empty",
+                hello.min_version, hello.max_version
+            )));
+        }
+        Ok(hello)
+    }
+}
+
+/// How the first bytes a server receives classify the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// The bytes so far are a prefix of the hello: wait for more.
+    NeedMore,
+    /// A complete hello magic: a socketcomm client.
+    Framed,
+    /// Anything else: a plain-socket client, served in raw mode.
+    Raw,
+}
+
+/// Classifies a connection by the bytes received so far, without any timeout: a plain client
+/// diverges from [`MAGIC`] at its first byte in practice, so raw clients are served at once.
+pub fn sniff(received: &[u8]) -> Sniff {
+    let seen = received.len().min(MAGIC.len());
+    if received[..seen] != MAGIC[..seen] {
+        Sniff::Raw
+    } else if received.len() >= HELLO_LEN {
+        Sniff::Framed
+    } else {
+        Sniff::NeedMore
+    }
+}
+
+/// Why a connection was closed, carried by a [`Frame::Close`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CloseCode(pub u16);
+
+impl CloseCode {
+    /// The sender is done; nothing went wrong.
+    pub const NORMAL: CloseCode = CloseCode(1000);
+    /// The server is shutting down.
+    pub const GOING_AWAY: CloseCode = CloseCode(1001);
+    /// The peer broke the protocol (a bad hello, an unknown frame type, a malformed frame).
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    /// The peer offered no protocol version this side speaks.
+    pub const UNSUPPORTED_VERSION: CloseCode = CloseCode(1003);
+    /// The peer declared a frame longer than this side's `max_frame`.
+    pub const FRAME_TOO_LARGE: CloseCode = CloseCode(1004);
+    /// The server is at `max_connections`.
+    pub const SERVER_FULL: CloseCode = CloseCode(1005);
+    /// The connection was idle for longer than the server's `idle_timeout`.
+    pub const IDLE_TIMEOUT: CloseCode = CloseCode(1006);
+}
+
+/// Frame type bytes. 0x10..=0x1F are reserved for file transfer, 0x40..=0x7F for later versions.
+mod kind {
+    pub const DATA: u8 = 0x01;
+    pub const REQUEST: u8 = 0x02;
+    pub const REPLY: u8 = 0x03;
+    pub const PING: u8 = 0x20;
+    pub const PONG: u8 = 0x21;
+    pub const CLOSE: u8 = 0x30;
+}
+
+/// One frame of the framed protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A message that expects no particular answer.
+    Data(Bytes),
+    /// A message whose answer is a [`Frame::Reply`] carrying the same `id`.
+    Request {
+        id: u32,
+        body: Bytes,
+    },
+    /// The answer to the [`Frame::Request`] with this `id`.
+    Reply {
+        id: u32,
+        body: Bytes,
+    },
+    /// Asks the peer to answer with a [`Frame::Pong`] carrying the same token.
+    Ping(u64),
+    Pong(u64),
+    /// The sender closes the connection, and says why.
+    Close {
+        code: CloseCode,
+        reason: String,
+    },
+}
+
+impl Frame {
+    /// A close frame, its reason cut at a character boundary to [`MAX_CLOSE_REASON`] bytes.
+    pub fn close(code: CloseCode, reason: &str) -> Frame {
+        let mut end = reason.len().min(MAX_CLOSE_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Frame::Close {
+            code,
+            reason: reason[..end].to_owned(),
+        }
+    }
+
+    /// The value of the length prefix this frame is written with (type byte, header, payload).
+    pub fn encoded_len(&self) -> usize {
+        1 + match self {
+            Frame::Data(body) => body.len(),
+            Frame::Request { body, .. } | Frame::Reply { body, .. } => 4 + body.len(),
+            Frame::Ping(_) | Frame::Pong(_) => 8,
+            Frame::Close { reason, .. } => 2 + reason.len(),
+        }
+    }
+}
+
+/// The smallest `max_frame` a peer may announce: a close frame with its reason always fits.
+pub const MIN_MAX_FRAME: u32 = 256;
+
+/// Close reasons are cut to this many bytes so that they fit under [`MIN_MAX_FRAME`].
+pub const MAX_CLOSE_REASON: usize = 240;
+
+/// The largest payload a [`Frame::Request`] or [`Frame::Reply`] may carry under `max_frame`;
+/// a [`Frame::Data`] may carry 4 bytes more.
+pub fn max_message_len(max_frame: u32) -> usize {
+    (max_frame as usize).saturating_sub(5)
+}
+
+/// Encodes and decodes [`Frame`]s; `max_frame` bounds what the decoder accepts.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame: u32,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame: u32) -> FrameCodec {
+        FrameCodec { max_frame }
+    }
+
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < LENGTH_PREFIX {
+            return Ok(None);
+        }
+        let declared = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        // Checked before reserving, so a hostile prefix never makes us allocate.
+        if declared > self.max_frame {
+            return Err(FrameError::TooLarge {
+                size: u64::from(declared),
+                max: self.max_frame,
+            });
+        }
+        let declared = declared as usize;
+        if declared == 0 {
+            return Err(FrameError::Malformed(
+                "a frame of length 0 has no type byte".into(),
+            ));
+        }
+        let total = LENGTH_PREFIX + declared;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX);
+        let mut body = src.split_to(declared).freeze();
+        let kind = body.get_u8();
+        let frame = match kind {
+            kind::DATA => Frame::Data(body),
+            kind::REQUEST | kind::REPLY => {
+                let id = take_u32(&mut body, kind)?;
+                if kind == kind::REQUEST {
+                    Frame::Request { id, body }
+                } else {
+                    Frame::Reply { id, body }
+                }
+            }
+            kind::PING | kind::PONG => {
+                let token = exact_u64(&body, kind)?;
+                if kind == kind::PING {
+                    Frame::Ping(token)
+                } else {
+                    Frame::Pong(token)
+                }
+            }
+            kind::CLOSE => {
+                if body.len() < 2 {
+                    return Err(FrameError::Malformed(
+                        "close frame shorter than its 2-byte code".into(),
+                    ));
+                }
+                let code = CloseCode(body.get_u16());
+                let reason = String::from_utf8_lossy(&body).into_owned();
+                Frame::Close { code, reason }
+            }
+            other => return Err(FrameError::UnknownType(other)),
+        };
+        Ok(Some(frame))
+    }
+}
+
+fn take_u32(body: &mut Bytes, kind: u8) -> Result<u32, FrameError> {
+    if body.len() < 4 {
+        return Err(FrameError::Malformed(format!(
+            "frame type {kind:#04x} is shorter than its 4-byte correlation id"
+        )));
+    }
+    Ok(body.get_u32())
+}
+
+fn exact_u64(body: &Bytes, kind: u8) -> Result<u64, FrameError> {
+    <[u8; 8]>::try_from(&body[..])
+        .map(u64::from_be_bytes)
+        .map_err(|_| {
+            FrameError::Malformed(format!(
+                "frame type {kind:#04x} must carry exactly 8 bytes, got {}",
+                body.len()
+            ))
+        })
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        encode_frame(&frame, dst);
+        Ok(())
+    }
+}
+
+/// Appends `frame` to `dst`, length prefix included. Checking the length against the peer's
+/// `max_frame` is the caller's job, done once when the message is accepted for sending.
+pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
+    let len = frame.encoded_len();
+    dst.reserve(LENGTH_PREFIX + len);
+    dst.put_u32(len as u32);
+    match frame {
+        Frame::Data(body) => {
+            dst.put_u8(kind::DATA);
+            dst.extend_from_slice(body);
+        }
+        Frame::Request { id, body } | Frame::Reply { id, body } => {
+            let kind = if matches!(frame, Frame::Request { .. }) {
+                kind::REQUEST
+            } else {
+                kind::REPLY
+            };
+            dst.put_u8(kind);
+            dst.put_u32(*id);
+            dst.extend_from_slice(body);
+        }
+        Frame::Ping(token) => {
+            dst.put_u8(kind::PING);
+            dst.put_u64(*token);
+        }
+        Frame::Pong(token) => {
+            dst.put_u8(kind::PONG);
+            dst.put_u64(*token);
+        }
+        Frame::Close { code, reason } => {
+            dst.put_u8(kind::CLOSE);
+            dst.put_u16(code.0);
+            dst.extend_from_slice(reason.as_bytes());
+        }
+    }
+}

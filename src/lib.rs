@@ -1,0 +1,29 @@
+//! socketcomm: framed messages over TCP with a tokio core, driven from Python through PyO3.
+//!
+//! The core is plain Rust and never names pyo3; the bindings live in [`python`] behind the
+//! `python` cargo feature, which maturin turns on.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`frame`] | the wire format: hello, frame types, the codec (pure, no I/O) |
+//! | [`connection`] | one connection's reader and writer, shared by server and client |
+//! | [`server`] | binding, the accept loop, one task per connection, native modes, events |
+//! | [`client`] | connecting, the hello, request/reply matching by correlation id |
+//! | [`config`] | settings and their defaults, validated at construction |
+//! | [`error`] | the error types |
+
+pub mod client;
+pub mod config;
+pub(crate) mod connection;
+pub mod error;
+pub mod frame;
+pub mod server;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use client::Client;
+pub use config::{ClientConfig, Mode, ServerConfig};
+pub use error::{CloseInfo, Error, FrameError};
+pub use frame::{CloseCode, Frame, FrameCodec};
+pub use server::{ConnId, Connection, Event, Message, Server};

@@ -1,0 +1,192 @@
+//! `socketcomm.Client`: the core client behind blocking methods that release the GIL.
+
+use std::time::Duration;
+
+use pyo3::exceptions::PyTimeoutError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+use super::convert::{address, payload};
+use super::runtime::{timeout_from_secs, wait};
+use crate::client::{Client, DEFAULT_CLOSE_GRACE};
+use crate::config::ClientConfig;
+use crate::error::Error;
+use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
+
+/// A connection to a server; see the stub for the full description.
+#[pyclass(frozen, module = "socketcomm._socketcomm", name = "Client")]
+pub(crate) struct PyClient {
+    core: Client,
+    timeout: Option<Duration>,
+}
+
+#[pymethods]
+impl PyClient {
+    #[new]
+    #[pyo3(signature = (
+        host,
+        port,
+        *,
+        timeout = None,
+        connect_timeout = 10.0,
+        raw = false,
+        max_frame = DEFAULT_MAX_FRAME,
+        nodelay = true,
+    ))]
+    // Each argument is a Python keyword option.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        host: String,
+        port: u16,
+        timeout: Option<f64>,
+        connect_timeout: f64,
+        raw: bool,
+        max_frame: u32,
+        nodelay: bool,
+    ) -> PyResult<PyClient> {
+        let timeout = timeout_from_secs("timeout", timeout)?;
+        let connect_timeout =
+            timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
+        let config = ClientConfig {
+            connect_timeout,
+            raw,
+            max_frame,
+            nodelay,
+            ..ClientConfig::default()
+        };
+        let core = wait(
+            py,
+            async move { Client::connect(&host, port, config).await },
+            None,
+        )?
+        .expect("waits without a timeout")?;
+        Ok(PyClient { core, timeout })
+    }
+
+    /// `(host, port)` of the server.
+    #[getter]
+    fn address(&self) -> (String, u16) {
+        address(self.core.peer_addr())
+    }
+
+    /// `(host, port)` of this end of the connection.
+    #[getter]
+    fn local_address(&self) -> (String, u16) {
+        address(self.core.local_addr())
+    }
+
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        self.timeout.map(|t| t.as_secs_f64())
+    }
+
+    #[getter]
+    fn raw(&self) -> bool {
+        self.core.is_raw()
+    }
+
+    /// Whether the connection has ended or `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    /// Queues `data` (str as UTF-8, or bytes-like) as one message.
+    fn send(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = payload(data)?;
+        let core = &self.core;
+        wait(py, core.send(data), None)?.expect("waits without a timeout")?;
+        Ok(())
+    }
+
+    /// The next message that is not a reply to a request.
+    #[pyo3(signature = (timeout = None))]
+    fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        let data =
+            wait(py, core.recv(), limit)?.ok_or_else(|| self.timed_out("a message", limit))??;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Sends `data` as a request and returns the server's reply to it.
+    #[pyo3(signature = (data, timeout = None))]
+    fn request<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = payload(data)?;
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        let reply = wait(py, core.request(data), limit)?
+            .ok_or_else(|| self.timed_out("the reply", limit))??;
+        Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Flushes what was sent, says goodbye to the server and closes. Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let core = &self.core;
+        wait(py, core.close(DEFAULT_CLOSE_GRACE), None)?;
+        Ok(())
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    /// The next message; iteration ends when the server closes the connection normally.
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let core = &self.core;
+        match wait(py, core.recv(), None)?.expect("waits without a timeout") {
+            Ok(data) => Ok(Some(PyBytes::new(py, &data))),
+            Err(Error::Closed(info))
+                if matches!(
+                    info.code,
+                    None | Some(CloseCode::NORMAL | CloseCode::GOING_AWAY)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+
+    fn __repr__(&self) -> String {
+        let (host, port) = address(self.core.peer_addr());
+        let state = if self.core.is_closed() {
+            "closed"
+        } else {
+            "open"
+        };
+        let raw = if self.core.is_raw() { " raw" } else { "" };
+        format!("<socketcomm.Client {host}:{port}{raw} {state}>")
+    }
+}
+
+impl PyClient {
+    /// A call's own timeout, or the client's.
+    fn limit(&self, timeout: Option<f64>) -> PyResult<Option<Duration>> {
+        Ok(timeout_from_secs("timeout", timeout)?.or(self.timeout))
+    }
+
+    fn timed_out(&self, what: &str, limit: Option<Duration>) -> PyErr {
+        let (host, port) = address(self.core.peer_addr());
+        PyTimeoutError::new_err(format!(
+            "no {what} from {host}:{port} within {:.3} s; the server may be busy or not \
+             answering (raise timeout= to wait longer)",
+            limit.unwrap_or_default().as_secs_f64()
+        ))
+    }
+}

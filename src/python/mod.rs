@@ -1,0 +1,34 @@
+//! The Python bindings: the only code that names pyo3. Classes, exceptions, the shared runtime
+//! and the GIL/signal handling live here; everything they do is the core's work.
+
+mod client;
+mod convert;
+mod errors;
+mod runtime;
+mod server;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::config::{ACK_REPLY, DEFAULT_HOST, DEFAULT_PORT};
+use crate::frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+
+#[pymodule]
+fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust log records go to Python's `logging`; an embedding application may have set a
+    // logger already, which is fine.
+    let _ = pyo3_log::try_init();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_HOST", DEFAULT_HOST)?;
+    m.add("DEFAULT_PORT", DEFAULT_PORT)?;
+    m.add("DEFAULT_MAX_FRAME", DEFAULT_MAX_FRAME)?;
+    m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
+    m.add("ACK_REPLY", PyBytes::new(m.py(), ACK_REPLY))?;
+    m.add_class::<server::PyServer>()?;
+    m.add_class::<server::Connected>()?;
+    m.add_class::<server::Message>()?;
+    m.add_class::<server::Disconnected>()?;
+    m.add_class::<client::PyClient>()?;
+    errors::register(m)?;
+    Ok(())
+}

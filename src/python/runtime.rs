@@ -1,0 +1,76 @@
+//! The process-wide tokio runtime, and the one way Python threads wait on it: released from the
+//! GIL, in slices of about 100 ms with a check for Ctrl-C between them.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use tokio::runtime::Runtime;
+
+/// How often a blocked call wakes to let `KeyboardInterrupt` (and other signals) through.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// The runtime every server and client of this process shares, built on first use.
+pub(crate) fn runtime() -> &'static Runtime {
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name("socketcomm-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the tokio runtime")
+    })
+}
+
+/// Drives `future` on the runtime from a Python thread, without the GIL, until it completes or
+/// `timeout` passes (`Ok(None)`). Signal handlers run between slices, so Ctrl-C raises
+/// `KeyboardInterrupt` here within about 100 ms; the future is dropped then.
+///
+/// # Errors
+/// Whatever a signal handler raises.
+pub(crate) fn wait<F>(
+    py: Python<'_>,
+    future: F,
+    timeout: Option<Duration>,
+) -> PyResult<Option<F::Output>>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    let mut future = std::pin::pin!(future);
+    loop {
+        let slice = match deadline {
+            Some(deadline) => deadline
+                .saturating_duration_since(Instant::now())
+                .min(SIGNAL_CHECK),
+            None => SIGNAL_CHECK,
+        };
+        let done = py.detach(|| {
+            runtime().block_on(async { tokio::time::timeout(slice, future.as_mut()).await.ok() })
+        });
+        if done.is_some() {
+            return Ok(done);
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Ok(None);
+        }
+    }
+}
+
+/// Converts a Python timeout in seconds (`None` for no limit) into a duration.
+///
+/// # Errors
+/// `ValueError` for a negative or non-finite number.
+pub(crate) fn timeout_from_secs(option: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "invalid {option}: {s} seconds; use a number >= 0, or None to wait without limit"
+        ))),
+    }
+}

@@ -1,0 +1,551 @@
+//! `socketcomm.Server` and its event classes.
+//!
+//! Events reach Python three ways: pulled (`recv`, iteration), pushed to `on_*` callbacks by a
+//! dispatcher that takes the GIL once per batch, or not at all in the native modes. No Python
+//! runs on a tokio thread: the dispatcher is the `serve_forever` caller or a thread of its own.
+
+use std::sync::{Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use super::convert::{address, payload, resolve};
+use super::errors;
+use super::runtime::{runtime, timeout_from_secs, wait};
+use crate::config::{Mode, ServerConfig, ACK_REPLY, DEFAULT_HOST};
+use crate::error::CloseInfo;
+use crate::frame::DEFAULT_MAX_FRAME;
+use crate::server::{self as core, Event};
+
+/// A dispatcher handles at most this many queued events per GIL acquisition, so that a flood of
+/// events cannot starve other Python threads.
+const DISPATCH_BATCH: usize = 256;
+
+/// The default time `close()` gives connections to flush what is queued for them.
+const CLOSE_GRACE_SECS: f64 = 5.0;
+
+/// A client connected.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Connected {
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+}
+
+#[pymethods]
+impl Connected {
+    fn __repr__(&self) -> String {
+        format!(
+            "Connected(conn_id={}, peer={})",
+            self.conn_id,
+            peer_repr(&self.peer)
+        )
+    }
+}
+
+/// A message from a client; `reply()` answers it.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Message {
+    inner: core::Message,
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+    #[pyo3(get)]
+    data: Py<PyBytes>,
+}
+
+#[pymethods]
+impl Message {
+    /// The correlation id when the client sent a request (and waits for the reply), else None.
+    #[getter]
+    fn request_id(&self) -> Option<u32> {
+        self.inner.request_id
+    }
+
+    /// The data decoded as UTF-8.
+    #[getter]
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        let text = std::str::from_utf8(&self.inner.data).map_err(|e| {
+            PyValueError::new_err(format!(
+                "the message is not valid UTF-8 ({e}); use .data for the bytes"
+            ))
+        })?;
+        Ok(PyString::new(py, text))
+    }
+
+    /// Answers this message: the reply to a request, or a plain message otherwise.
+    fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = payload(data)?;
+        let message = self.inner.clone();
+        wait(py, async move { message.reply(data).await }, None)?
+            .expect("waits without a timeout")?;
+        Ok(())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "Message(conn_id={}, peer={}, data={})",
+            self.conn_id,
+            peer_repr(&self.peer),
+            self.data.bind(py).repr()?
+        ))
+    }
+}
+
+/// A connection ended; `reason` says why.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Disconnected {
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+    #[pyo3(get)]
+    reason: String,
+    #[pyo3(get)]
+    code: Option<u16>,
+}
+
+#[pymethods]
+impl Disconnected {
+    fn __repr__(&self) -> String {
+        format!(
+            "Disconnected(conn_id={}, peer={}, reason={:?})",
+            self.conn_id,
+            peer_repr(&self.peer),
+            self.reason
+        )
+    }
+}
+
+/// A peer address as Python prints a tuple: `('127.0.0.1', 45396)`.
+fn peer_repr((host, port): &(String, u16)) -> String {
+    format!("('{host}', {port})")
+}
+
+fn event_to_py(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
+    Ok(match event {
+        Event::Connected(conn) => Connected {
+            conn_id: conn.id(),
+            peer: address(conn.peer()),
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind(),
+        Event::Message(message) => Message {
+            conn_id: message.conn.id(),
+            peer: address(message.conn.peer()),
+            data: PyBytes::new(py, &message.data).unbind(),
+            inner: message,
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind(),
+        Event::Disconnected { conn, reason } => {
+            let CloseInfo { code, reason } = reason;
+            Disconnected {
+                conn_id: conn.id(),
+                peer: address(conn.peer()),
+                reason,
+                code: code.map(|code| code.0),
+            }
+            .into_pyobject(py)?
+            .into_any()
+            .unbind()
+        }
+    })
+}
+
+/// The `on_*` callbacks.
+struct Handlers {
+    on_message: Option<Py<PyAny>>,
+    on_connect: Option<Py<PyAny>>,
+    on_disconnect: Option<Py<PyAny>>,
+}
+
+impl Handlers {
+    fn any(&self) -> bool {
+        self.on_message.is_some() || self.on_connect.is_some() || self.on_disconnect.is_some()
+    }
+
+    fn clone_ref(&self, py: Python<'_>) -> Handlers {
+        let copy = |h: &Option<Py<PyAny>>| h.as_ref().map(|h| h.clone_ref(py));
+        Handlers {
+            on_message: copy(&self.on_message),
+            on_connect: copy(&self.on_connect),
+            on_disconnect: copy(&self.on_disconnect),
+        }
+    }
+
+    /// Runs the callback for one event. A callback's exception is logged, never propagated: one
+    /// bad message must not stop the server.
+    fn handle(&self, py: Python<'_>, event: Event) {
+        let outcome = match &event {
+            Event::Connected(conn) => self
+                .on_connect
+                .as_ref()
+                .map(|h| h.call1(py, (conn.id(), address(conn.peer()))).map(drop)),
+            Event::Message(message) => self.on_message.as_ref().map(|h| {
+                let data = PyBytes::new(py, &message.data);
+                let answer = h.call1(py, (message.conn.id(), data))?;
+                let answer = answer.bind(py);
+                if answer.is_none() {
+                    return Ok(());
+                }
+                let answer = payload(answer)?;
+                let message = message.clone();
+                wait(py, async move { message.reply(answer).await }, None)?
+                    .expect("waits without a timeout")
+                    .or_else(|e| {
+                        // The client left before its answer: not the handler's fault.
+                        log::debug!("cannot deliver the handler's answer: {e}");
+                        Ok(())
+                    })
+            }),
+            Event::Disconnected { conn, reason } => self
+                .on_disconnect
+                .as_ref()
+                .map(|h| h.call1(py, (conn.id(), reason.reason.as_str())).map(drop)),
+        };
+        if let Some(Err(error)) = outcome {
+            if error.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+                error.restore(py);
+                return;
+            }
+            log_handler_error(py, &event, error);
+        }
+    }
+}
+
+fn log_handler_error(py: Python<'_>, event: &Event, error: PyErr) {
+    let which = match event {
+        Event::Connected(_) => "on_connect",
+        Event::Message(_) => "on_message",
+        Event::Disconnected { .. } => "on_disconnect",
+    };
+    let logged = (|| -> PyResult<()> {
+        let logger = py
+            .import("logging")?
+            .call_method1("getLogger", ("socketcomm.server",))?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("exc_info", error.value(py))?;
+        logger.call_method(
+            "error",
+            (format!("{which} handler raised; the server keeps serving"),),
+            Some(&kwargs),
+        )?;
+        Ok(())
+    })();
+    if logged.is_err() {
+        error.print(py);
+    }
+}
+
+/// Handles events until the server has shut down and its queue is drained, taking the GIL once
+/// per batch.
+fn dispatch(py: Python<'_>, events: &flume::Receiver<Event>, handlers: &Handlers) -> PyResult<()> {
+    loop {
+        let receiver = events.clone();
+        let Ok(first) = wait(py, async move { receiver.recv_async().await }, None)?
+            .expect("waits without a timeout")
+        else {
+            return Ok(());
+        };
+        handlers.handle(py, first);
+        for event in events.try_iter().take(DISPATCH_BATCH - 1) {
+            handlers.handle(py, event);
+        }
+        // A KeyboardInterrupt raised inside a handler was restored above: honour it now.
+        if let Some(error) = PyErr::take(py) {
+            return Err(error);
+        }
+    }
+}
+
+/// A TCP server; see the stub for the full description.
+#[pyclass(frozen, module = "socketcomm._socketcomm", name = "Server")]
+pub(crate) struct PyServer {
+    core: core::Server,
+    handlers: Handlers,
+    dispatcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
+    let mode = Mode::parse(mode).map_err(PyErr::from)?;
+    if handlers.any() && mode.is_native() {
+        return Err(PyValueError::new_err(format!(
+            "invalid mode: the on_* handlers need mode='events', but mode={:?} answers natively",
+            mode.name()
+        )));
+    }
+    Ok(mode)
+}
+
+#[pymethods]
+impl PyServer {
+    #[new]
+    #[pyo3(signature = (
+        host = DEFAULT_HOST.to_owned(),
+        port = 0,
+        *,
+        mode = "events",
+        reply = None,
+        on_message = None,
+        on_connect = None,
+        on_disconnect = None,
+        max_frame = DEFAULT_MAX_FRAME,
+        backlog = 1024,
+        nodelay = true,
+        event_queue = 4096,
+        outbound_queue = 1024,
+    ))]
+    // Each argument is a Python keyword option.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        host: String,
+        port: u16,
+        mode: &str,
+        reply: Option<&Bound<'_, PyAny>>,
+        on_message: Option<Py<PyAny>>,
+        on_connect: Option<Py<PyAny>>,
+        on_disconnect: Option<Py<PyAny>>,
+        max_frame: u32,
+        backlog: u32,
+        nodelay: bool,
+        event_queue: usize,
+        outbound_queue: usize,
+    ) -> PyResult<PyServer> {
+        let handlers = Handlers {
+            on_message,
+            on_connect,
+            on_disconnect,
+        };
+        let config = ServerConfig {
+            mode: parse_mode(mode, &handlers)?,
+            ack_reply: match reply {
+                Some(reply) => payload(reply)?,
+                None => bytes::Bytes::from_static(ACK_REPLY),
+            },
+            max_frame,
+            backlog,
+            event_queue,
+            outbound_queue,
+            nodelay,
+        };
+        let addr = resolve(py, &host, port)?;
+        let core = py.detach(|| core::Server::bind(addr, config))?;
+        Ok(PyServer {
+            core,
+            handlers,
+            dispatcher: Mutex::new(None),
+        })
+    }
+
+    /// `(host, port)` the server listens on.
+    #[getter]
+    fn address(&self) -> (String, u16) {
+        address(self.core.local_addr())
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.core.config().mode.name()
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.core.is_shutting_down()
+    }
+
+    /// Starts serving in the background and returns. With `on_*` handlers, a dispatcher thread
+    /// runs them. Idempotent.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        self.start_accepting(py)?;
+        let mut dispatcher = lock(&self.dispatcher);
+        if self.handlers.any() && dispatcher.is_none() {
+            let events = self.core.events().clone();
+            let handlers = self.handlers.clone_ref(py);
+            let thread = std::thread::Builder::new()
+                .name("socketcomm-dispatch".into())
+                .spawn(move || {
+                    Python::attach(|py| {
+                        if let Err(e) = dispatch(py, &events, &handlers) {
+                            e.print(py);
+                        }
+                    });
+                })
+                .map_err(|e| {
+                    PyRuntimeError::new_err(format!("cannot start the dispatcher: {e}"))
+                })?;
+            *dispatcher = Some(thread);
+        }
+        Ok(())
+    }
+
+    /// Serves until `close()` is called (from another thread or a handler) or Ctrl-C.
+    fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.handlers.any() && !self.core.config().mode.is_native() {
+            return Err(PyValueError::new_err(
+                "nothing would answer messages: pass on_message=..., choose mode='echo' or \
+                 mode='ack', or iterate over the server instead (for event in server: ...)",
+            ));
+        }
+        self.start_accepting(py)?;
+        let events = self.core.events().clone();
+        if self.handlers.any() {
+            if lock(&self.dispatcher).is_none() {
+                // Be the dispatcher on this thread rather than start one.
+                return dispatch(py, &events, &self.handlers);
+            }
+            // start() already runs a dispatcher; wait for the server to end.
+            while !(events.is_disconnected() && events.is_empty()) {
+                wait(py, tokio::time::sleep(Duration::from_millis(100)), None)?;
+            }
+            return Ok(());
+        }
+        // A native mode: the connect and disconnect events have no reader; drain them.
+        while wait(py, events.recv_async(), None)?
+            .expect("waits without a timeout")
+            .is_ok()
+        {}
+        Ok(())
+    }
+
+    /// Stops accepting, closes every connection after what is queued for it (with a reason),
+    /// waits up to `timeout` seconds for that, and returns. Idempotent.
+    #[pyo3(signature = (timeout = CLOSE_GRACE_SECS))]
+    fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let grace = timeout_from_secs("timeout", Some(timeout))?.unwrap_or_default();
+        self.core.shutdown();
+        wait(py, self.core.wait_closed(grace), None)?;
+        let dispatcher = lock(&self.dispatcher).take();
+        if let Some(thread) = dispatcher {
+            if thread.thread().id() == std::thread::current().id() {
+                // close() called from a handler: the dispatcher ends by itself.
+                return Ok(());
+            }
+            py.detach(|| thread.join())
+                .map_err(|_| PyRuntimeError::new_err("the dispatcher thread panicked"))?;
+        }
+        Ok(())
+    }
+
+    /// The next event, waiting up to `timeout` seconds (None: no limit).
+    ///
+    /// Raises TimeoutError when none arrives in time, and ConnectionClosedError once the server
+    /// is closed and every event was read.
+    #[pyo3(signature = (timeout = None))]
+    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let limit = timeout_from_secs("timeout", timeout)?;
+        match self.next_event(py, limit)? {
+            NextEvent::Event(event) => Ok(event),
+            NextEvent::TimedOut => Err(PyTimeoutError::new_err(format!(
+                "no event within {} seconds",
+                timeout.unwrap_or_default()
+            ))),
+            NextEvent::Closed => Err(errors::closed(
+                py,
+                "the server is closed and every event has been read",
+            )),
+        }
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
+        if !slf.core.is_shutting_down() {
+            slf.start_accepting(slf.py())?;
+        }
+        Ok(slf)
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match self.next_event(py, None)? {
+            NextEvent::Event(event) => Ok(Some(event)),
+            NextEvent::TimedOut | NextEvent::Closed => Ok(None),
+        }
+    }
+
+    /// Sends `data` (str as UTF-8, or bytes-like) to the connection `conn_id`.
+    fn send(&self, py: Python<'_>, conn_id: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = payload(data)?;
+        let Some(conn) = self.core.connection(conn_id) else {
+            return Err(errors::closed(
+                py,
+                &format!("there is no connection {conn_id}: it has ended, or never existed"),
+            ));
+        };
+        wait(py, async move { conn.send(data).await }, None)?.expect("waits without a timeout")?;
+        Ok(())
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
+        slf.start(slf.py())?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        self.close(py, CLOSE_GRACE_SECS)
+    }
+
+    fn __repr__(&self) -> String {
+        let (host, port) = address(self.core.local_addr());
+        let state = if self.core.is_shutting_down() {
+            "closed"
+        } else {
+            "open"
+        };
+        format!(
+            "<socketcomm.Server {host}:{port} mode={} {state}>",
+            self.core.config().mode.name()
+        )
+    }
+}
+
+enum NextEvent {
+    Event(Py<PyAny>),
+    TimedOut,
+    Closed,
+}
+
+impl PyServer {
+    /// Starts the accept loop unless it runs; refuses a closed server.
+    fn start_accepting(&self, py: Python<'_>) -> PyResult<()> {
+        if self.core.is_shutting_down() {
+            return Err(errors::closed(
+                py,
+                "the server is closed; create a new Server",
+            ));
+        }
+        self.core.start(runtime().handle());
+        Ok(())
+    }
+
+    fn next_event(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<NextEvent> {
+        if !self.core.is_shutting_down() {
+            self.start_accepting(py)?;
+        }
+        let events = self.core.events().clone();
+        match wait(py, async move { events.recv_async().await }, timeout)? {
+            None => Ok(NextEvent::TimedOut),
+            Some(Err(_)) => Ok(NextEvent::Closed),
+            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(py, event)?)),
+        }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        // Collected without close(): stop the tasks rather than leave them serving.
+        self.core.shutdown();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
