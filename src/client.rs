@@ -439,6 +439,12 @@ async fn read_loop(
                 };
                 break (CloseInfo::new(None, reason), None);
             }
+            Some(Err(e @ FrameError::Truncated(_))) => {
+                break (
+                    CloseInfo::new(None, format!("the server went away: {e}")),
+                    None,
+                );
+            }
             Some(Err(e)) => {
                 let code = e.close_code();
                 let reason = format!("the server sent a bad frame: {e}");

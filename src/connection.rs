@@ -121,16 +121,17 @@ enum InboundCodec<R> {
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
-    /// Wraps `reader`; `already_read` holds bytes read before the mode was known.
+    /// Wraps `reader`; `already_read` holds bytes read before the mode was known (they are
+    /// copied, so that the read buffer keeps `FramedRead`'s own capacity).
     pub(crate) fn new(reader: R, raw: bool, max_frame: u32, already_read: BytesMut) -> Inbound<R> {
         let primed = !already_read.is_empty();
         let codec = if raw {
             let mut framed = FramedRead::new(reader, BytesCodec::new());
-            *framed.read_buffer_mut() = already_read;
+            framed.read_buffer_mut().extend_from_slice(&already_read);
             InboundCodec::Raw(framed)
         } else {
             let mut framed = FramedRead::new(reader, FrameCodec::new(max_frame));
-            *framed.read_buffer_mut() = already_read;
+            framed.read_buffer_mut().extend_from_slice(&already_read);
             InboundCodec::Framed(framed)
         };
         Inbound { codec, primed }

@@ -20,6 +20,9 @@ pub enum FrameError {
     UnknownType(u8),
     #[error("bad hello: {0}")]
     BadHello(String),
+    /// The stream ended inside a frame.
+    #[error("the connection ended in the middle of a frame ({0} bytes of it arrived)")]
+    Truncated(usize),
     #[error(transparent)]
     Io(#[from] io::Error),
 }

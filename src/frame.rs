@@ -311,6 +311,14 @@ impl Decoder for FrameCodec {
         };
         Ok(Some(frame))
     }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated(src.len())),
+        }
+    }
 }
 
 fn take_u32(body: &mut Bytes, kind: u8) -> Result<u32, FrameError> {

@@ -404,6 +404,9 @@ async fn run_connection(
                 }
             }
             Some(Err(FrameError::Io(e))) => break (io_close_info(&e), None),
+            Some(Err(e @ FrameError::Truncated(_))) => {
+                break (CloseInfo::new(None, format!("the client left: {e}")), None)
+            }
             Some(Err(e)) => {
                 let code = e.close_code();
                 let reason = e.to_string();

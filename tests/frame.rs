@@ -1,0 +1,221 @@
+//! The codec and the hello on their own: round trips, every split point, and hostile input.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use _socketcomm::frame::{
+    self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN, MAGIC, MAX_CLOSE_REASON,
+    MIN_MAX_FRAME, PROTOCOL_VERSION,
+};
+use _socketcomm::FrameError;
+
+fn all_kinds() -> Vec<Frame> {
+    vec![
+        Frame::Data(Bytes::from_static(b"hello")),
+        Frame::Data(Bytes::new()),
+        Frame::Request {
+            id: 7,
+            body: Bytes::from_static(b"ping"),
+        },
+        Frame::Reply {
+            id: u32::MAX,
+            body: Bytes::from_static(b"pong"),
+        },
+        Frame::Ping(42),
+        Frame::Pong(u64::MAX),
+        Frame::Close {
+            code: CloseCode::GOING_AWAY,
+            reason: "server shutting down".into(),
+        },
+    ]
+}
+
+fn encode(frame: Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(1024).encode(frame, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn every_frame_kind_round_trips() {
+    for frame in all_kinds() {
+        let mut buf = encode(frame.clone());
+        assert_eq!(buf.len(), 4 + frame.encoded_len());
+        let decoded = FrameCodec::new(1024).decode(&mut buf).unwrap();
+        assert_eq!(decoded, Some(frame));
+        assert!(buf.is_empty(), "the decoder consumed exactly one frame");
+    }
+}
+
+#[test]
+fn a_frame_split_at_every_byte_decodes_once_whole() {
+    let mut wire = BytesMut::new();
+    for frame in all_kinds() {
+        wire.extend_from_slice(&encode(frame));
+    }
+    for split in 0..wire.len() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&wire[..split]);
+        let mut decoded = Vec::new();
+        while let Some(frame) = codec.decode(&mut buf).unwrap() {
+            decoded.push(frame);
+        }
+        buf.extend_from_slice(&wire[split..]);
+        while let Some(frame) = codec.decode(&mut buf).unwrap() {
+            decoded.push(frame);
+        }
+        assert_eq!(decoded, all_kinds(), "split at byte {split}");
+    }
+}
+
+#[test]
+fn an_oversized_length_is_refused_before_any_allocation() {
+    let mut buf = BytesMut::with_capacity(16);
+    buf.put_u32(u32::MAX);
+    buf.put_u8(0x01);
+    let capacity = buf.capacity();
+    let error = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(error, FrameError::TooLarge { size, max: 1024 } if size == u64::from(u32::MAX)),
+        "{error}"
+    );
+    assert_eq!(
+        buf.capacity(),
+        capacity,
+        "nothing was reserved for the frame"
+    );
+    assert_eq!(error.close_code(), CloseCode::FRAME_TOO_LARGE);
+}
+
+#[test]
+fn a_frame_exactly_at_max_frame_is_accepted() {
+    let frame = Frame::Data(Bytes::from(vec![7u8; 1023]));
+    assert_eq!(frame.encoded_len(), 1024);
+    let mut buf = encode(frame.clone());
+    assert_eq!(FrameCodec::new(1024).decode(&mut buf).unwrap(), Some(frame));
+    let mut buf = encode(Frame::Data(Bytes::from(vec![7u8; 1024])));
+    assert!(FrameCodec::new(1024).decode(&mut buf).is_err());
+}
+
+#[test]
+fn malformed_frames_are_refused_with_the_reason() {
+    let cases: Vec<(&[u8], &str)> = vec![
+        (&[0, 0, 0, 0], "length 0"),
+        (&[0, 0, 0, 1, 0x7f], "unknown frame type 0x7f"),
+        (&[0, 0, 0, 3, 0x02, 0, 0], "correlation id"),
+        (&[0, 0, 0, 3, 0x20, 0, 0], "exactly 8 bytes"),
+        (&[0, 0, 0, 2, 0x30, 3], "2-byte code"),
+    ];
+    for (bytes, expected) in cases {
+        let mut buf = BytesMut::from(bytes);
+        let error = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+        assert!(
+            error.to_string().contains(expected),
+            "{bytes:?}: {error} should mention {expected:?}"
+        );
+        assert_eq!(error.close_code(), CloseCode::PROTOCOL_ERROR);
+    }
+}
+
+#[test]
+fn a_stream_that_ends_inside_a_frame_says_so() {
+    let mut buf = BytesMut::from(&[0, 0, 0, 9, 0x01, b'a'][..]);
+    let error = FrameCodec::new(1024).decode_eof(&mut buf).unwrap_err();
+    assert!(matches!(error, FrameError::Truncated(6)), "{error}");
+    assert_eq!(
+        FrameCodec::new(1024)
+            .decode_eof(&mut BytesMut::new())
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_close_reason_that_is_not_utf8_is_kept_readable() {
+    let mut buf = BytesMut::from(&[0, 0, 0, 5, 0x30, 0x03, 0xe8, 0xff, b'!'][..]);
+    let frame = FrameCodec::new(1024).decode(&mut buf).unwrap().unwrap();
+    assert_eq!(
+        frame,
+        Frame::Close {
+            code: CloseCode::NORMAL,
+            reason: "\u{fffd}!".into()
+        }
+    );
+}
+
+#[test]
+fn close_reasons_are_cut_at_a_character_boundary() {
+    let long = "é".repeat(MAX_CLOSE_REASON);
+    let Frame::Close { reason, .. } = Frame::close(CloseCode::NORMAL, &long) else {
+        unreachable!()
+    };
+    assert!(reason.len() <= MAX_CLOSE_REASON);
+    assert!(reason.chars().all(|c| c == 'é'));
+    assert!(Frame::close(CloseCode::NORMAL, &long).encoded_len() <= MIN_MAX_FRAME as usize);
+}
+
+#[test]
+fn hello_round_trips_and_negotiates() {
+    let offered = Hello::client(4096);
+    let bytes = offered.encode();
+    assert_eq!(&bytes[..4], &MAGIC);
+    assert_eq!(Hello::decode(&bytes).unwrap(), offered);
+
+    let answer = Hello::answer(&offered, 2048);
+    assert_eq!(answer.agreed_version(), Some(PROTOCOL_VERSION));
+    assert_eq!(answer.max_frame, 2048);
+
+    let from_the_future = Hello {
+        min_version: PROTOCOL_VERSION + 1,
+        max_version: PROTOCOL_VERSION + 3,
+        max_frame: 4096,
+    };
+    let refusal = Hello::answer(&from_the_future, 2048);
+    assert_eq!(refusal.agreed_version(), None);
+    assert_eq!(refusal.max_version, PROTOCOL_VERSION, "says what it speaks");
+
+    let spanning = Hello {
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION + 5,
+        max_frame: 4096,
+    };
+    assert_eq!(
+        Hello::answer(&spanning, 2048).agreed_version(),
+        Some(PROTOCOL_VERSION),
+        "a v2 client that still speaks v1 is served in v1"
+    );
+}
+
+#[test]
+fn broken_hellos_are_refused() {
+    let mut bad_magic = Hello::client(4096).encode();
+    bad_magic[1] = b'X';
+    assert!(Hello::decode(&bad_magic).is_err());
+
+    let mut empty_range = Hello::client(4096).encode();
+    empty_range[4] = 3;
+    empty_range[5] = 2;
+    assert!(Hello::decode(&empty_range)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
+
+    let tiny = Hello::client(MIN_MAX_FRAME - 1).encode();
+    assert!(Hello::decode(&tiny)
+        .unwrap_err()
+        .to_string()
+        .contains("max_frame"));
+}
+
+#[test]
+fn sniffing_tells_plain_clients_at_their_first_byte() {
+    assert_eq!(frame::sniff(b""), Sniff::NeedMore);
+    assert_eq!(frame::sniff(b"H"), Sniff::Raw);
+    assert_eq!(frame::sniff(b"Hello World"), Sniff::Raw);
+    assert_eq!(frame::sniff(&MAGIC[..2]), Sniff::NeedMore);
+    assert_eq!(frame::sniff(&[0x89, b'S', b'X']), Sniff::Raw);
+    assert_eq!(frame::sniff(&MAGIC), Sniff::NeedMore);
+    let hello = Hello::client(4096).encode();
+    assert_eq!(frame::sniff(&hello[..HELLO_LEN - 1]), Sniff::NeedMore);
+    assert_eq!(frame::sniff(&hello), Sniff::Framed);
+}

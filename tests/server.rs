@@ -1,0 +1,303 @@
+//! The server on ephemeral loopback ports: both protocols on one port, native modes, events,
+//! hostile peers, and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use _socketcomm::frame::{CloseCode, Frame, Hello, PROTOCOL_VERSION};
+use _socketcomm::{Error, Event, Mode, Server, ServerConfig};
+use common::{client, next_event, server, server_with, HandPeer, LIMIT};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_zero_binds_a_free_port() {
+    let server = server(Mode::Echo);
+    assert_ne!(server.local_addr().port(), 0);
+    assert!(server.local_addr().ip().is_loopback());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_mode_answers_requests_and_messages_natively() {
+    let server = server(Mode::Echo);
+    let client = client(&server).await;
+    let reply = client.request(Bytes::from_static(b"ping")).await.unwrap();
+    assert_eq!(&reply[..], b"ping");
+    client.send(Bytes::from_static(b"plain")).await.unwrap();
+    assert_eq!(&client.recv().await.unwrap()[..], b"plain");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_mode_answers_with_the_fixed_reply() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Ack,
+        ack_reply: Bytes::from_static(b"ok"),
+        ..ServerConfig::default()
+    });
+    let client = client(&server).await;
+    assert_eq!(
+        &client.request(Bytes::from_static(b"x")).await.unwrap()[..],
+        b"ok"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_arrive_in_order_and_replies_reach_the_client() {
+    let server = server(Mode::Events);
+    let client = client(&server).await;
+    let Event::Connected(conn) = next_event(&server).await else {
+        panic!("expected Connected first")
+    };
+    assert_eq!(conn.peer(), client.local_addr());
+
+    let asking = tokio::spawn(async move {
+        let reply = client.request(Bytes::from_static(b"question")).await;
+        (client, reply)
+    });
+    let Event::Message(message) = next_event(&server).await else {
+        panic!("expected a Message")
+    };
+    assert_eq!(&message.data[..], b"question");
+    assert!(message.request_id.is_some());
+    message.reply(Bytes::from_static(b"answer")).await.unwrap();
+    let (client, reply) = asking.await.unwrap();
+    assert_eq!(&reply.unwrap()[..], b"answer");
+
+    client.close(LIMIT).await;
+    let Event::Disconnected { conn: gone, reason } = next_event(&server).await else {
+        panic!("expected Disconnected")
+    };
+    assert_eq!(gone.id(), conn.id());
+    assert_eq!(reason.code, Some(CloseCode::NORMAL));
+    assert!(server.connection(conn.id()).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_socket_is_served_in_raw_mode_on_the_same_port() {
+    let server = server(Mode::Ack);
+    let mut plain = TcpStream::connect(server.local_addr()).await.unwrap();
+    plain.write_all(b"Hello World").await.unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = tokio::time::timeout(LIMIT, plain.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply[..n], b"Your message has been received, Thank you!");
+
+    // And a framed client at the same time.
+    let client = client(&server).await;
+    assert_eq!(
+        &client.request(Bytes::from_static(b"hi")).await.unwrap()[..],
+        b"Your message has been received, Thank you!"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_messages_become_events_with_their_bytes_intact() {
+    let server = server(Mode::Events);
+    let mut plain = TcpStream::connect(server.local_addr()).await.unwrap();
+    plain.write_all(b"\xff\xfe not utf-8").await.unwrap();
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    let Event::Message(message) = next_event(&server).await else {
+        panic!("expected a Message")
+    };
+    assert_eq!(&message.data[..], b"\xff\xfe not utf-8");
+    assert_eq!(message.request_id, None);
+    message
+        .reply(Bytes::from_static(b"raw back"))
+        .await
+        .unwrap();
+    let mut reply = [0u8; 8];
+    plain.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"raw back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_frame_is_refused_with_a_close_frame_and_others_keep_being_served() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        max_frame: 1024,
+        ..ServerConfig::default()
+    });
+    let bystander = client(&server).await;
+    let (mut peer, hello) = HandPeer::connect(&server, 4096).await;
+    assert_eq!(hello.max_frame, 1024, "the server announces its limit");
+    // A length prefix of 4 GiB, with no body: refused from the prefix alone.
+    peer.stream
+        .write_all(&[0xff, 0xff, 0xff, 0xff, 0x01])
+        .await
+        .unwrap();
+    let Some(Frame::Close { code, reason }) = peer.recv().await else {
+        panic!("expected a close frame")
+    };
+    assert_eq!(code, CloseCode::FRAME_TOO_LARGE);
+    assert!(reason.contains("exceeds max_frame of 1024"), "{reason}");
+    assert_eq!(peer.recv().await, None, "then the connection ends");
+
+    let reply = bystander.request(Bytes::from_static(b"still here?")).await;
+    assert_eq!(&reply.unwrap()[..], b"still here?");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_frame_type_closes_with_a_protocol_error() {
+    let server = server(Mode::Events);
+    let (mut peer, _) = HandPeer::connect(&server, 4096).await;
+    peer.stream.write_all(&[0, 0, 0, 1, 0x7e]).await.unwrap();
+    let Some(Frame::Close { code, reason }) = peer.recv().await else {
+        panic!("expected a close frame")
+    };
+    assert_eq!(code, CloseCode::PROTOCOL_ERROR);
+    assert!(reason.contains("0x7e"), "{reason}");
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    let Event::Disconnected { reason, .. } = next_event(&server).await else {
+        panic!("expected Disconnected")
+    };
+    assert_eq!(reason.code, Some(CloseCode::PROTOCOL_ERROR));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_after_the_magic_is_refused_in_the_hello() {
+    let server = server(Mode::Echo);
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    // The magic, then an empty version range and a zero max_frame.
+    stream
+        .write_all(&[0x89, b'S', b'C', b'M', 9, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = Hello::decode(answer[..12].try_into().unwrap()).unwrap();
+    assert_eq!(hello.agreed_version(), None);
+    let text = String::from_utf8_lossy(&answer[12..]);
+    assert!(text.contains("bad hello"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_from_the_future_is_told_which_version_the_server_speaks() {
+    let server = server(Mode::Echo);
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let future = Hello {
+        min_version: PROTOCOL_VERSION + 1,
+        max_version: PROTOCOL_VERSION + 1,
+        max_frame: 4096,
+    };
+    stream.write_all(&future.encode()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = Hello::decode(answer[..12].try_into().unwrap()).unwrap();
+    assert_eq!(hello.agreed_version(), None);
+    assert_eq!(hello.max_version, PROTOCOL_VERSION);
+    assert!(String::from_utf8_lossy(&answer[12..]).contains("this server speaks 1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_vanishes_mid_frame_is_reported_and_others_keep_being_served() {
+    let server = server(Mode::Events);
+    let (mut peer, _) = HandPeer::connect(&server, 4096).await;
+    // Announce 100 bytes, send 3, leave.
+    peer.stream
+        .write_all(&[0, 0, 0, 100, 0x01, 1, 2])
+        .await
+        .unwrap();
+    drop(peer);
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    let Event::Disconnected { reason, .. } = next_event(&server).await else {
+        panic!("expected Disconnected")
+    };
+    assert!(reason.reason.contains("middle of a frame"), "{reason}");
+
+    let other = common::client(&server).await;
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    other.send(Bytes::from_static(b"next")).await.unwrap();
+    let Event::Message(message) = next_event(&server).await else {
+        panic!("expected a Message")
+    };
+    assert_eq!(&message.data[..], b"next");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binding_a_port_in_use_says_so() {
+    let first = server(Mode::Echo);
+    let Err(error) = Server::bind(first.local_addr(), ServerConfig::default()) else {
+        panic!("a second bind must fail")
+    };
+    let Error::Io { source, .. } = &error else {
+        panic!("expected an I/O error, got {error}")
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(error.to_string().contains("another program"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_connections_with_a_reason_and_ends_the_event_queue() {
+    let server = server(Mode::Events);
+    let client = client(&server).await;
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    client.send(Bytes::from_static(b"in flight")).await.unwrap();
+    assert!(matches!(next_event(&server).await, Event::Message(_)));
+
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait_closed(Duration::from_secs(5)))
+        .await
+        .expect("shutdown finishes");
+    let error = client.recv().await.unwrap_err();
+    let Error::Closed(info) = error else {
+        panic!("expected Closed, got {error}")
+    };
+    assert_eq!(info.code, Some(CloseCode::GOING_AWAY));
+    assert!(info.reason.contains("shutting down"));
+
+    assert!(matches!(
+        next_event(&server).await,
+        Event::Disconnected { .. }
+    ));
+    assert!(
+        server.events().recv_async().await.is_err(),
+        "the event queue ends after the last event"
+    );
+    assert!(
+        TcpStream::connect(server.local_addr()).await.is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_while_replying_does_not_disturb_the_server() {
+    let server = server(Mode::Events);
+    let plain = TcpStream::connect(server.local_addr()).await.unwrap();
+    let std_stream = plain.into_std().unwrap();
+    let socket = socket2::SockRef::from(&std_stream);
+    // SO_LINGER 0: close() sends a reset instead of a FIN.
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    let mut plain = TcpStream::from_std(std_stream).unwrap();
+    plain.write_all(b"hi").await.unwrap();
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    let Event::Message(message) = next_event(&server).await else {
+        panic!("expected a Message")
+    };
+    drop(plain);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The reply races the reset: it fails or is dropped, and nothing else happens.
+    let _ = message.reply(Bytes::from(vec![0u8; 1 << 20])).await;
+    let Event::Disconnected { reason, .. } = next_event(&server).await else {
+        panic!("expected Disconnected")
+    };
+    assert!(
+        reason.reason.contains("reset") || reason.reason.contains("closed"),
+        "{reason}"
+    );
+
+    let client = client(&server).await;
+    client.send(Bytes::from_static(b"after")).await.unwrap();
+    assert!(matches!(next_event(&server).await, Event::Connected(_)));
+    assert!(matches!(next_event(&server).await, Event::Message(_)));
+}
