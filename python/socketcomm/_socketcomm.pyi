@@ -138,8 +138,9 @@ _Event: TypeAlias = Union[Connected, Message, Disconnected]
 class Server:
     """A TCP server: framed socketcomm clients and plain sockets on the same port.
 
-    Binds on construction (``port=0`` picks a free port; ``address`` tells which), then serves
-    once started by ``start()``, ``serve_forever()``, ``with``, ``recv()`` or iteration.
+    Binds and starts serving on construction (``port=0`` picks a free port; ``address`` tells
+    which); events wait in a bounded queue until read. ``start()`` runs ``on_*`` handlers in the
+    background, ``serve_forever()`` blocks, ``close()`` (or leaving ``with``) stops.
     Each connection is told apart by its first bytes: a socketcomm hello selects the framed
     protocol, anything else raw mode (bytes as they come, as the original ``server.py`` spoke).
 
@@ -183,7 +184,7 @@ class Server:
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
     def start(self) -> None:
-        """Starts serving in the background and returns at once. Idempotent.
+        """Serves in the background and returns at once. Idempotent.
 
         With ``on_*`` handlers, a dispatcher thread calls them, taking the GIL once per batch
         of events. ``on_message(conn_id, data)`` may return the reply (str or bytes-like) or

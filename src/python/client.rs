@@ -106,7 +106,7 @@ impl PyClient {
         let limit = self.limit(timeout)?;
         let core = &self.core;
         let data =
-            wait(py, core.recv(), limit)?.ok_or_else(|| self.timed_out("a message", limit))??;
+            wait(py, core.recv(), limit)?.ok_or_else(|| self.timed_out("message", limit))??;
         Ok(PyBytes::new(py, &data))
     }
 
@@ -122,7 +122,7 @@ impl PyClient {
         let limit = self.limit(timeout)?;
         let core = &self.core;
         let reply = wait(py, core.request(data), limit)?
-            .ok_or_else(|| self.timed_out("the reply", limit))??;
+            .ok_or_else(|| self.timed_out("reply", limit))??;
         Ok(PyBytes::new(py, &reply))
     }
 

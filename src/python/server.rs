@@ -339,6 +339,9 @@ impl PyServer {
         };
         let addr = resolve(py, &host, port)?;
         let core = py.detach(|| core::Server::bind(addr, config))?;
+        // Serve at once: a client connecting right after construction must get its hello
+        // answered, whether or not anyone reads the events yet (they queue, bounded).
+        core.start(runtime().handle());
         Ok(PyServer {
             core,
             handlers,

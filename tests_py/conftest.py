@@ -1,0 +1,145 @@
+"""Shared fixtures: servers on ephemeral loopback ports, and helpers to run the scripts as real
+subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import socketcomm
+
+ROOT = Path(__file__).resolve().parent.parent
+ORIGINALS = Path(__file__).resolve().parent / "originals"
+
+
+@pytest.fixture
+def echo_server() -> Iterator[socketcomm.Server]:
+    with socketcomm.Server("127.0.0.1", 0, mode="echo") as server:
+        yield server
+
+
+class ReplyingServer:
+    """A server in events mode whose pull loop, on a thread, answers ``b"got " + data`` and
+    records every event."""
+
+    def __init__(self, **options: object) -> None:
+        self.server = socketcomm.Server("127.0.0.1", 0, **options)  # type: ignore[arg-type]
+        self.events: list[socketcomm.Event] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for event in self.server:
+            self.events.append(event)
+            if isinstance(event, socketcomm.Message):
+                try:
+                    event.reply(b"got " + event.data)
+                except socketcomm.ConnectionClosedError:
+                    pass
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def replying_server() -> Iterator[ReplyingServer]:
+    server = ReplyingServer()
+    yield server
+    server.close()
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SOCKETCOMM_HOST", None)
+    env.pop("SOCKETCOMM_PORT", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], *, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    """Runs a command to completion, from the repository root."""
+    return subprocess.run(
+        args,
+        cwd=ROOT,
+        env=script_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Background:
+    """A long-running process (a server) whose output is read as it comes."""
+
+    def __init__(self, args: list[str], **env: str) -> None:
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=script_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_for_line(self, stream: str, pattern: str, timeout: float = 20) -> re.Match[str]:
+        """Reads `stream` ("stdout" or "stderr") until a line matches `pattern`."""
+        pipe = getattr(self.process, stream)
+        found: list[re.Match[str]] = []
+        seen: list[str] = []
+
+        def read() -> None:
+            for line in pipe:
+                seen.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    found.append(match)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.stop()
+            raise AssertionError(f"no line matching {pattern!r} in {stream}: {seen!r}")
+        return found[0]
+
+    def stop(self, timeout: float = 10) -> tuple[int, str, str]:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, err = self.process.communicate()
+        return self.process.returncode, out, err
+
+
+class ServerProcess(Background):
+    """``python server.py ...`` on an ephemeral port."""
+
+    def __init__(self, *args: str, script: str = "server.py", **env: str) -> None:
+        super().__init__([sys.executable, script, "--port", "0", *args], **env)
+        match = self.wait_for_line("stderr", r"listening on ([\d.]+):(\d+)")
+        self.host = match.group(1)
+        self.port = int(match.group(2))
+
+
+@pytest.fixture
+def server_process() -> Iterator[ServerProcess]:
+    process = ServerProcess()
+    yield process
+    process.stop()
