@@ -9,9 +9,27 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use _socketcomm::frame::{CloseCode, Frame};
+use _socketcomm::frame::{CloseCode, Frame, Hello};
 use _socketcomm::{Client, ClientConfig, Error, Event, Mode, ServerConfig};
 use common::{client, next_event, server, server_with, HandPeer, LIMIT};
+
+/// A "server" that answers the hello as socketcomm does, then sends `then` and waits for the end.
+async fn hand_written_server(then: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; 12];
+        stream.read_exact(&mut hello).await.unwrap();
+        stream
+            .write_all(&Hello::client(4096).encode())
+            .await
+            .unwrap();
+        stream.write_all(then).await.unwrap();
+        let _ = stream.read_to_end(&mut Vec::new()).await;
+    });
+    port
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_port_refuses_with_the_os_error_and_a_hint() {
@@ -199,20 +217,8 @@ async fn messages_sent_before_close_are_delivered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_breaks_the_protocol_ends_the_clients_connection_with_the_reason() {
-    // A hand-written "server": a socketcomm hello, then a frame of an unknown type.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut hello = [0u8; 12];
-        stream.read_exact(&mut hello).await.unwrap();
-        let answer = _socketcomm::frame::Hello::client(4096).encode();
-        stream.write_all(&answer).await.unwrap();
-        stream.write_all(&[0, 0, 0, 1, 0x7d]).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
-        rest
-    });
+    // A frame of an unknown type.
+    let port = hand_written_server(&[0, 0, 0, 1, 0x7d]).await;
     let client = Client::connect("127.0.0.1", port, ClientConfig::default())
         .await
         .unwrap();
@@ -225,19 +231,8 @@ async fn a_server_that_breaks_the_protocol_ends_the_clients_connection_with_the_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frame_over_the_clients_max_frame_is_refused_with_its_size() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut hello = [0u8; 12];
-        stream.read_exact(&mut hello).await.unwrap();
-        let answer = _socketcomm::frame::Hello::client(4096).encode();
-        stream.write_all(&answer).await.unwrap();
-        // Declares 1 MiB against the client's 1 KiB limit.
-        stream.write_all(&[0, 0x10, 0, 0, 0x01]).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
-    });
+    // Declares 1 MiB against the client's 1 KiB limit.
+    let port = hand_written_server(&[0, 0x10, 0, 0, 0x01]).await;
     let config = ClientConfig {
         max_frame: 1024,
         ..ClientConfig::default()

@@ -219,3 +219,29 @@ fn sniffing_tells_plain_clients_at_their_first_byte() {
     assert_eq!(frame::sniff(&hello[..HELLO_LEN - 1]), Sniff::NeedMore);
     assert_eq!(frame::sniff(&hello), Sniff::Framed);
 }
+
+#[test]
+fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
+    let mut request = BytesMut::new();
+    frame::encode_frame(
+        &Frame::Request {
+            id: 7,
+            body: Bytes::from_static(b"ping"),
+        },
+        &mut request,
+    );
+    assert_eq!(
+        &request[..],
+        &[0, 0, 0, 9, 0x02, 0, 0, 0, 7, b'p', b'i', b'n', b'g']
+    );
+    assert_eq!(
+        Hello::client(16 * 1024 * 1024).encode(),
+        [0x89, 0x53, 0x43, 0x4D, 1, 1, 0, 0, 1, 0, 0, 0]
+    );
+    let mut close = BytesMut::new();
+    frame::encode_frame(
+        &Frame::close(CloseCode::NORMAL, "client closed"),
+        &mut close,
+    );
+    assert_eq!(&close[..7], &[0, 0, 0, 0x10, 0x30, 0x03, 0xE8]);
+}

@@ -3,6 +3,7 @@ subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -12,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import socketcomm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +39,9 @@ class ReplyingServer:
         for event in self.server:
             self.events.append(event)
             if isinstance(event, socketcomm.Message):
-                try:
+                # A client may leave before its answer.
+                with contextlib.suppress(socketcomm.ConnectionClosedError):
                     event.reply(b"got " + event.data)
-                except socketcomm.ConnectionClosedError:
-                    pass
 
     @property
     def address(self) -> tuple[str, int]:

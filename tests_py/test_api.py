@@ -8,9 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ReplyingServer
-
 import socketcomm
+from conftest import ReplyingServer
 
 
 def test_server_binds_on_construction_and_reports_its_address() -> None:
@@ -158,9 +157,9 @@ def test_handlers_run_on_a_dispatcher_and_a_failing_handler_is_logged(
         assert not runner.is_alive()
     assert calls[0][0] == "connect"
     assert calls[-1][0] == "disconnect"
-    assert any(
-        "on_message handler raised" in r.message and r.exc_info for r in caplog.records
-    ), caplog.records
+    assert any("on_message handler raised" in r.message and r.exc_info for r in caplog.records), (
+        caplog.records
+    )
 
 
 def test_start_runs_handlers_in_the_background() -> None:

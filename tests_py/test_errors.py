@@ -9,9 +9,8 @@ import threading
 import time
 
 import pytest
-from conftest import ReplyingServer
-
 import socketcomm
+from conftest import ReplyingServer
 
 MAGIC = b"\x89SCM"
 
@@ -172,7 +171,7 @@ def test_a_client_waiting_when_the_server_closes_learns_why() -> None:
 
 def test_a_timed_out_recv_loses_no_message(replying_server: ReplyingServer) -> None:
     with socketcomm.Client(*replying_server.address) as client:
-        with pytest.raises(TimeoutError, match="within 0.200 s"):
+        with pytest.raises(TimeoutError, match=r"within 0\.200 s"):
             client.recv(timeout=0.2)
         client.send("late")
         assert client.recv(timeout=5) == b"got late"

@@ -5,9 +5,9 @@ signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/
 process-wide pool of tokio threads that never run Python code.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Union, final
+from typing import Final, final
 
 from typing_extensions import Buffer, Self, TypeAlias
 
@@ -42,7 +42,7 @@ PROTOCOL_VERSION: Final[int]
 ACK_REPLY: Final[bytes]
 """The original server's reply, ``b"Your message has been received, Thank you!"``."""
 
-_Data: TypeAlias = Union[str, Buffer]
+_Data: TypeAlias = str | Buffer
 """A message payload: ``str`` is sent as UTF-8, any bytes-like object as is."""
 
 class SocketCommError(Exception):
@@ -132,7 +132,7 @@ class Disconnected:
     def code(self) -> int | None:
         """The close code, when a close frame was exchanged."""
 
-_Event: TypeAlias = Union[Connected, Message, Disconnected]
+_Event: TypeAlias = Connected | Message | Disconnected
 
 @final
 class Server:

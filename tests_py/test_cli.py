@@ -1,0 +1,214 @@
+"""The command line and the drop-in scripts, run as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import pytest
+import socketcomm
+from conftest import ORIGINALS, Background, ServerProcess, run
+
+ACK = "Your message has been received, Thank you!"
+PEER = r"\('127\.0\.0\.1', \d+\)"
+
+
+def server_lines(process: ServerProcess, count: int) -> list[str]:
+    code, out, err = process.stop()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == count, out
+    return lines
+
+
+def test_the_original_client_gets_exactly_the_original_answer() -> None:
+    process = ServerProcess()
+    result = run([sys.executable, str(ORIGINALS / "client.py"), process.host, str(process.port)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ACK + "\n"
+    time.sleep(0.2)
+    connected, message, ended = server_lines(process, 3)
+    assert re.fullmatch(f"connected to {PEER}", connected)
+    assert message == "message from client is Hello World"
+    assert re.fullmatch(f"Communication with {PEER} ended!", ended)
+    assert connected.removeprefix("connected to ") in ended
+
+
+def test_client_py_with_no_arguments_does_what_the_original_did() -> None:
+    process = ServerProcess()
+    result = run([sys.executable, "client.py"], SOCKETCOMM_PORT=str(process.port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ACK + "\n"
+    time.sleep(0.2)
+    _, message, ended = server_lines(process, 3)
+    assert message == "message from client is Hello World"
+    assert ended.startswith("Communication with")
+
+
+def test_client_py_raw_talks_to_the_original_server() -> None:
+    original = Background([sys.executable, str(ORIGINALS / "server.py"), "127.0.0.1", "0"])
+    port = original.wait_for_line("stdout", r"listening (\d+)").group(1)
+    try:
+        result = run([sys.executable, "client.py", "--raw", "--port", port])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ACK + "\n"
+    finally:
+        original.stop()
+
+
+def test_client_py_without_raw_against_a_plain_server_says_to_use_raw() -> None:
+    original = Background([sys.executable, str(ORIGINALS / "server.py"), "127.0.0.1", "0"])
+    port = original.wait_for_line("stdout", r"listening (\d+)").group(1)
+    try:
+        result = run([sys.executable, "client.py", "--port", port, "--timeout", "5"])
+        assert result.returncode == 1
+        assert "--raw" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        original.stop()
+
+
+def test_host_and_port_come_from_the_environment_too() -> None:
+    process = ServerProcess(SOCKETCOMM_HOST="127.0.0.1")
+    result = run(
+        [sys.executable, "client.py", "from the environment"],
+        SOCKETCOMM_HOST="127.0.0.1",
+        SOCKETCOMM_PORT=str(process.port),
+    )
+    assert result.stdout == ACK + "\n"
+    process.stop()
+    bad = run([sys.executable, "client.py"], SOCKETCOMM_PORT="ninety")
+    assert bad.returncode != 0
+    assert "SOCKETCOMM_PORT" in bad.stderr
+    assert "not a port number" in bad.stderr
+
+
+def test_the_server_survives_what_crashed_the_original() -> None:
+    process = ServerProcess()
+    address = (process.host, process.port)
+    # Invalid UTF-8, a reset, a message over 1024 bytes, and a second client waiting.
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"caf\xe9")
+        sock.settimeout(5)
+        assert sock.recv(1024).decode() == ACK
+    with socket.create_connection(address) as reset:
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    with socket.create_connection(address) as waiting, socket.create_connection(address) as big:
+        big.sendall(b"x" * 5000)
+        waiting.sendall(b"Hello World")
+        waiting.settimeout(5)
+        assert waiting.recv(1024).decode() == ACK
+    with socketcomm.Client(*address, timeout=5) as client:
+        assert client.request("Hello World").decode() == ACK
+    time.sleep(0.3)
+    code, out, err = process.stop()
+    assert code == 0
+    assert "message from client is caf\ufffd" in out
+    assert "not valid UTF-8" in err
+    assert out.count("message from client is Hello World") == 2
+    assert out.count("ended!") == 5
+
+
+@pytest.mark.parametrize("mode", ["echo", "ack"])
+def test_native_modes_from_the_command_line(mode: str) -> None:
+    process = ServerProcess("--mode", mode, "--reply", "fixed")
+    with socketcomm.Client(process.host, process.port, timeout=5) as client:
+        assert client.request("question") == (b"question" if mode == "echo" else b"fixed")
+    time.sleep(0.2)
+    code, out, _ = process.stop()
+    assert code == 0
+    assert "connected to" in out
+    assert "message from client" not in out
+
+
+def test_sigint_and_sigterm_stop_the_server_with_status_0() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        process = ServerProcess()
+        with socketcomm.Client(process.host, process.port, timeout=5) as client:
+            assert client.request("hi").decode() == ACK
+        started = time.monotonic()
+        process.process.send_signal(signum)
+        assert process.process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        _, _, err = process.stop()
+        assert "stopping" in err
+
+
+def test_ctrl_c_interrupts_a_process_blocked_in_the_event_loop() -> None:
+    script = (
+        "import socketcomm, sys\n"
+        "server = socketcomm.Server('127.0.0.1', 0)\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    for event in server:\n"
+        "        pass\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    blocked = Background([sys.executable, "-c", script])
+    try:
+        blocked.wait_for_line("stdout", "ready")
+        time.sleep(0.3)
+        started = time.monotonic()
+        blocked.process.send_signal(signal.SIGINT)
+        assert blocked.process.wait(timeout=5) == 3
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"took {elapsed:.2f} s to answer Ctrl-C"
+    finally:
+        blocked.stop()
+
+
+def test_a_closed_port_is_a_one_line_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run([sys.executable, "client.py", "--port", str(port)])
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: [Errno 111] cannot connect")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    with socketcomm.Server("127.0.0.1", 0) as taken:
+        result = run([sys.executable, "server.py", "--port", str(taken.address[1])])
+    assert result.returncode == 1
+    assert "another program is using that port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["server.py", "--help"], ["--host", "--port", "--mode", "SOCKETCOMM_PORT", "Ctrl-C"]),
+        (["client.py", "--help"], ["--raw", "--timeout", "SOCKETCOMM_HOST", "Hello World"]),
+        (["-m", "socketcomm", "--help"], ["server", "client"]),
+        (["-m", "socketcomm", "server", "--help"], ["--mode", "echo", "ack"]),
+    ],
+)
+def test_help_explains_itself(command: list[str], expected: list[str]) -> None:
+    result = run([sys.executable, *command])
+    assert result.returncode == 0
+    for word in expected:
+        assert word in result.stdout, word
+
+
+def test_console_script_and_python_m_run_client_and_server() -> None:
+    script = shutil.which("socketcomm", path=os.path.dirname(sys.executable)) or shutil.which(
+        "socketcomm"
+    )
+    assert script, "pip install . installs the socketcomm console script"
+    server = Background([script, "server", "--port", "0", "--mode", "echo"])
+    port = server.wait_for_line("stderr", r"listening on [\d.]+:(\d+)").group(1)
+    try:
+        result = run([sys.executable, "-m", "socketcomm", "client", "--port", port, "ping"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "ping\n"
+    finally:
+        code, _, _ = server.stop()
+    assert code == 0
