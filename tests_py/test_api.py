@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -287,3 +288,26 @@ def test_the_package_exports_what_it_documents() -> None:
     assert socketcomm.DEFAULT_HOST == "127.0.0.1"
     assert socketcomm.DEFAULT_PORT > 1023
     assert socketcomm.DEFAULT_MAX_FRAME == 16 * 1024 * 1024
+
+
+def test_ipv6_loopback_works_like_ipv4() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")
+    with socketcomm.Server("::1", 0, mode="echo") as server:
+        host, port = server.address
+        assert host == "::1"
+        with socketcomm.Client("::1", port, timeout=5) as client:
+            assert client.request("over v6") == b"over v6"
+            assert client.local_address[0] == "::1"
+
+
+def test_sending_to_a_connection_that_is_gone_says_so() -> None:
+    with socketcomm.Server("127.0.0.1", 0) as server:
+        with pytest.raises(socketcomm.ConnectionClosedError, match="no connection 12345"):
+            server.send(12345, "anyone?")
+        with socketcomm.Client(*server.address):
+            connected = server.recv(timeout=5)
+            assert isinstance(connected, socketcomm.Connected)
+        assert isinstance(server.recv(timeout=5), socketcomm.Disconnected)
+        with pytest.raises(socketcomm.ConnectionClosedError):
+            server.send(connected.conn_id, "too late")
