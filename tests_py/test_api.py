@@ -311,3 +311,18 @@ def test_sending_to_a_connection_that_is_gone_says_so() -> None:
         assert isinstance(server.recv(timeout=5), socketcomm.Disconnected)
         with pytest.raises(socketcomm.ConnectionClosedError):
             server.send(connected.conn_id, "too late")
+
+
+def test_rust_log_records_reach_python_logging(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="socketcomm"):
+        socketcomm.refresh_logging()
+        with socketcomm.Server("127.0.0.1", 0) as server:
+            with socket.create_connection(server.address) as sock:
+                sock.sendall(b"\x89SCM\x01\x01\x00\x00\x00\x00\x10\x00")
+                sock.recv(12)
+                sock.sendall(b"\x00\x00\x00\x01\x7e")  # an unknown frame type
+                sock.settimeout(5)
+                while sock.recv(1024):
+                    pass
+    records = [r for r in caplog.records if r.name.startswith("socketcomm._socketcomm")]
+    assert any("unknown frame type 0x7e" in r.getMessage() for r in records), caplog.records

@@ -31,6 +31,7 @@ from socketcomm._socketcomm import (
     TlsError,
     TransferError,
     __version__,
+    refresh_logging,
 )
 
 Event = Union[Connected, Message, Disconnected]
@@ -55,4 +56,5 @@ __all__ = [
     "TlsError",
     "TransferError",
     "__version__",
+    "refresh_logging",
 ]

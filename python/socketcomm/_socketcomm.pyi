@@ -29,6 +29,7 @@ __all__ = [
     "TlsError",
     "TransferError",
     "__version__",
+    "refresh_logging",
 ]
 
 __version__: Final[str]
@@ -44,6 +45,15 @@ ACK_REPLY: Final[bytes]
 
 _Data: TypeAlias = str | Buffer
 """A message payload: ``str`` is sent as UTF-8, any bytes-like object as is."""
+
+def refresh_logging() -> None:
+    """Makes the core's log records follow the current ``logging`` configuration.
+
+    The core logs through Python's ``logging`` under the ``socketcomm`` logger. It caches each
+    logger's level so that its I/O threads never wait for the GIL to learn that a record is
+    disabled; call this after changing a level at run time (configuring logging before the first
+    server or client starts needs no call).
+    """
 
 class SocketCommError(Exception):
     """The root of every socketcomm exception.
