@@ -353,25 +353,36 @@ async fn read_hello(
         return Ok(hello);
     }
     // A refusal is followed by a close frame that says why.
-    let reason = read_close_reason(stream, buffered)
-        .await
-        .unwrap_or_else(|| {
-            format!(
-                "the server speaks protocol versions up to {}",
-                hello.max_version
-            )
-        });
-    Err(Error::Protocol(format!(
-        "{peer} refused the connection: {reason}"
-    )))
+    match read_close_frame(stream, buffered).await {
+        // Refused for a reason that is not the protocol's (the server is full): the connection
+        // is closed, as it would be later for the same reason.
+        Some((code, reason))
+            if code != CloseCode::PROTOCOL_ERROR && code != CloseCode::UNSUPPORTED_VERSION =>
+        {
+            Err(Error::Closed(CloseInfo::new(
+                Some(code),
+                format!("{peer} refused the connection: {reason}"),
+            )))
+        }
+        Some((_, reason)) => Err(Error::Protocol(format!(
+            "{peer} refused the connection: {reason}"
+        ))),
+        None => Err(Error::Protocol(format!(
+            "{peer} refused the connection: the server speaks protocol versions up to {}",
+            hello.max_version
+        ))),
+    }
 }
 
-async fn read_close_reason(stream: &mut TcpStream, buffered: &mut BytesMut) -> Option<String> {
+async fn read_close_frame(
+    stream: &mut TcpStream,
+    buffered: &mut BytesMut,
+) -> Option<(CloseCode, String)> {
     use tokio_util::codec::Decoder;
     let mut codec = FrameCodec::new(frame::MIN_MAX_FRAME);
     loop {
-        if let Ok(Some(Frame::Close { reason, .. })) = codec.decode(buffered) {
-            return Some(reason);
+        if let Ok(Some(Frame::Close { code, reason })) = codec.decode(buffered) {
+            return Some((code, reason));
         }
         if stream.read_buf(buffered).await.ok()? == 0 {
             return None;
@@ -420,7 +431,8 @@ async fn read_loop(
                 }
             }
             Some(Ok(Frame::Ping(token))) => {
-                outbox.try_send(Frame::Pong(token));
+                // A pong that finds the queue full is dropped: the peer will ping again.
+                let _ = outbox.try_send(Frame::Pong(token));
             }
             Some(Ok(Frame::Pong(_))) => {}
             Some(Ok(Frame::Close { code, reason })) => {

@@ -24,6 +24,40 @@ pub enum Mode {
     Echo,
     /// Every message is answered with the fixed reply, natively.
     Ack,
+    /// Every message is relayed to every other connected client, natively (a chat room).
+    Broadcast,
+}
+
+/// What a broadcast does with a client whose outbound queue is full because it stopped reading.
+/// (A direct send always waits: backpressure on the sender.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowReader {
+    /// Disconnect that client with a reason, so that one slow reader never holds up the rest.
+    Disconnect,
+    /// Wait until it has room: every broadcaster slows to the slowest reader's pace.
+    Wait,
+}
+
+impl SlowReader {
+    /// # Errors
+    /// [`Error::InvalidOption`] for a name other than `disconnect` or `wait`.
+    pub fn parse(name: &str) -> Result<SlowReader> {
+        match name {
+            "disconnect" => Ok(SlowReader::Disconnect),
+            "wait" => Ok(SlowReader::Wait),
+            other => Err(Error::invalid(
+                "slow_reader",
+                format!("{other:?} is not one of 'disconnect', 'wait'"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SlowReader::Disconnect => "disconnect",
+            SlowReader::Wait => "wait",
+        }
+    }
 }
 
 impl Mode {
@@ -36,9 +70,10 @@ impl Mode {
             "events" => Ok(Mode::Events),
             "echo" => Ok(Mode::Echo),
             "ack" => Ok(Mode::Ack),
+            "broadcast" => Ok(Mode::Broadcast),
             other => Err(Error::invalid(
                 "mode",
-                format!("{other:?} is not one of 'events', 'echo', 'ack'"),
+                format!("{other:?} is not one of 'events', 'echo', 'ack', 'broadcast'"),
             )),
         }
     }
@@ -48,6 +83,7 @@ impl Mode {
             Mode::Events => "events",
             Mode::Echo => "echo",
             Mode::Ack => "ack",
+            Mode::Broadcast => "broadcast",
         }
     }
 
@@ -73,6 +109,12 @@ pub struct ServerConfig {
     pub outbound_queue: usize,
     /// Set `TCP_NODELAY` on accepted connections.
     pub nodelay: bool,
+    /// Connections served at once; one more is told "server full" and closed.
+    pub max_connections: usize,
+    /// Close a connection after this long without a byte from the client.
+    pub idle_timeout: Option<Duration>,
+    /// What a broadcast does with a client that stopped reading.
+    pub slow_reader: SlowReader,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +127,9 @@ impl Default for ServerConfig {
             event_queue: 4096,
             outbound_queue: 1024,
             nodelay: true,
+            max_connections: 10_000,
+            idle_timeout: None,
+            slow_reader: SlowReader::Disconnect,
         }
     }
 }
@@ -102,6 +147,15 @@ impl ServerConfig {
         }
         if self.outbound_queue == 0 {
             return Err(Error::invalid("outbound_queue", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::invalid("max_connections", "must be at least 1"));
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::invalid(
+                "idle_timeout",
+                "must be positive (None disables it)",
+            ));
         }
         Ok(())
     }

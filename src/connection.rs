@@ -91,9 +91,17 @@ impl Outbox {
             .map_err(|_| self.state.closed_error())
     }
 
-    /// Queues `frame` if there is room, and reports whether there was.
-    pub(crate) fn try_send(&self, frame: Frame) -> bool {
-        self.queue.try_send(frame).is_ok()
+    /// Queues `frame` if there is room: `Ok(false)` when the queue is full.
+    ///
+    /// # Errors
+    /// As [`Outbox::send`].
+    pub(crate) fn try_send(&self, frame: Frame) -> Result<bool> {
+        self.check_size(&frame)?;
+        match self.queue.try_send(frame) {
+            Ok(()) => Ok(true),
+            Err(flume::TrySendError::Full(_)) => Ok(false),
+            Err(flume::TrySendError::Disconnected(_)) => Err(self.state.closed_error()),
+        }
     }
 
     fn check_size(&self, frame: &Frame) -> Result<()> {

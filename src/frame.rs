@@ -69,6 +69,15 @@ impl Hello {
         }
     }
 
+    /// A server's answer that refuses the connection (a close frame follows with the reason).
+    pub fn refusal(max_frame: u32) -> Hello {
+        Hello {
+            min_version: 0,
+            max_version: PROTOCOL_VERSION,
+            max_frame,
+        }
+    }
+
     /// The version this hello settles on, when it is a server's answer.
     pub fn agreed_version(&self) -> Option<u8> {
         (self.min_version != 0 && self.min_version == self.max_version).then_some(self.min_version)
@@ -160,6 +169,8 @@ impl CloseCode {
     pub const SERVER_FULL: CloseCode = CloseCode(1005);
     /// The connection was idle for longer than the server's `idle_timeout`.
     pub const IDLE_TIMEOUT: CloseCode = CloseCode(1006);
+    /// The client did not read fast enough to keep up with a broadcast.
+    pub const SLOW_READER: CloseCode = CloseCode(1007);
 }
 
 /// Frame type bytes. 0x10..=0x1F are reserved for file transfer, 0x40..=0x7F for later versions.

@@ -31,7 +31,6 @@ from socketcomm._socketcomm import (
     TlsError,
     TransferError,
     __version__,
-    refresh_logging,
 )
 
 Event = Union[Connected, Message, Disconnected]
@@ -56,5 +55,4 @@ __all__ = [
     "TlsError",
     "TransferError",
     "__version__",
-    "refresh_logging",
 ]

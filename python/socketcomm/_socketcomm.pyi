@@ -5,7 +5,7 @@ signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/
 process-wide pool of tokio threads that never run Python code.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Final, final
 
@@ -29,7 +29,6 @@ __all__ = [
     "TlsError",
     "TransferError",
     "__version__",
-    "refresh_logging",
 ]
 
 __version__: Final[str]
@@ -45,15 +44,6 @@ ACK_REPLY: Final[bytes]
 
 _Data: TypeAlias = str | Buffer
 """A message payload: ``str`` is sent as UTF-8, any bytes-like object as is."""
-
-def refresh_logging() -> None:
-    """Makes the core's log records follow the current ``logging`` configuration.
-
-    The core logs through Python's ``logging`` under the ``socketcomm`` logger. It caches each
-    logger's level so that its I/O threads never wait for the GIL to learn that a record is
-    disabled; call this after changing a level at run time (configuring logging before the first
-    server or client starts needs no call).
-    """
 
 class SocketCommError(Exception):
     """The root of every socketcomm exception.
@@ -159,11 +149,18 @@ class Server:
         ``recv()``, or handed to ``on_message``/``on_connect``/``on_disconnect`` callbacks.
       * ``"echo"``: every message is sent back, natively (no Python per message).
       * ``"ack"``: every message is answered with ``reply``, natively.
+      * ``"broadcast"``: every message is relayed to every other client, natively (a chat room).
 
-    Options: ``max_frame`` bounds a frame from a client (bytes); ``backlog`` is the listen
-    backlog; ``nodelay`` sets TCP_NODELAY; ``event_queue`` and ``outbound_queue`` bound the
-    events waiting for Python and the messages waiting to be written to one client (when
-    either is full, the connection waits: backpressure, never unbounded memory).
+    Options: ``max_frame`` bounds a frame from a client (bytes). ``max_connections`` bounds the
+    clients served at once: one more is accepted, told "server full" (close code 1005, or a
+    line of text for a plain socket) and closed, so it fails at once instead of waiting in the
+    backlog. ``idle_timeout`` (seconds) closes a connection that sent nothing for that long
+    (code 1006). ``event_queue`` and ``outbound_queue`` bound the events waiting for Python and
+    the messages waiting to be written to one client: when either is full the connection waits
+    (backpressure, never unbounded memory). A broadcast that finds a client's queue full either
+    disconnects that client (``slow_reader="disconnect"``, code 1007, the default: one slow
+    reader never holds up the others) or waits for it (``slow_reader="wait"``).
+    ``backlog`` is the listen backlog, ``nodelay`` sets TCP_NODELAY.
 
     Raises ``OSError`` (e.g. ``errno.EADDRINUSE``) when the address cannot be bound and
     ``ValueError`` for an invalid option.
@@ -180,6 +177,9 @@ class Server:
         on_connect: Callable[[int, tuple[str, int]], object] | None = None,
         on_disconnect: Callable[[int, str], object] | None = None,
         max_frame: int = ...,
+        max_connections: int = 10000,
+        idle_timeout: float | None = None,
+        slow_reader: str = "disconnect",
         backlog: int = 1024,
         nodelay: bool = True,
         event_queue: int = 4096,
@@ -218,6 +218,20 @@ class Server:
         Blocks, GIL released. Raises ``TimeoutError`` when none arrives in time, and
         ``ConnectionClosedError`` once the server is closed and every event was read.
         """
+    def recv_many(self, max: int = 256, timeout: float | None = None) -> list[_Event]:
+        """Up to ``max`` events: waits up to ``timeout`` seconds for the first (None: no
+        limit), then takes those already queued, without waiting again. An empty list when none
+        arrived in time; ``ConnectionClosedError`` once the server is closed and drained.
+        Blocks, GIL released."""
+    @property
+    def connections(self) -> dict[int, tuple[str, int]]:
+        """The live connections, ``{conn_id: (host, port)}``, oldest first."""
+    def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
+        """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
+        it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
+    def disconnect(self, conn_id: int, reason: str = "closed by the server") -> bool:
+        """Closes a connection after what is queued for it, telling a framed client ``reason``
+        (close code 1000). False when there is no such connection (any more)."""
     def __iter__(self) -> Self: ...
     def __next__(self) -> _Event:
         """The next event; iteration ends once the server is closed and drained. Blocks, GIL

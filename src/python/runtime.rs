@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -25,7 +26,8 @@ pub(crate) fn runtime() -> &'static Runtime {
 }
 
 /// Drives `future` on the runtime from a Python thread, without the GIL, until it completes or
-/// `timeout` passes (`Ok(None)`). Signal handlers run between slices, so Ctrl-C raises
+/// `timeout` passes (`Ok(None)`). A future that is ready at once completes without releasing
+/// the GIL. Signal handlers run between slices, so Ctrl-C raises
 /// `KeyboardInterrupt` here within about 100 ms; the future is dropped then.
 ///
 /// # Errors
@@ -41,6 +43,15 @@ where
 {
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
     let mut future = std::pin::pin!(future);
+    // NOTE: the fast path. A message already queued, or room in a send queue, completes on the
+    // first poll: no GIL release, no trip through the runtime.
+    {
+        let _context = runtime().enter();
+        let mut context = Context::from_waker(Waker::noop());
+        if let Poll::Ready(done) = future.as_mut().poll(&mut context) {
+            return Ok(Some(done));
+        }
+    }
     loop {
         let slice = match deadline {
             Some(deadline) => deadline

@@ -15,7 +15,7 @@ use pyo3::types::{PyBytes, PyString};
 use super::convert::{address, payload, resolve};
 use super::errors;
 use super::runtime::{runtime, timeout_from_secs, wait};
-use crate::config::{Mode, ServerConfig, ACK_REPLY};
+use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::error::CloseInfo;
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
@@ -300,6 +300,9 @@ impl PyServer {
         on_connect = None,
         on_disconnect = None,
         max_frame = DEFAULT_MAX_FRAME,
+        max_connections = 10_000,
+        idle_timeout = None,
+        slow_reader = "disconnect",
         backlog = 1024,
         nodelay = true,
         event_queue = 4096,
@@ -317,6 +320,9 @@ impl PyServer {
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
         max_frame: u32,
+        max_connections: usize,
+        idle_timeout: Option<f64>,
+        slow_reader: &str,
         backlog: u32,
         nodelay: bool,
         event_queue: usize,
@@ -338,6 +344,9 @@ impl PyServer {
             event_queue,
             outbound_queue,
             nodelay,
+            max_connections,
+            idle_timeout: timeout_from_secs("idle_timeout", idle_timeout)?,
+            slow_reader: SlowReader::parse(slow_reader)?,
         };
         let addr = resolve(py, host, port)?;
         let core = py.detach(|| core::Server::bind(addr, config))?;
@@ -486,6 +495,81 @@ impl PyServer {
         };
         wait(py, async move { conn.send(data).await }, None)?.expect("waits without a timeout")?;
         Ok(())
+    }
+
+    /// Up to `max` events: waits up to `timeout` seconds for the first (None: no limit), then
+    /// takes what is already queued. An empty list when none arrived in time.
+    #[pyo3(signature = (max = 256, timeout = None))]
+    fn recv_many(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        if max == 0 {
+            return Err(PyValueError::new_err("invalid max: must be at least 1"));
+        }
+        let limit = timeout_from_secs("timeout", timeout)?;
+        let first = match self.next_event(py, limit)? {
+            NextEvent::Event(event) => event,
+            NextEvent::TimedOut => return Ok(Vec::new()),
+            NextEvent::Closed => {
+                return Err(errors::closed(
+                    py,
+                    "the server is closed and every event has been read",
+                ))
+            }
+        };
+        let mut batch = vec![first];
+        for event in self.core.events().try_iter().take(max - 1) {
+            batch.push(event_to_py(py, event)?);
+        }
+        Ok(batch)
+    }
+
+    /// The live connections: `{conn_id: (host, port)}`, oldest first.
+    #[getter]
+    fn connections<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let live = pyo3::types::PyDict::new(py);
+        for conn in self.core.connections() {
+            live.set_item(conn.id(), address(conn.peer()))?;
+        }
+        Ok(live)
+    }
+
+    /// Sends `data` to every connection but those in `exclude` (an id or ids); returns how many
+    /// it reached. A client whose queue is full is handled by the `slow_reader` policy.
+    #[pyo3(signature = (data, exclude = None))]
+    fn broadcast(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let data = payload(data)?;
+        let exclude: Vec<u64> = match exclude {
+            None => Vec::new(),
+            Some(one) if one.extract::<u64>().is_ok() => vec![one.extract()?],
+            Some(many) => many
+                .try_iter()?
+                .map(|id| id.and_then(|id| id.extract::<u64>()))
+                .collect::<PyResult<_>>()?,
+        };
+        let core = &self.core;
+        Ok(wait(py, core.broadcast(data, &exclude), None)?.expect("waits without a timeout"))
+    }
+
+    /// Closes the connection `conn_id` after what is queued for it, telling a framed client
+    /// `reason`. Returns False when there is no such connection (any more).
+    #[pyo3(signature = (conn_id, reason = "closed by the server"))]
+    fn disconnect(&self, conn_id: u64, reason: &str) -> bool {
+        match self.core.connection(conn_id) {
+            Some(conn) => {
+                conn.close(reason);
+                true
+            }
+            None => false,
+        }
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {

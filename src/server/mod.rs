@@ -1,29 +1,31 @@
-//! The server: binds at construction, then an accept loop spawns one task per connection, which
-//! tells a framed client from a plain socket by its first bytes, answers natively in the
-//! `echo`/`ack` modes, and otherwise hands [`Event`]s to the application through a bounded queue.
+//! The server: binds at construction, then an accept loop hands each connection to its own task
+//! ([`handler`]), which tells a framed client from a plain socket by its first bytes, answers
+//! natively in the `echo`/`ack`/`broadcast` modes, and otherwise hands [`Event`]s to the
+//! application through a bounded queue.
 //!
 //! The core never builds a runtime: [`Server::start`] takes a handle to the caller's.
+
+mod handler;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Mode, ServerConfig};
-use crate::connection::{write_loop, ConnState, Inbound, Outbox};
-use crate::error::{CloseInfo, Error, FrameError, Result};
-use crate::frame::{self, CloseCode, Frame, Hello, Sniff, HELLO_LEN};
+use crate::config::{ServerConfig, SlowReader};
+use crate::connection::Outbox;
+use crate::error::{CloseInfo, Error, Result};
+use crate::frame::{CloseCode, Frame};
 
 /// Identifies a connection for the lifetime of its server; never reused.
 pub type ConnId = u64;
@@ -34,6 +36,16 @@ pub struct Connection {
     id: ConnId,
     peer: SocketAddr,
     outbox: Outbox,
+    control: Arc<Control>,
+}
+
+/// How the owner ends one connection from outside its task.
+#[derive(Debug)]
+struct Control {
+    /// Close after what is queued, with the reason recorded in the connection's state.
+    close: CancellationToken,
+    /// Stop writing at once (a child of the server's hard stop).
+    abort: CancellationToken,
 }
 
 impl Connection {
@@ -45,7 +57,8 @@ impl Connection {
         self.peer
     }
 
-    /// Queues `data` as one message to this client (raw clients get the bare bytes).
+    /// Queues `data` as one message to this client (raw clients get the bare bytes), waiting
+    /// while its outbound queue is full.
     ///
     /// # Errors
     /// [`Error::Closed`] once the connection has ended; [`Error::FrameTooLarge`] when the client
@@ -57,7 +70,29 @@ impl Connection {
         self.outbox.send(Frame::Data(data)).await
     }
 
-    /// Why the connection ended, once it has.
+    /// Queues `data` if the outbound queue has room; `Ok(false)` when it is full.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn try_send(&self, data: Bytes) -> Result<bool> {
+        self.outbox.try_send(Frame::Data(data))
+    }
+
+    /// Closes the connection after what is already queued for it, telling a framed client
+    /// `reason` (close code 1000).
+    pub fn close(&self, reason: &str) {
+        self.close_with(CloseInfo::new(Some(CloseCode::NORMAL), reason), false);
+    }
+
+    fn close_with(&self, info: CloseInfo, drop_queued: bool) {
+        self.outbox.state().mark_closed(info);
+        self.control.close.cancel();
+        if drop_queued {
+            self.control.abort.cancel();
+        }
+    }
+
+    /// Why the connection ended, once it has (or is being closed).
     pub fn close_info(&self) -> Option<CloseInfo> {
         self.outbox.state().close_info().cloned()
     }
@@ -73,7 +108,15 @@ pub struct Message {
 }
 
 impl Message {
-    /// Answers this message: as the reply to its request, or as a plain message.
+    /// The frame that answers this message: the reply to its request, or a plain message.
+    fn answer(&self, body: Bytes) -> Frame {
+        match self.request_id {
+            Some(id) => Frame::Reply { id, body },
+            None => Frame::Data(body),
+        }
+    }
+
+    /// Answers this message, waiting while the connection's outbound queue is full.
     ///
     /// # Errors
     /// As [`Connection::send`].
@@ -81,14 +124,15 @@ impl Message {
     /// # Cancel safety
     /// Cancel safe, as [`Connection::send`].
     pub async fn reply(&self, data: Bytes) -> Result<()> {
-        self.conn.outbox.send(answer(self.request_id, data)).await
+        self.conn.outbox.send(self.answer(data)).await
     }
-}
 
-fn answer(request_id: Option<u32>, body: Bytes) -> Frame {
-    match request_id {
-        Some(id) => Frame::Reply { id, body },
-        None => Frame::Data(body),
+    /// Answers this message if the outbound queue has room; `Ok(false)` when it is full.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn try_reply(&self, data: Bytes) -> Result<bool> {
+        self.conn.outbox.try_send(self.answer(data))
     }
 }
 
@@ -115,12 +159,20 @@ struct Hub {
     config: ServerConfig,
     connections: Mutex<HashMap<ConnId, Connection>>,
     next_id: AtomicU64,
+    /// One permit per connection served; see `max_connections`.
+    slots: Arc<Semaphore>,
+    /// Bounds the tasks that tell extra clients the server is full, so a flood of connections
+    /// costs a bounded amount of work; beyond it they are closed without a word.
+    refusals: Arc<Semaphore>,
     /// Graceful stop: no more accepts, connections close with a reason after their queued output.
     stop: CancellationToken,
     /// Hard stop, after the grace period: every task returns at once.
     abort: CancellationToken,
     tasks: TaskTracker,
 }
+
+/// How many "server full" answers may be in progress at once.
+const MAX_REFUSALS: usize = 256;
 
 impl Server {
     /// Binds `addr` and listens; nothing is accepted until [`Server::start`].
@@ -150,6 +202,8 @@ impl Server {
             .map_err(|e| Error::io("cannot read the listening address", e))?;
         let (sender, events) = flume::bounded(config.event_queue);
         let hub = Arc::new(Hub {
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             config,
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -202,6 +256,15 @@ impl Server {
         let mut all: Vec<Connection> = lock(&self.hub.connections).values().cloned().collect();
         all.sort_by_key(Connection::id);
         all
+    }
+
+    /// Queues `data` to every live connection but those in `exclude`, following the
+    /// `slow_reader` policy for a client whose queue is full. Returns how many it reached.
+    ///
+    /// # Cancel safety
+    /// Cancel safe; the connections reached before cancellation got the message.
+    pub async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {
+        self.hub.broadcast(data, exclude).await
     }
 
     /// Begins a graceful shutdown: stop accepting, and close every connection with a reason after
@@ -272,8 +335,27 @@ async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: flu
                         log::debug!("cannot set TCP_NODELAY for {peer}: {e}");
                     }
                 }
-                let task = serve_connection(Arc::clone(&hub), stream, peer, events.clone());
-                hub.tasks.spawn(task);
+                // NOTE: the slot is taken after accept, never before: over the limit the
+                // client is told so at once instead of waiting unanswered in the backlog.
+                match Arc::clone(&hub.slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        let task = handler::serve(Arc::clone(&hub), stream, peer, events.clone());
+                        hub.tasks.spawn(async move {
+                            task.await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => match Arc::clone(&hub.refusals).try_acquire_owned() {
+                        Ok(permit) => {
+                            let task = handler::refuse_full(Arc::clone(&hub), stream, peer);
+                            hub.tasks.spawn(async move {
+                                task.await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => log::debug!("server full; closed {peer} without a word"),
+                    },
+                }
             }
             Err(e) if is_connection_error(&e) => {
                 log::debug!("a connection failed while being accepted: {e}");
@@ -312,234 +394,40 @@ impl Hub {
             _ = events.send_async(event) => {}
         }
     }
-}
 
-async fn serve_connection(
-    hub: Arc<Hub>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    events: flume::Sender<Event>,
-) {
-    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-    let (queue, queued) = flume::bounded(hub.config.outbound_queue);
-    // Raw clients have no frame limit; a framed client's comes with its hello.
-    let state = ConnState::new(u32::MAX);
-    let conn = Connection {
-        id,
-        peer,
-        outbox: Outbox::new(queue, state),
-    };
-    lock(&hub.connections).insert(id, conn.clone());
-    log::debug!("connection {id} from {peer}");
-    hub.emit(&events, Event::Connected(conn.clone())).await;
-
-    let reason = run_connection(&hub, stream, &conn, queued, &events).await;
-
-    conn.outbox.state().mark_closed(reason.clone());
-    lock(&hub.connections).remove(&id);
-    log::debug!("connection {id} from {peer} ended: {reason}");
-    hub.emit(&events, Event::Disconnected { conn, reason })
-        .await;
-}
-
-/// Serves one connection to its end, and says why it ended.
-async fn run_connection(
-    hub: &Hub,
-    mut stream: TcpStream,
-    conn: &Connection,
-    queued: flume::Receiver<Frame>,
-    events: &flume::Sender<Event>,
-) -> CloseInfo {
-    let mut buffered = BytesMut::with_capacity(8 * 1024);
-    let raw = loop {
-        match frame::sniff(&buffered) {
-            Sniff::Raw => break true,
-            Sniff::Framed => break false,
-            Sniff::NeedMore => {}
-        }
-        let read = tokio::select! {
-            () = hub.stop.cancelled() => return shutting_down(),
-            read = stream.read_buf(&mut buffered) => read,
-        };
-        match read {
-            Ok(0) if buffered.is_empty() => {
-                return CloseInfo::new(None, "the client closed the connection without sending");
-            }
-            // A few bytes that happen to start like the magic, then the end: raw after all.
-            Ok(0) => break true,
-            Ok(_) => {}
-            Err(e) => return io_close_info(&e),
-        }
-    };
-
-    if !raw {
-        let hello_bytes: [u8; HELLO_LEN] = buffered.split_to(HELLO_LEN)[..]
-            .try_into()
-            .expect("sniff saw a whole hello");
-        if let Err(reason) = answer_hello(hub, &mut stream, conn, &hello_bytes).await {
-            return reason;
-        }
-    }
-
-    let (reader, writer) = stream.into_split();
-    let (finish, finished) = oneshot::channel();
-    let writer = tokio::spawn(write_loop(writer, queued, finished, raw, hub.abort.clone()));
-    let mut inbound = Inbound::new(reader, raw, hub.config.max_frame, buffered);
-
-    let (reason, last_frame) = loop {
-        let next = tokio::select! {
-            biased;
-            () = hub.abort.cancelled() => break (shutting_down(), None),
-            () = hub.stop.cancelled() => {
-                let reason = shutting_down();
-                break (reason, Some(Frame::close(CloseCode::GOING_AWAY, "server shutting down")));
-            }
-            next = inbound.next() => next,
-        };
-        match next {
-            None => break (CloseInfo::new(None, "closed by the client"), None),
-            Some(Ok(frame)) => {
-                if let Some(ended) = handle_frame(hub, conn, frame, events).await {
-                    break (ended, None);
-                }
-            }
-            Some(Err(FrameError::Io(e))) => break (io_close_info(&e), None),
-            Some(Err(e @ FrameError::Truncated(_))) => {
-                break (CloseInfo::new(None, format!("the client left: {e}")), None)
-            }
-            Some(Err(e)) => {
-                let code = e.close_code();
-                let reason = e.to_string();
-                log::info!("connection {} from {}: {reason}", conn.id, conn.peer);
-                break (
-                    CloseInfo::new(Some(code), reason.clone()),
-                    Some(Frame::close(code, &reason)),
-                );
-            }
-        }
-    };
-    // Tell the writer to finish after what is queued (the framed close frame goes last).
-    let _ = finish.send(last_frame.filter(|_| !raw));
-    match writer.await {
-        Ok(Err(e)) => log::debug!("connection {}: write failed: {e}", conn.id),
-        Err(e) => log::error!("connection {}: writer task failed: {e}", conn.id),
-        Ok(Ok(())) => {}
-    }
-    reason
-}
-
-async fn answer_hello(
-    hub: &Hub,
-    stream: &mut TcpStream,
-    conn: &Connection,
-    hello_bytes: &[u8; HELLO_LEN],
-) -> Result<(), CloseInfo> {
-    let offered = match Hello::decode(hello_bytes) {
-        Ok(offered) => offered,
-        Err(e) => {
-            // The magic matched, so this is a (broken) socketcomm peer: say why in a close frame.
-            let mut out = BytesMut::new();
-            let refusal = Hello::answer(
-                &Hello {
-                    min_version: 0,
-                    max_version: 0,
-                    max_frame: hub.config.max_frame,
+    async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {
+        let targets: Vec<Connection> = lock(&self.connections)
+            .values()
+            .filter(|conn| !exclude.contains(&conn.id))
+            .cloned()
+            .collect();
+        let mut reached = 0;
+        for conn in targets {
+            let sent = match self.config.slow_reader {
+                SlowReader::Wait => conn.send(data.clone()).await.is_ok(),
+                SlowReader::Disconnect => match conn.try_send(data.clone()) {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        log::info!(
+                            "connection {} from {}: outbound queue full during a broadcast; \
+                             disconnecting it",
+                            conn.id,
+                            conn.peer
+                        );
+                        conn.close_with(
+                            CloseInfo::new(
+                                Some(CloseCode::SLOW_READER),
+                                "too slow: the client did not read fast enough to keep up",
+                            ),
+                            true,
+                        );
+                        false
+                    }
+                    Err(_) => false,
                 },
-                hub.config.max_frame,
-            );
-            out.extend_from_slice(&refusal.encode());
-            frame::encode_frame(
-                &Frame::close(CloseCode::PROTOCOL_ERROR, &e.to_string()),
-                &mut out,
-            );
-            let _ = stream.write_all(&out).await;
-            return Err(CloseInfo::new(
-                Some(CloseCode::PROTOCOL_ERROR),
-                e.to_string(),
-            ));
-        }
-    };
-    let answer = Hello::answer(&offered, hub.config.max_frame);
-    let mut out = BytesMut::from(&answer.encode()[..]);
-    let refused = answer.agreed_version().is_none();
-    if refused {
-        let reason = format!(
-            "the client speaks protocol versions {}..={}, this server speaks {}",
-            offered.min_version,
-            offered.max_version,
-            frame::PROTOCOL_VERSION
-        );
-        frame::encode_frame(
-            &Frame::close(CloseCode::UNSUPPORTED_VERSION, &reason),
-            &mut out,
-        );
-        let _ = stream.write_all(&out).await;
-        return Err(CloseInfo::new(Some(CloseCode::UNSUPPORTED_VERSION), reason));
-    }
-    conn.outbox.state().set_peer_max_frame(offered.max_frame);
-    stream.write_all(&out).await.map_err(|e| io_close_info(&e))
-}
-
-/// Handles one frame from the client; returns why the connection ends, if it does.
-async fn handle_frame(
-    hub: &Hub,
-    conn: &Connection,
-    frame: Frame,
-    events: &flume::Sender<Event>,
-) -> Option<CloseInfo> {
-    let (request_id, data) = match frame {
-        Frame::Data(data) => (None, data),
-        Frame::Request { id, body } => (Some(id), body),
-        Frame::Ping(token) => {
-            send_or_log(conn, Frame::Pong(token)).await;
-            return None;
-        }
-        Frame::Close { code, reason } => {
-            let reason = if reason.is_empty() {
-                "closed by the client".to_owned()
-            } else {
-                format!("closed by the client: {reason}")
             };
-            return Some(CloseInfo::new(Some(code), reason));
+            reached += usize::from(sent);
         }
-        Frame::Pong(_) | Frame::Reply { .. } => {
-            log::debug!(
-                "connection {}: ignored a frame the server did not ask for",
-                conn.id
-            );
-            return None;
-        }
-    };
-    match hub.config.mode {
-        Mode::Events => {
-            let message = Message {
-                conn: conn.clone(),
-                data,
-                request_id,
-            };
-            hub.emit(events, Event::Message(message)).await;
-        }
-        Mode::Echo => send_or_log(conn, answer(request_id, data)).await,
-        Mode::Ack => send_or_log(conn, answer(request_id, hub.config.ack_reply.clone())).await,
+        reached
     }
-    None
-}
-
-async fn send_or_log(conn: &Connection, frame: Frame) {
-    if let Err(e) = conn.outbox.send(frame).await {
-        log::debug!("connection {}: cannot answer: {e}", conn.id);
-    }
-}
-
-fn shutting_down() -> CloseInfo {
-    CloseInfo::new(Some(CloseCode::GOING_AWAY), "server shutting down")
-}
-
-fn io_close_info(e: &io::Error) -> CloseInfo {
-    let reason = match e.kind() {
-        io::ErrorKind::ConnectionReset => "the client reset the connection".to_owned(),
-        io::ErrorKind::BrokenPipe => "the client went away while we were writing".to_owned(),
-        _ => format!("connection failed: {e}"),
-    };
-    CloseInfo::new(None, reason)
 }

@@ -1,0 +1,83 @@
+//! Rust log records to Python's `logging`, without Python on the I/O threads.
+//!
+//! pyo3-log maps records onto `logging` loggers, but calling it where the record is made would
+//! run Python (and take the GIL, and `logging`'s locks) on a tokio worker. A thread that was
+//! interrupted by a signal while holding `logging`'s lock then stalls the network loop for good
+//! (seen here: a Ctrl-C during `log.info` left the lock taken and `close()` waiting for a worker
+//! stuck in pyo3-log). So records are queued here, and one forwarding thread hands them to
+//! pyo3-log, taking the GIL once per batch. A full queue drops records rather than wait.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use pyo3::prelude::*;
+
+/// Records waiting for the forwarding thread; beyond this they are dropped.
+const QUEUE: usize = 4096;
+
+/// Records forwarded per GIL acquisition.
+const BATCH: usize = 256;
+
+struct QueuedRecord {
+    level: Level,
+    target: String,
+    message: String,
+}
+
+struct ToForwarder {
+    queue: SyncSender<QueuedRecord>,
+}
+
+impl Log for ToForwarder {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let _ = self.queue.try_send(QueuedRecord {
+                level: record.level(),
+                target: record.target().to_owned(),
+                message: record.args().to_string(),
+            });
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the forwarding logger, unless a Rust logger is installed already (an embedding
+/// application's, say).
+pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
+    // Levels are not cached: the Python loggers decide on each record, so configuring `logging`
+    // at any time just works. Records are per connection, never per message.
+    let python = pyo3_log::Logger::new(py, pyo3_log::Caching::Loggers)?.set_prefix("socketcomm");
+    let (queue, queued) = sync_channel(QUEUE);
+    if log::set_boxed_logger(Box::new(ToForwarder { queue })).is_err() {
+        return Ok(());
+    }
+    log::set_max_level(LevelFilter::Debug);
+    std::thread::Builder::new()
+        .name("socketcomm-log".into())
+        .spawn(move || forward(&queued, &python))
+        .map(drop)
+        .map_err(|e| {
+            pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start the log thread: {e}"))
+        })
+}
+
+fn forward(queued: &Receiver<QueuedRecord>, python: &pyo3_log::Logger) {
+    while let Ok(first) = queued.recv() {
+        Python::attach(|_py| {
+            for record in std::iter::once(first).chain(queued.try_iter().take(BATCH - 1)) {
+                python.log(
+                    &Record::builder()
+                        .level(record.level)
+                        .target(&record.target)
+                        .args(format_args!("{}", record.message))
+                        .build(),
+                );
+            }
+        });
+    }
+}
