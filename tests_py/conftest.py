@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 import socketcomm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,15 +85,22 @@ def run(args: list[str], *, timeout: float = 30, **env: str) -> subprocess.Compl
 class Background:
     """A long-running process (a server) whose output is read as it comes."""
 
-    def __init__(self, args: list[str], **env: str) -> None:
+    def __init__(self, args: list[str], *, stdin: bool = False, **env: str) -> None:
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
             env=script_env(**env),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def send_line(self, line: str) -> None:
+        """Writes one line to the process's standard input."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
 
     def wait_for_line(self, stream: str, pattern: str, timeout: float = 20) -> re.Match[str]:
         """Reads `stream` ("stdout" or "stderr") until a line matches `pattern`."""

@@ -9,7 +9,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 import socketcomm
+
 from conftest import ReplyingServer
 
 

@@ -11,7 +11,9 @@ import sys
 import time
 
 import pytest
+
 import socketcomm
+
 from conftest import ORIGINALS, Background, ServerProcess, run
 
 ACK = "Your message has been received, Thank you!"
@@ -212,3 +214,36 @@ def test_console_script_and_python_m_run_client_and_server() -> None:
     finally:
         code, _, _ = server.stop()
     assert code == 0
+
+
+def test_a_chat_room_relays_between_interactive_clients() -> None:
+    server = ServerProcess("--mode", "broadcast")
+    clients = []
+    try:
+        for _ in range(3):
+            chat = Background(
+                [sys.executable, "client.py", "-i", "--port", str(server.port)], stdin=True
+            )
+            clients.append(chat)
+            chat.wait_for_line("stderr", "type messages")
+        alice, bob, carol = clients
+
+        alice.send_line("hello from alice")
+        bob.wait_for_line("stdout", "^hello from alice$")
+        carol.wait_for_line("stdout", "^hello from alice$")
+        carol.send_line("/quit")
+        assert carol.process.wait(timeout=10) == 0
+        bob.send_line("bob here")
+        alice.wait_for_line("stdout", "^bob here$")
+        # The server stops: the clients still in the room are told, and exit cleanly.
+        server.process.send_signal(signal.SIGINT)
+        for chat in (alice, bob):
+            chat.wait_for_line("stderr", "closed the connection")
+            assert chat.process.wait(timeout=10) == 0
+        _, out, _ = server.stop()
+        assert out.count("connected to") == 3
+        assert out.count("ended!") == 3
+    finally:
+        for chat in clients:
+            chat.stop()
+        server.stop()

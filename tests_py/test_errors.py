@@ -9,7 +9,9 @@ import threading
 import time
 
 import pytest
+
 import socketcomm
+
 from conftest import ReplyingServer
 
 MAGIC = b"\x89SCM"

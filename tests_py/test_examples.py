@@ -6,6 +6,7 @@ import sys
 import threading
 
 import socketcomm
+
 from conftest import ROOT, run
 
 

@@ -157,9 +157,11 @@ class Server:
     backlog. ``idle_timeout`` (seconds) closes a connection that sent nothing for that long
     (code 1006). ``event_queue`` and ``outbound_queue`` bound the events waiting for Python and
     the messages waiting to be written to one client: when either is full the connection waits
-    (backpressure, never unbounded memory). A broadcast that finds a client's queue full either
-    disconnects that client (``slow_reader="disconnect"``, code 1007, the default: one slow
-    reader never holds up the others) or waits for it (``slow_reader="wait"``).
+    (backpressure, never unbounded memory). A broadcast that finds a client's queue full waits
+    for room; with ``slow_reader="disconnect"`` (the default) it waits at most one second, then
+    drops that client and what is queued for it (its ``Disconnected`` event has code 1007), so
+    one stalled reader never holds up the others for long; ``slow_reader="wait"`` waits for it
+    however long it takes.
     ``backlog`` is the listen backlog, ``nodelay`` sets TCP_NODELAY.
 
     Raises ``OSError`` (e.g. ``errno.EADDRINUSE``) when the address cannot be bound and

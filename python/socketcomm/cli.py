@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from socketcomm import Event
 from socketcomm._socketcomm import (
     ACK_REPLY,
     DEFAULT_HOST,
@@ -108,6 +111,7 @@ SERVER_MODES = {
     "reply": "print each message and answer it with --reply (the original's behaviour)",
     "echo": "send every message back, natively in Rust (prints connects only)",
     "ack": "answer every message with --reply, natively in Rust (prints connects only)",
+    "broadcast": "relay every message to every other client, natively: a chat room",
 }
 
 
@@ -134,6 +138,20 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="largest frame accepted from a client (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="clients served at once; one more is told the server is full (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection that sends nothing for this long (default: never)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing per client")
     _add_logging_options(parser)
     parser.set_defaults(run=run_server)
@@ -159,6 +177,8 @@ def run_server(args: argparse.Namespace) -> int:
         mode=args.mode if native else "events",
         reply=args.reply,
         max_frame=args.max_frame,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -167,23 +187,30 @@ def run_server(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     try:
         for event in server:
-            if args.quiet:
-                if isinstance(event, Message) and not native:
-                    event.reply(args.reply)
-                continue
-            if isinstance(event, Connected):
-                print(f"connected to {event.peer}", flush=True)
-            elif isinstance(event, Message):
-                print(f"message from client is {_printable(event.data)}", flush=True)
-                _answer(event, args.reply)
-            elif isinstance(event, Disconnected):
-                print(f"Communication with {event.peer} ended!", flush=True)
-                log.info("connection %d ended: %s", event.conn_id, event.reason)
+            _handle_event(event, args)
     except KeyboardInterrupt:
         print("stopping: closing connections", file=sys.stderr)
     finally:
         server.close()
+    # The connections closed by the shutdown are reported too.
+    for event in server:
+        _handle_event(event, args)
     return 0
+
+
+def _handle_event(event: Event, args: argparse.Namespace) -> None:
+    """Prints one event as the original server did, and answers messages in reply mode."""
+    if isinstance(event, Message):
+        if not args.quiet:
+            print(f"message from client is {_printable(event.data)}", flush=True)
+        _answer(event, args.reply)
+    elif args.quiet:
+        return
+    elif isinstance(event, Connected):
+        print(f"connected to {event.peer}", flush=True)
+    elif isinstance(event, Disconnected):
+        print(f"Communication with {event.peer} ended!", flush=True)
+        log.info("connection %d ended: %s", event.conn_id, event.reason)
 
 
 def _answer(message: Message, reply: str) -> None:
@@ -197,8 +224,12 @@ def _answer(message: Message, reply: str) -> None:
 CLIENT_DESCRIPTION = """\
 Connect, send one message, print the answer and exit, as the original client.py did.
 
+With -i (interactive), send each line typed instead and print messages as they arrive, until
+/quit, the end of input (Ctrl-D) or Ctrl-C: a chat client for `server.py --mode broadcast`.
 Against a plain TCP server (such as the original server.py) add --raw.
 """
+
+QUIT = "/quit"
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +244,12 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--raw",
         action="store_true",
         help="plain TCP with no framing, for servers that are not socketcomm servers",
+    )
+    parser.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help=f"send each line typed, print what arrives, until {QUIT}",
     )
     parser.add_argument(
         "--timeout",
@@ -231,6 +268,8 @@ def run_client(args: argparse.Namespace) -> int:
         with Client(
             args.host, port, timeout=args.timeout, connect_timeout=args.timeout, raw=args.raw
         ) as client:
+            if args.interactive:
+                return _chat(client)
             if args.raw:
                 client.send(args.message)
                 answer = client.recv()
@@ -241,6 +280,49 @@ def run_client(args: argparse.Namespace) -> int:
         return 1
     print(answer.decode("utf-8", errors="replace"))
     return 0
+
+
+_CLOSED = object()
+
+
+def _chat(client: Client) -> int:
+    """Sends each line of standard input and prints each message as it arrives."""
+    host, port = client.address
+    print(f"connected to {host}:{port}; type messages, {QUIT} to leave", file=sys.stderr)
+    sys.stderr.flush()
+    # Both stdin and the connection block, so each has a thread that feeds one queue, and the
+    # main thread (the one Ctrl-C reaches) waits on that queue alone.
+    inbox: queue.Queue[object] = queue.Queue()
+    leaving = threading.Event()
+
+    def read_lines() -> None:
+        for line in sys.stdin:
+            inbox.put(line.rstrip("\n"))
+        inbox.put(None)
+
+    def print_messages() -> None:
+        try:
+            for message in client:
+                print(message.decode("utf-8", errors="replace"), flush=True)
+            if not leaving.is_set():
+                print("the server closed the connection", file=sys.stderr, flush=True)
+        except SocketCommError as e:
+            if not leaving.is_set():
+                print(f"connection lost: {e}", file=sys.stderr, flush=True)
+        inbox.put(_CLOSED)
+
+    threading.Thread(target=read_lines, daemon=True).start()
+    threading.Thread(target=print_messages, daemon=True).start()
+    while True:
+        item = inbox.get()
+        if item is _CLOSED:
+            return 0
+        if item is None or item == QUIT:
+            leaving.set()
+            return 0
+        assert isinstance(item, str)
+        if item:
+            client.send(item)
 
 
 def _run(args: argparse.Namespace) -> int:

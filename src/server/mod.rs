@@ -171,6 +171,10 @@ struct Hub {
     tasks: TaskTracker,
 }
 
+/// How long a broadcast waits for room in a full outbound queue before it disconnects that
+/// client under [`SlowReader::Disconnect`].
+pub const SLOW_READER_GRACE: Duration = Duration::from_secs(1);
+
 /// How many "server full" answers may be in progress at once.
 const MAX_REFUSALS: usize = 256;
 
@@ -408,20 +412,29 @@ impl Hub {
                 SlowReader::Disconnect => match conn.try_send(data.clone()) {
                     Ok(true) => true,
                     Ok(false) => {
-                        log::info!(
-                            "connection {} from {}: outbound queue full during a broadcast; \
-                             disconnecting it",
-                            conn.id,
-                            conn.peer
-                        );
-                        conn.close_with(
-                            CloseInfo::new(
-                                Some(CloseCode::SLOW_READER),
-                                "too slow: the client did not read fast enough to keep up",
-                            ),
-                            true,
-                        );
-                        false
+                        // A full queue may be a burst; a slow reader is one whose queue stays
+                        // full for the whole grace period.
+                        match tokio::time::timeout(SLOW_READER_GRACE, conn.send(data.clone())).await
+                        {
+                            Ok(sent) => sent.is_ok(),
+                            Err(_) => {
+                                log::info!(
+                                    "connection {} from {}: outbound queue full for {:?} \
+                                     during a broadcast; disconnecting it",
+                                    conn.id,
+                                    conn.peer,
+                                    SLOW_READER_GRACE
+                                );
+                                conn.close_with(
+                                    CloseInfo::new(
+                                        Some(CloseCode::SLOW_READER),
+                                        "too slow: the client did not read fast enough to keep up",
+                                    ),
+                                    true,
+                                );
+                                false
+                            }
+                        }
                     }
                     Err(_) => false,
                 },
