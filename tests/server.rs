@@ -301,3 +301,109 @@ async fn a_reset_while_replying_does_not_disturb_the_server() {
     assert!(matches!(next_event(&server).await, Event::Connected(_)));
     assert!(matches!(next_event(&server).await, Event::Message(_)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_clients_times_500_messages_keep_order_and_content() {
+    let server = server(Mode::Echo);
+    let mut clients = Vec::new();
+    for c in 0..200u32 {
+        let port = server.local_addr().port();
+        clients.push(tokio::spawn(async move {
+            let client = _socketcomm::Client::connect("127.0.0.1", port, Default::default())
+                .await
+                .unwrap();
+            for i in 0..500u32 {
+                let body = format!("{c}/{i}/{}", c.wrapping_mul(31).wrapping_add(i));
+                client.send(Bytes::from(body)).await.unwrap();
+            }
+            for i in 0..500u32 {
+                let expected = format!("{c}/{i}/{}", c.wrapping_mul(31).wrapping_add(i));
+                assert_eq!(client.recv().await.unwrap(), Bytes::from(expected));
+            }
+        }));
+    }
+    for client in clients {
+        tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .expect("in time")
+            .expect("no client failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broadcast_mode_relays_to_everyone_else() {
+    let server = server(Mode::Broadcast);
+    let a = client(&server).await;
+    let b = client(&server).await;
+    let c = client(&server).await;
+    while server.connections().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.send(Bytes::from_static(b"from a")).await.unwrap();
+    assert_eq!(&b.recv().await.unwrap()[..], b"from a");
+    assert_eq!(&c.recv().await.unwrap()[..], b"from a");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), a.recv())
+            .await
+            .is_err(),
+        "the sender does not hear itself"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_max_connections_a_framed_client_is_told_the_server_is_full() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        max_connections: 1,
+        ..ServerConfig::default()
+    });
+    let first = client(&server).await;
+    let port = server.local_addr().port();
+    let Err(error) = _socketcomm::Client::connect("127.0.0.1", port, Default::default()).await
+    else {
+        panic!("the second client must be refused")
+    };
+    let Error::Closed(info) = &error else {
+        panic!("expected Closed, got {error}")
+    };
+    assert_eq!(info.code, Some(CloseCode::SERVER_FULL));
+    assert!(info.reason.contains("at most 1 connections"), "{info}");
+    assert_eq!(
+        &first.request(Bytes::from_static(b"ok")).await.unwrap()[..],
+        b"ok"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_client_is_closed_with_the_idle_code() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    });
+    let client = client(&server).await;
+    let Err(Error::Closed(info)) = client.recv().await else {
+        panic!("the idle connection must be closed")
+    };
+    assert_eq!(info.code, Some(CloseCode::IDLE_TIMEOUT));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_application_can_close_one_connection_with_a_reason() {
+    let server = server(Mode::Events);
+    let client = client(&server).await;
+    let Event::Connected(conn) = next_event(&server).await else {
+        panic!("expected Connected")
+    };
+    conn.send(Bytes::from_static(b"last words")).await.unwrap();
+    conn.close("maintenance");
+    assert_eq!(&client.recv().await.unwrap()[..], b"last words");
+    let Err(Error::Closed(info)) = client.recv().await else {
+        panic!("the connection must end")
+    };
+    assert!(info.reason.contains("maintenance"), "{info}");
+    let Event::Disconnected { reason, .. } = next_event(&server).await else {
+        panic!("expected Disconnected")
+    };
+    assert_eq!(reason.reason, "maintenance");
+}

@@ -52,3 +52,39 @@ def test_the_stdlib_client_against_a_native_echo_server() -> None:
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello World\n"
+
+
+def run_example(name: str) -> str:
+    result = run([sys.executable, str(ROOT / "examples" / name)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_native_modes_example() -> None:
+    assert run_example("native_modes.py").splitlines() == [
+        "echo: hello",
+        "ack: received",
+        "broadcast: hi bob",
+    ]
+
+
+def test_handlers_example_keeps_serving_after_a_failing_handler() -> None:
+    result = run([sys.executable, str(ROOT / "examples" / "handlers.py")])
+    assert result.returncode == 0, result.stderr
+    assert "HELLO\nSTILL SERVING\n" in result.stdout
+    assert "on_message handler raised; the server keeps serving" in result.stderr
+    assert "ValueError: this handler does not like 'fail'" in result.stderr
+
+
+def test_pull_loop_example() -> None:
+    out = run_example("pull_loop.py")
+    for n in range(3):
+        assert f"client got: answer to question {n}" in out
+    assert "disconnected: closed by the client" in out
+
+
+def test_chat_room_example() -> None:
+    assert run_example("chat_room.py").splitlines() == [
+        "bo hears 'ann: hello, room'",
+        "cy hears 'ann: hello, room'",
+    ]
