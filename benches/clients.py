@@ -1,0 +1,130 @@
+"""Client-side rows of the benchmark, each run as `python benches/clients.py KIND PORT` against
+the minimal tokio peer (so the server is never the limit); prints one JSON object.
+
+  request-socketcomm   Client.request round trips, 100-byte payload
+  request-stdlib       the same framing by hand on a blocking stdlib socket
+  send-socketcomm      Client.send in a loop, 100-byte payload (the peer discards)
+  send-stdlib          struct.pack + sendall in a loop
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import time
+
+HELLO = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 16 << 20)
+PAYLOAD = b"x" * 100
+ROUND_TRIPS = 20_000
+SENDS = 300_000
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return bytes(data)
+
+
+def stdlib_connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(HELLO)
+    recv_exactly(sock, 12)
+    return sock
+
+
+def latencies(one_round_trip: object, count: int) -> dict[str, float]:
+    assert callable(one_round_trip)
+    for _ in range(1000):  # warm up
+        one_round_trip()
+    samples = []
+    started = time.perf_counter()
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        one_round_trip()
+        samples.append(time.perf_counter_ns() - t0)
+    elapsed = time.perf_counter() - started
+    samples.sort()
+    return {
+        "messages": count,
+        "msgs_per_s": count / elapsed,
+        "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
+    }
+
+
+def request_socketcomm(port: int) -> dict[str, float]:
+    import socketcomm
+
+    with socketcomm.Client("127.0.0.1", port, timeout=10) as client:
+        return latencies(lambda: client.request(PAYLOAD), ROUND_TRIPS)
+
+
+def request_stdlib(port: int) -> dict[str, float]:
+    sock = stdlib_connect(port)
+    request_id = 0
+
+    def round_trip() -> bytes:
+        nonlocal request_id
+        request_id += 1
+        sock.sendall(struct.pack(">IBI", 5 + len(PAYLOAD), 2, request_id) + PAYLOAD)
+        length = struct.unpack(">I", recv_exactly(sock, 4))[0]
+        reply = recv_exactly(sock, length)
+        assert reply[0] == 3 and int.from_bytes(reply[1:5], "big") == request_id
+        return reply[5:]
+
+    with sock:
+        return latencies(round_trip, ROUND_TRIPS)
+
+
+def send_rate(send_all: object) -> dict[str, float]:
+    assert callable(send_all)
+    started = time.perf_counter()
+    send_all()
+    elapsed = time.perf_counter() - started
+    return {"messages": SENDS, "msgs_per_s": SENDS / elapsed}
+
+
+def send_socketcomm(port: int) -> dict[str, float]:
+    import socketcomm
+
+    client = socketcomm.Client("127.0.0.1", port, timeout=10)
+
+    def send_all() -> None:
+        for _ in range(SENDS):
+            client.send(PAYLOAD)
+        client.close()  # flushes: the time includes every byte written
+
+    return send_rate(send_all)
+
+
+def send_stdlib(port: int) -> dict[str, float]:
+    sock = stdlib_connect(port)
+    header = struct.pack(">IB", 1 + len(PAYLOAD), 1)
+
+    def send_all() -> None:
+        for _ in range(SENDS):
+            sock.sendall(header + PAYLOAD)
+        sock.close()
+
+    return send_rate(send_all)
+
+
+KINDS = {
+    "request-socketcomm": request_socketcomm,
+    "request-stdlib": request_stdlib,
+    "send-socketcomm": send_socketcomm,
+    "send-stdlib": send_stdlib,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in KINDS:
+        print(__doc__)
+        raise SystemExit(2)
+    print(json.dumps(KINDS[sys.argv[1]](int(sys.argv[2]))))

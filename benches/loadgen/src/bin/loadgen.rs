@@ -1,0 +1,185 @@
+//! The load generator: `--conns` connections, each keeping `--depth` messages of `--size` bytes
+//! in flight against an echo server (framed DATA frames, or raw bytes), for `--duration`
+//! seconds after `--warmup`. Prints one JSON object: messages/s, MB/s, latency percentiles, and
+//! the CPU time of this process and, with `--server-pid`, of the server over the same window.
+//!
+//! It runs on one thread, so that on a 2-core machine the server keeps the other core; its own
+//! CPU use says when it, not the server, was the limit.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socketcomm_bench::{cpu_time, hello, DATA, MAGIC};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Options {
+    port: u16,
+    conns: usize,
+    size: usize,
+    depth: usize,
+    warmup: Duration,
+    duration: Duration,
+    raw: bool,
+    server_pid: Option<String>,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let number = |name: &str, default: f64| value(name).map_or(default, |v| v.parse().unwrap());
+    Options {
+        port: number("--port", 0.0) as u16,
+        conns: number("--conns", 50.0) as usize,
+        size: number("--size", 1024.0) as usize,
+        depth: number("--depth", 1.0) as usize,
+        warmup: Duration::from_secs_f64(number("--warmup", 1.0)),
+        duration: Duration::from_secs_f64(number("--duration", 5.0)),
+        raw: args.iter().any(|a| a == "--raw"),
+        server_pid: value("--server-pid"),
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    messages: u64,
+    latencies_ns: Vec<u64>,
+}
+
+fn main() {
+    let options = Arc::new(options());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(options));
+}
+
+async fn run(options: Arc<Options>) {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut tasks = Vec::new();
+    for _ in 0..options.conns {
+        let stream = TcpStream::connect(("127.0.0.1", options.port))
+            .await
+            .expect("connect");
+        stream.set_nodelay(true).unwrap();
+        tasks.push(tokio::spawn(drive(
+            stream,
+            Arc::clone(&options),
+            Arc::clone(&measuring),
+            Arc::clone(&tally),
+        )));
+    }
+    tokio::time::sleep(options.warmup).await;
+    let server_pid = options.server_pid.as_deref();
+    let server_before = server_pid.and_then(cpu_time);
+    let own_before = cpu_time("self");
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(options.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let own = cpu_time("self").zip(own_before).map(|(a, b)| (a - b).as_secs_f64());
+    let server = server_pid
+        .and_then(cpu_time)
+        .zip(server_before)
+        .map(|(a, b)| (a - b).as_secs_f64());
+    for task in &tasks {
+        task.abort();
+    }
+    let mut tally = tally.lock().unwrap();
+    tally.latencies_ns.sort_unstable();
+    let percentile = |p: f64| -> f64 {
+        let all = &tally.latencies_ns;
+        if all.is_empty() {
+            return 0.0;
+        }
+        all[((all.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+    };
+    let messages = tally.messages as f64;
+    let json_or_null = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.4}"));
+    println!(
+        "{{\"messages\": {}, \"seconds\": {seconds:.3}, \"msgs_per_s\": {:.1}, \"mb_per_s\": {:.2}, \
+         \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"loadgen_cpu_s\": {}, \"server_cpu_s\": {}}}",
+        tally.messages,
+        messages / seconds,
+        messages * options.size as f64 / seconds / 1e6,
+        percentile(0.50),
+        percentile(0.99),
+        json_or_null(own),
+        json_or_null(server),
+    );
+}
+
+/// Keeps `depth` messages in flight on one connection; echoes come back in order, so the send
+/// times wait in a queue.
+async fn drive(
+    mut stream: TcpStream,
+    options: Arc<Options>,
+    measuring: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let message = if options.raw {
+        vec![b'x'; options.size]
+    } else {
+        let mut frame = Vec::with_capacity(5 + options.size);
+        frame.extend_from_slice(&(1 + options.size as u32).to_be_bytes());
+        frame.push(DATA);
+        frame.resize(5 + options.size, b'x');
+        frame
+    };
+    if !options.raw {
+        stream.write_all(&hello()).await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer[..4], MAGIC, "not a socketcomm server");
+    }
+    let mut sent_at = VecDeque::with_capacity(options.depth);
+    for _ in 0..options.depth {
+        stream.write_all(&message).await.unwrap();
+        sent_at.push_back(Instant::now());
+    }
+    let mut local = Tally::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut buffered = 0usize;
+    loop {
+        let n = match stream.read(&mut buf[buffered..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buffered += n;
+        let whole = buffered / message.len();
+        for _ in 0..whole {
+            let started = sent_at.pop_front().expect("an echo for every message");
+            if measuring.load(Ordering::Relaxed) {
+                local.messages += 1;
+                local.latencies_ns.push(started.elapsed().as_nanos() as u64);
+            }
+        }
+        buf.copy_within(whole * message.len()..buffered, 0);
+        buffered -= whole * message.len();
+        for _ in 0..whole {
+            sent_at.push_back(Instant::now());
+        }
+        let mut out = Vec::with_capacity(whole * message.len());
+        for _ in 0..whole {
+            out.extend_from_slice(&message);
+        }
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        if local.messages > 0 {
+            let mut shared = tally.lock().unwrap();
+            shared.messages += local.messages;
+            shared.latencies_ns.append(&mut local.latencies_ns);
+            local.messages = 0;
+        }
+    }
+}

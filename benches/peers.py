@@ -1,0 +1,196 @@
+"""The servers the benchmark measures, each started as `python benches/peers.py KIND`: it
+prints `READY <port> <pid>` once listening and serves until SIGTERM.
+
+All speak socketcomm's framed protocol (the 12-byte hello, then length-prefixed frames), so one
+load generator drives them all. KIND is one of:
+
+  socketcomm-echo        Server(mode="echo"): native, no Python per message
+  socketcomm-handler     Server(on_message=handler): the dispatcher runs the Python handler
+  socketcomm-pull        for event in server: event.reply(handler(...))
+  protocol-echo          asyncio Protocol echo (add -uvloop for uvloop)
+  protocol-handler       asyncio Protocol running the same Python handler (add -uvloop)
+  streams-echo           asyncio streams echo (add -uvloop)
+  threaded-echo          socketserver.ThreadingTCPServer, one thread per connection
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import socketserver
+import struct
+import sys
+
+HELLO = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 16 << 20)
+DATA, REQUEST, REPLY = 1, 2, 3
+
+
+def handler(conn_id: int, data: bytes) -> bytes:
+    """The application code every handler row runs: an echo."""
+    return data
+
+
+def ready(port: int) -> None:
+    print(f"READY {port} {os.getpid()}", flush=True)
+
+
+def answer_frame(frame: bytes) -> bytes:
+    """The reply to one whole frame, after running the handler on its payload."""
+    kind = frame[4]
+    if kind == REQUEST:
+        body = handler(0, frame[9:])
+        return struct.pack(">IBI", 5 + len(body), REPLY, int.from_bytes(frame[5:9], "big")) + body
+    body = handler(0, frame[5:])
+    return struct.pack(">IB", 1 + len(body), DATA) + body
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Framed echo (or handler) as an asyncio Protocol: parse whole frames from a buffer."""
+
+    run_handler = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = bytearray()
+        self.greeted = False
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.greeted:
+            if len(buffer) < 12:
+                return
+            del buffer[:12]
+            self.transport.write(HELLO)
+            self.greeted = True
+        out = []
+        start = 0
+        while len(buffer) - start >= 4:
+            length = int.from_bytes(buffer[start : start + 4], "big")
+            end = start + 4 + length
+            if len(buffer) < end:
+                break
+            frame = bytes(buffer[start:end])
+            out.append(answer_frame(frame) if self.run_handler else frame)
+            start = end
+        if start:
+            del buffer[:start]
+            self.transport.write(b"".join(out))
+
+
+class HandlerProtocol(FramedProtocol):
+    run_handler = True
+
+
+async def serve_protocol(protocol: type[FramedProtocol]) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=1024)
+    ready(server.sockets[0].getsockname()[1])
+    await serve_until_term(server)
+
+
+async def serve_streams() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await reader.readexactly(12)
+            writer.write(HELLO)
+            while True:
+                header = await reader.readexactly(4)
+                body = await reader.readexactly(int.from_bytes(header, "big"))
+                writer.write(header + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=1024)
+    ready(server.sockets[0].getsockname()[1])
+    await serve_until_term(server)
+
+
+async def serve_until_term(server: asyncio.AbstractServer) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with server:
+        await stop.wait()
+
+
+class ThreadedEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        if len(reader.read(12)) < 12:
+            return
+        sock.sendall(HELLO)
+        while header := reader.read(4):
+            body = reader.read(int.from_bytes(header, "big"))
+            sock.sendall(header + body)
+
+
+def serve_threaded() -> None:
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    socketserver.ThreadingTCPServer.request_queue_size = 1024
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), ThreadedEcho) as server:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        ready(server.server_address[1])
+        server.serve_forever()
+
+
+def serve_socketcomm(kind: str) -> None:
+    import socketcomm
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if kind == "socketcomm-echo":
+        server = socketcomm.Server("127.0.0.1", 0, mode="echo")
+    elif kind == "socketcomm-handler":
+        server = socketcomm.Server("127.0.0.1", 0, on_message=handler)
+    else:
+        server = socketcomm.Server("127.0.0.1", 0)
+    ready(server.address[1])
+    try:
+        if kind == "socketcomm-pull":
+            for event in server:
+                if isinstance(event, socketcomm.Message):
+                    event.reply(handler(event.conn_id, event.data))
+        else:
+            server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close(timeout=1)
+
+
+def main() -> None:
+    kind = sys.argv[1]
+    if kind.startswith("socketcomm-"):
+        serve_socketcomm(kind)
+        return
+    if kind == "threaded-echo":
+        serve_threaded()
+        return
+    base = kind.removesuffix("-uvloop")
+    if kind.endswith("-uvloop"):
+        import uvloop
+
+        uvloop.install()
+    if base == "protocol-echo":
+        asyncio.run(serve_protocol(FramedProtocol))
+    elif base == "protocol-handler":
+        asyncio.run(serve_protocol(HandlerProtocol))
+    elif base == "streams-echo":
+        asyncio.run(serve_streams())
+    else:
+        raise SystemExit(f"unknown peer {kind!r}; see --help")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if len(sys.argv) == 2 else 2)
+    main()

@@ -1,0 +1,335 @@
+"""The socketcomm benchmark: one command that installs what it needs, builds the compiled peers,
+runs every server and client in the same run, and prints the ratios of DESIGN.md section 5.
+
+    python benches/run.py --quick            # about 2 minutes
+    python benches/run.py                    # longer windows, steadier figures
+    python benches/run.py --output report.md # also write the report
+
+Every server row reports throughput and server CPU time per message (utime + stime from
+/proc/PID/stat over the measured window, divided by the messages), which does not depend on how
+much CPU the load generator left over. The load generator's own CPU is reported too; a row whose
+load generator used more than 90% of a core is marked client-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = ROOT / "benches"
+LOADGEN_DIR = BENCHES / "loadgen"
+RELEASE = LOADGEN_DIR / "target" / "release"
+
+ECHO_PEERS = [
+    ("tokio", "minimal tokio framed echo (the limit)"),
+    ("socketcomm-echo", "socketcomm Server(mode='echo')"),
+    ("protocol-echo-uvloop", "asyncio Protocol echo on uvloop"),
+    ("protocol-echo", "asyncio Protocol echo, standard loop"),
+    ("streams-echo-uvloop", "asyncio streams echo on uvloop"),
+    ("streams-echo", "asyncio streams echo, standard loop"),
+    ("threaded-echo", "stdlib ThreadingTCPServer echo"),
+]
+HANDLER_PEERS = [
+    ("socketcomm-handler", "socketcomm on_message handler"),
+    ("socketcomm-pull", "socketcomm pull loop (for event in server)"),
+    ("protocol-handler-uvloop", "asyncio Protocol + same handler on uvloop"),
+    ("protocol-handler", "asyncio Protocol + same handler, standard loop"),
+]
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def ensure_tools() -> None:
+    """Installs what the benchmark needs and is missing; builds the compiled peers."""
+    if importlib.util.find_spec("socketcomm") is None:
+        say("installing socketcomm (pip install .)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(ROOT)], check=True)
+    if importlib.util.find_spec("uvloop") is None:
+        say("installing uvloop from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uvloop"], check=True)
+    if shutil.which("iperf3") is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            say("installing iperf3 from Debian's packages")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "install", "-y", "-qq", "iperf3"], check=False, env=env)
+        else:
+            say("iperf3 is missing (apt-get install iperf3); the file-transfer row needs it")
+    say("building the load generator and the tokio peer (cargo build --release)")
+    subprocess.run(
+        [
+            "cargo",
+            "build",
+            "--release",
+            "--quiet",
+            "--manifest-path",
+            str(LOADGEN_DIR / "Cargo.toml"),
+        ],
+        check=True,
+    )
+
+
+class Peer:
+    """A server process that prints `READY <port> [<pid>]` when listening."""
+
+    def __init__(self, kind: str) -> None:
+        if kind.startswith("tokio"):
+            args = [str(RELEASE / "tokio_echo")] + (["--sink"] if kind == "tokio-sink" else [])
+        else:
+            args = [sys.executable, str(BENCHES / "peers.py"), kind]
+        self.kind = kind
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().split()
+        if not line or line[0] != "READY":
+            self.stop()
+            raise RuntimeError(f"{kind} did not start")
+        self.port = int(line[1])
+        self.pid = int(line[2]) if len(line) > 2 else self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+@dataclass
+class Result:
+    kind: str
+    label: str
+    msgs_per_s: float
+    mb_per_s: float
+    p50_us: float
+    p99_us: float
+    server_cpu_us_per_msg: float
+    loadgen_cpu: float  # fraction of one core
+
+    @property
+    def client_bound(self) -> bool:
+        return self.loadgen_cpu > 0.9
+
+
+def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
+    peer = Peer(kind)
+    try:
+        completed = subprocess.run(
+            [
+                str(RELEASE / "loadgen"),
+                "--port",
+                str(peer.port),
+                "--server-pid",
+                str(peer.pid),
+                "--conns",
+                str(args.conns),
+                "--size",
+                str(args.size),
+                "--warmup",
+                str(args.warmup),
+                "--duration",
+                str(args.duration),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=args.warmup + args.duration + 60,
+        )
+    finally:
+        peer.stop()
+    data = json.loads(completed.stdout)
+    messages = data["messages"]
+    if not messages:
+        raise RuntimeError(f"{label}: no message came back; {completed.stderr}")
+    return Result(
+        kind=kind,
+        label=label,
+        msgs_per_s=data["msgs_per_s"],
+        mb_per_s=data["mb_per_s"],
+        p50_us=data["p50_us"],
+        p99_us=data["p99_us"],
+        server_cpu_us_per_msg=(data["server_cpu_s"] or 0.0) * 1e6 / messages,
+        loadgen_cpu=(data["loadgen_cpu_s"] or 0.0) / data["seconds"],
+    )
+
+
+def run_client(kind: str, port: int) -> dict[str, float]:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHES / "clients.py"), kind, str(port)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result: dict[str, float] = json.loads(completed.stdout)
+    return result
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def table(results: list[Result]) -> list[str]:
+    lines = [
+        "| server | msgs/s | MB/s | p50 µs | p99 µs | server CPU µs/msg | load generator CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        bound = " (client-bound)" if r.client_bound else ""
+        lines.append(
+            f"| {r.label} | {r.msgs_per_s:,.0f} | {r.mb_per_s:.1f} | {r.p50_us:.0f} | "
+            f"{r.p99_us:.0f} | {r.server_cpu_us_per_msg:.2f} | {r.loadgen_cpu:.0%}{bound} |"
+        )
+    return lines
+
+
+def goal(name: str, value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"| {name} | {value:.2f}x | {sign} {target}x | {'met' if met else 'NOT met'} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short windows (about 2 minutes in all)"
+    )
+    parser.add_argument("--conns", type=int, default=50)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--output", type=Path, help="also write the report (markdown) here")
+    args = parser.parse_args()
+    args.warmup, args.duration = (1.0, 3.0) if args.quick else (2.0, 10.0)
+
+    ensure_tools()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    echo, handlers = [], []
+    for kind, label in ECHO_PEERS:
+        say(f"echo: {label}")
+        echo.append(run_load(kind, label, args))
+    for kind, label in HANDLER_PEERS:
+        say(f"handler: {label}")
+        handlers.append(run_load(kind, label, args))
+
+    say("clients: request round trips and send loops")
+    echo_peer = Peer("tokio")
+    sink_peer = Peer("tokio-sink")
+    try:
+        clients = {
+            kind: run_client(kind, (sink_peer if kind.startswith("send") else echo_peer).port)
+            for kind in ("request-socketcomm", "request-stdlib", "send-socketcomm", "send-stdlib")
+        }
+    finally:
+        echo_peer.stop()
+        sink_peer.stop()
+
+    by_kind = {r.kind: r for r in echo + handlers}
+    limit, native = by_kind["tokio"], by_kind["socketcomm-echo"]
+    uv_echo, uv_handler = by_kind["protocol-echo-uvloop"], by_kind["protocol-handler-uvloop"]
+    handler, pull = by_kind["socketcomm-handler"], by_kind["socketcomm-pull"]
+    report = [
+        f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {args.conns} connections x "
+        f"{args.size} B, one message in flight per connection, {args.duration:.0f} s windows "
+        f"after {args.warmup:.0f} s warm-up ({'--quick' if args.quick else 'full'}).",
+        "",
+        "### Goals (DESIGN.md section 5, rows 1 to 6)",
+        "",
+        "| ratio | measured | goal | |",
+        "| --- | ---: | ---: | --- |",
+        goal("native echo throughput / tokio", native.msgs_per_s / limit.msgs_per_s, 0.95, True),
+        goal(
+            "native echo CPU per message / tokio",
+            native.server_cpu_us_per_msg / limit.server_cpu_us_per_msg,
+            1.05,
+            False,
+        ),
+        goal(
+            "native echo CPU per message / uvloop Protocol",
+            native.server_cpu_us_per_msg / uv_echo.server_cpu_us_per_msg,
+            0.7,
+            False,
+        ),
+        goal(
+            "on_message throughput / uvloop Protocol + handler",
+            handler.msgs_per_s / uv_handler.msgs_per_s,
+            1.0,
+            True,
+        ),
+        goal(
+            "on_message CPU per message / uvloop Protocol + handler",
+            handler.server_cpu_us_per_msg / uv_handler.server_cpu_us_per_msg,
+            0.67,
+            False,
+        ),
+        goal(
+            "pull loop throughput / uvloop Protocol + handler",
+            pull.msgs_per_s / uv_handler.msgs_per_s,
+            1.0,
+            True,
+        ),
+        goal(
+            "Client.request p50 / stdlib blocking client",
+            clients["request-socketcomm"]["p50_us"] / clients["request-stdlib"]["p50_us"],
+            1.1,
+            False,
+        ),
+        goal(
+            "Client.send msgs/s / stdlib sendall",
+            clients["send-socketcomm"]["msgs_per_s"] / clients["send-stdlib"]["msgs_per_s"],
+            2.0,
+            True,
+        ),
+        "",
+        "### Echo servers",
+        "",
+        *table(echo),
+        "",
+        "### A Python handler per message",
+        "",
+        *table(handlers),
+        "",
+        "### Clients (100 B payload, against the minimal tokio peer)",
+        "",
+        "| client | msgs/s | p50 µs | p99 µs |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for kind, result in clients.items():
+        p50 = f"{result['p50_us']:.1f}" if "p50_us" in result else "-"
+        p99 = f"{result['p99_us']:.1f}" if "p99_us" in result else "-"
+        report.append(f"| {kind} | {result['msgs_per_s']:,.0f} | {p50} | {p99} |")
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
