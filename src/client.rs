@@ -144,7 +144,7 @@ impl Client {
         buffered: BytesMut,
     ) -> Client {
         let (reader, writer) = stream.into_split();
-        let (queue, queued) = flume::bounded(config.outbound_queue);
+        let (queue, queued) = tokio::sync::mpsc::channel(config.outbound_queue);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
         let (finish, finished) = oneshot::channel();
         let abort = CancellationToken::new();

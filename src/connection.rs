@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{BytesCodec, Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
@@ -62,12 +62,12 @@ impl ConnState {
 /// A cloneable handle that queues frames for one connection's writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    queue: flume::Sender<Frame>,
+    queue: mpsc::Sender<Frame>,
     state: Arc<ConnState>,
 }
 
 impl Outbox {
-    pub(crate) fn new(queue: flume::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
+    pub(crate) fn new(queue: mpsc::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
         Outbox { queue, state }
     }
 
@@ -86,7 +86,7 @@ impl Outbox {
     pub(crate) async fn send(&self, frame: Frame) -> Result<()> {
         self.check_size(&frame)?;
         self.queue
-            .send_async(frame)
+            .send(frame)
             .await
             .map_err(|_| self.state.closed_error())
     }
@@ -99,8 +99,8 @@ impl Outbox {
         self.check_size(&frame)?;
         match self.queue.try_send(frame) {
             Ok(()) => Ok(true),
-            Err(flume::TrySendError::Full(_)) => Ok(false),
-            Err(flume::TrySendError::Disconnected(_)) => Err(self.state.closed_error()),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.state.closed_error()),
         }
     }
 
@@ -193,7 +193,7 @@ pub(crate) type Finish = oneshot::Sender<Option<Frame>>;
 /// The first write error; the connection is unusable after it.
 pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
-    queue: flume::Receiver<Frame>,
+    mut queue: mpsc::Receiver<Frame>,
     mut finish: oneshot::Receiver<Option<Frame>>,
     raw: bool,
     abort: CancellationToken,
@@ -204,24 +204,17 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             () = abort.cancelled() => return Ok(()),
-            frame = queue.recv_async(), if queue_open => match frame {
-                Ok(frame) => {
+            frame = queue.recv(), if queue_open => match frame {
+                Some(frame) => {
                     encode(&frame, raw, &mut buf);
-                    while buf.len() < WRITE_BATCH {
-                        match queue.try_recv() {
-                            Ok(frame) => encode(&frame, raw, &mut buf),
-                            Err(_) => break,
-                        }
-                    }
+                    drain_into(&mut queue, raw, &mut buf, WRITE_BATCH);
                     write_buffer(&mut io, &mut buf, &abort).await?;
                 }
                 // Every sender is gone; only `finish` (or `abort`) can end the loop now.
-                Err(_) => queue_open = false,
+                None => queue_open = false,
             },
             last = &mut finish => {
-                while let Ok(frame) = queue.try_recv() {
-                    encode(&frame, raw, &mut buf);
-                }
+                drain_into(&mut queue, raw, &mut buf, usize::MAX);
                 if let Ok(Some(frame)) = last {
                     encode(&frame, raw, &mut buf);
                 }
@@ -249,9 +242,24 @@ async fn write_buffer<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Encodes queued frames into `buf` until the queue is empty or `buf` holds `limit` bytes.
+pub(crate) fn drain_into(
+    queue: &mut mpsc::Receiver<Frame>,
+    raw: bool,
+    buf: &mut BytesMut,
+    limit: usize,
+) {
+    while buf.len() < limit {
+        match queue.try_recv() {
+            Ok(frame) => encode(&frame, raw, buf),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Appends `frame` as it goes on the wire: framed, or in raw mode the bare payload (control
 /// frames have no raw form and are left out).
-fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
+pub(crate) fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
     if !raw {
         encode_frame(frame, buf);
         return;

@@ -4,22 +4,22 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, Connection, Control, Event, Hub, Message};
+use super::{lock, ConnId, Connection, Control, Event, Hub, Message};
 use crate::config::Mode;
-use crate::connection::{write_loop, ConnState, Inbound, Outbox};
+use crate::connection::{drain_into, encode, ConnState, Outbox};
 use crate::error::{CloseInfo, FrameError};
-use crate::frame::{self, CloseCode, Frame, Hello, Sniff, HELLO_LEN};
+use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
 
 /// How long the writer may take to flush what is queued once the connection is closing, before
 /// the rest is dropped.
@@ -32,12 +32,12 @@ const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 /// Serves one connection to its end.
 pub(super) async fn serve(
     hub: Arc<Hub>,
+    id: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     events: flume::Sender<Event>,
 ) {
-    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-    let (queue, queued) = flume::bounded(hub.config.outbound_queue);
+    let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
     let state = ConnState::new(u32::MAX);
     let conn = Connection {
@@ -53,10 +53,12 @@ pub(super) async fn serve(
     log::debug!("connection {id} from {peer}");
     hub.emit(&events, Event::Connected(conn.clone())).await;
 
-    let reason = run(&hub, stream, &conn, queued, &events).await;
+    let reason = run(&hub, stream, &conn, &mut queued, &events).await;
 
     conn.outbox.state().mark_closed(reason.clone());
     lock(&hub.connections).remove(&id);
+    // Senders that still hold the connection learn at once that it is gone.
+    queued.close();
     log::debug!("connection {id} from {peer} ended: {reason}");
     hub.emit(&events, Event::Disconnected { conn, reason })
         .await;
@@ -69,11 +71,11 @@ async fn run(
     hub: &Hub,
     mut stream: TcpStream,
     conn: &Connection,
-    queued: flume::Receiver<Frame>,
+    queued: &mut mpsc::Receiver<Frame>,
     events: &flume::Sender<Event>,
 ) -> CloseInfo {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
-    let mut buffered = BytesMut::with_capacity(8 * 1024);
+    let mut buffered = BytesMut::with_capacity(READ_CHUNK);
     let raw = loop {
         match frame::sniff(&buffered) {
             Sniff::Raw => break true,
@@ -107,77 +109,229 @@ async fn run(
         }
     }
 
-    let (reader, writer) = stream.into_split();
-    let (finish, finished) = oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(
-        writer,
-        queued,
-        finished,
+    let (mut reader, mut writer) = stream.split();
+    let mut driver = Driver {
+        hub,
+        conn,
+        events,
         raw,
-        conn.control.abort.clone(),
-    ));
-    let mut inbound = Inbound::new(reader, raw, hub.config.max_frame, buffered);
-
-    let (reason, last_frame): Ending = loop {
-        let next = tokio::select! {
-            biased;
-            () = conn.control.abort.cancelled() => {
-                break (conn.close_info().unwrap_or_else(shutting_down), None);
-            }
-            () = hub.stop.cancelled() => {
-                break (shutting_down(), Some(Frame::close(CloseCode::GOING_AWAY, "server shutting down")));
-            }
-            () = conn.control.close.cancelled() => {
-                let info = closed_by_server(conn);
-                let frame = Frame::close(info.code.unwrap_or(CloseCode::NORMAL), &info.reason);
-                break (info, Some(frame));
-            }
-            () = idle.expired() => {
-                let info = idle.reason();
-                let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
-                break (info, Some(frame));
-            }
-            next = inbound.next() => next,
-        };
-        idle.touch();
-        match next {
-            None => break (CloseInfo::new(None, "closed by the client"), None),
-            Some(Ok(frame)) => {
-                if let Some(ended) = handle_frame(hub, conn, frame, events).await {
-                    break (ended, None);
-                }
-            }
-            Some(Err(FrameError::Io(e))) => break (io_close_info(&e), None),
-            Some(Err(e @ FrameError::Truncated(_))) => {
-                break (CloseInfo::new(None, format!("the client left: {e}")), None)
-            }
-            Some(Err(e)) => {
-                let code = e.close_code();
-                let reason = e.to_string();
-                log::info!("connection {} from {}: {reason}", conn.id, conn.peer);
-                break (
-                    CloseInfo::new(Some(code), reason.clone()),
-                    Some(Frame::close(code, &reason)),
-                );
-            }
-        }
+        codec: FrameCodec::new(hub.config.max_frame),
+        read_buf: buffered,
+        write_buf: BytesMut::new(),
+        idle,
     };
-    // The writer finishes after what is queued; a framed client gets the close frame last.
-    let _ = finish.send(last_frame.filter(|_| !raw));
-    let written = tokio::select! {
-        written = &mut writer => written,
-        () = tokio::time::sleep(FLUSH_GRACE) => {
-            log::debug!("connection {}: the client is not reading; dropping its queue", conn.id);
-            conn.control.abort.cancel();
-            writer.await
-        }
-    };
-    match written {
-        Ok(Err(e)) => log::debug!("connection {}: write failed: {e}", conn.id),
-        Err(e) => log::error!("connection {}: writer task failed: {e}", conn.id),
-        Ok(Ok(())) => {}
-    }
+    let (reason, last_frame) = driver.run(&mut reader, &mut writer, queued).await;
+    driver.finish(&mut writer, queued, last_frame).await;
     reason
+}
+
+/// Stop reading (from the socket and from the queue) while this much output waits to be
+/// written: the client that does not read is pushed back on, and memory stays bounded.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// Room kept free in the read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// One connection's loop, in one task: read, decode, answer, write. Native answers are encoded
+/// straight into the write buffer, and the application's messages arrive through the queue, so
+/// an echo costs no hand-off between tasks and a burst of frames costs one write.
+struct Driver<'a> {
+    hub: &'a Hub,
+    conn: &'a Connection,
+    events: &'a flume::Sender<Event>,
+    raw: bool,
+    codec: FrameCodec,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    idle: IdleTimer,
+}
+
+impl Driver<'_> {
+    async fn run<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        queued: &mut mpsc::Receiver<Frame>,
+    ) -> Ending
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // NOTE: the cancellation futures are made once: each poll of a fresh one would take
+        // and release the token's lock.
+        let abort = self.conn.control.abort.cancelled();
+        let stop = self.hub.stop.cancelled();
+        let close = self.conn.control.close.cancelled();
+        tokio::pin!(abort, stop, close);
+        let mut queue_open = true;
+        loop {
+            if let Some(ending) = self.handle_buffered().await {
+                return ending;
+            }
+            let writing = !self.write_buf.is_empty();
+            let reading = self.write_buf.len() < HIGH_WATER;
+            if reading && self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                () = &mut abort => {
+                    return (self.conn.close_info().unwrap_or_else(shutting_down), None);
+                }
+                () = &mut stop => {
+                    let frame = Frame::close(CloseCode::GOING_AWAY, "server shutting down");
+                    return (shutting_down(), Some(frame));
+                }
+                () = &mut close => {
+                    let info = closed_by_server(self.conn);
+                    let frame = Frame::close(info.code.unwrap_or(CloseCode::NORMAL), &info.reason);
+                    return (info, Some(frame));
+                }
+                () = self.idle.expired() => {
+                    let info = self.idle.reason();
+                    let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
+                    return (info, Some(frame));
+                }
+                written = writer.write(&self.write_buf), if writing => match written {
+                    Ok(0) => return (CloseInfo::new(None, "the client stopped taking data"), None),
+                    Ok(n) => self.write_buf.advance(n),
+                    Err(e) => return (io_close_info(&e), None),
+                },
+                frame = queued.recv(), if queue_open && reading => match frame {
+                    Some(frame) => {
+                        encode(&frame, self.raw, &mut self.write_buf);
+                        drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
+                    }
+                    None => queue_open = false,
+                },
+                read = reader.read_buf(&mut self.read_buf), if reading => match read {
+                    Ok(0) if self.read_buf.is_empty() => {
+                        return (CloseInfo::new(None, "closed by the client"), None);
+                    }
+                    Ok(0) => {
+                        let e = FrameError::Truncated(self.read_buf.len());
+                        return (CloseInfo::new(None, format!("the client left: {e}")), None);
+                    }
+                    Ok(_) => self.idle.touch(),
+                    Err(e) => return (io_close_info(&e), None),
+                },
+            }
+        }
+    }
+
+    /// Handles every whole frame in the read buffer (in raw mode, everything buffered).
+    async fn handle_buffered(&mut self) -> Option<Ending> {
+        loop {
+            let frame = if self.raw {
+                if self.read_buf.is_empty() {
+                    return None;
+                }
+                Frame::Data(self.read_buf.split().freeze())
+            } else {
+                match self.codec.decode(&mut self.read_buf) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        let code = e.close_code();
+                        let reason = e.to_string();
+                        log::info!(
+                            "connection {} from {}: {reason}",
+                            self.conn.id,
+                            self.conn.peer
+                        );
+                        let frame = Frame::close(code, &reason);
+                        return Some((CloseInfo::new(Some(code), reason), Some(frame)));
+                    }
+                }
+            };
+            if let Some(ended) = self.handle_frame(frame).await {
+                return Some((ended, None));
+            }
+        }
+    }
+
+    /// Handles one frame from the client; returns why the connection ends, if it does.
+    async fn handle_frame(&mut self, frame: Frame) -> Option<CloseInfo> {
+        let message = match frame {
+            Frame::Data(data) => Message {
+                conn: self.conn.clone(),
+                data,
+                request_id: None,
+            },
+            Frame::Request { id, body } => Message {
+                conn: self.conn.clone(),
+                data: body,
+                request_id: Some(id),
+            },
+            Frame::Ping(token) => {
+                encode(&Frame::Pong(token), self.raw, &mut self.write_buf);
+                return None;
+            }
+            Frame::Close { code, reason } => {
+                let reason = if reason.is_empty() {
+                    "closed by the client".to_owned()
+                } else {
+                    format!("closed by the client: {reason}")
+                };
+                return Some(CloseInfo::new(Some(code), reason));
+            }
+            Frame::Pong(_) | Frame::Reply { .. } => {
+                log::debug!(
+                    "connection {}: ignored a frame the server did not ask for",
+                    self.conn.id
+                );
+                return None;
+            }
+        };
+        match self.hub.config.mode {
+            Mode::Events => self.hub.emit(self.events, Event::Message(message)).await,
+            Mode::Echo => {
+                let answer = message.answer(message.data.clone());
+                encode(&answer, self.raw, &mut self.write_buf);
+            }
+            Mode::Ack => {
+                let answer = message.answer(self.hub.config.ack_reply.clone());
+                encode(&answer, self.raw, &mut self.write_buf);
+            }
+            Mode::Broadcast => {
+                self.hub.broadcast(message.data, &[self.conn.id]).await;
+            }
+        }
+        None
+    }
+
+    /// Writes what is buffered and queued, then `last` (for a framed client), then shuts the
+    /// write side down; gives up after [`FLUSH_GRACE`] or on the hard stop.
+    async fn finish<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        queued: &mut mpsc::Receiver<Frame>,
+        last: Option<Frame>,
+    ) {
+        if self.conn.control.abort.is_cancelled() {
+            return;
+        }
+        drain_into(queued, self.raw, &mut self.write_buf, usize::MAX);
+        if let Some(last) = last.filter(|_| !self.raw) {
+            encode(&last, false, &mut self.write_buf);
+        }
+        let flushed = tokio::select! {
+            () = self.conn.control.abort.cancelled() => return,
+            flushed = tokio::time::timeout(FLUSH_GRACE, async {
+                writer.write_all(&self.write_buf).await?;
+                writer.shutdown().await
+            }) => flushed,
+        };
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::debug!("connection {}: final write failed: {e}", self.conn.id),
+            Err(_) => log::debug!(
+                "connection {}: the client is not reading; dropped its last {} bytes",
+                self.conn.id,
+                self.write_buf.len()
+            ),
+        }
+    }
 }
 
 /// Fires when the client has sent nothing for `idle_timeout`. Arming a timer per frame would
@@ -273,67 +427,6 @@ async fn answer_hello(
     match refusal {
         Some(refusal) => Err(refusal),
         None => written,
-    }
-}
-
-/// Handles one frame from the client; returns why the connection ends, if it does.
-async fn handle_frame(
-    hub: &Hub,
-    conn: &Connection,
-    frame: Frame,
-    events: &flume::Sender<Event>,
-) -> Option<CloseInfo> {
-    let message = match frame {
-        Frame::Data(data) => Message {
-            conn: conn.clone(),
-            data,
-            request_id: None,
-        },
-        Frame::Request { id, body } => Message {
-            conn: conn.clone(),
-            data: body,
-            request_id: Some(id),
-        },
-        Frame::Ping(token) => {
-            send_or_log(conn, Frame::Pong(token)).await;
-            return None;
-        }
-        Frame::Close { code, reason } => {
-            let reason = if reason.is_empty() {
-                "closed by the client".to_owned()
-            } else {
-                format!("closed by the client: {reason}")
-            };
-            return Some(CloseInfo::new(Some(code), reason));
-        }
-        Frame::Pong(_) | Frame::Reply { .. } => {
-            log::debug!(
-                "connection {}: ignored a frame the server did not ask for",
-                conn.id
-            );
-            return None;
-        }
-    };
-    match hub.config.mode {
-        Mode::Events => hub.emit(events, Event::Message(message)).await,
-        Mode::Echo => {
-            let answer = message.answer(message.data.clone());
-            send_or_log(conn, answer).await;
-        }
-        Mode::Ack => {
-            let answer = message.answer(hub.config.ack_reply.clone());
-            send_or_log(conn, answer).await;
-        }
-        Mode::Broadcast => {
-            hub.broadcast(message.data, &[conn.id]).await;
-        }
-    }
-    None
-}
-
-async fn send_or_log(conn: &Connection, frame: Frame) {
-    if let Err(e) = conn.outbox.send(frame).await {
-        log::debug!("connection {}: cannot answer: {e}", conn.id);
     }
 }
 

@@ -10,7 +10,7 @@ mod handler;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -343,7 +343,10 @@ async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: flu
                 // client is told so at once instead of waiting unanswered in the backlog.
                 match Arc::clone(&hub.slots).try_acquire_owned() {
                     Ok(slot) => {
-                        let task = handler::serve(Arc::clone(&hub), stream, peer, events.clone());
+                        // Ids follow the order of accepts.
+                        let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+                        let task =
+                            handler::serve(Arc::clone(&hub), id, stream, peer, events.clone());
                         hub.tasks.spawn(async move {
                             task.await;
                             drop(slot);
