@@ -87,6 +87,11 @@ impl Mode {
         }
     }
 
+    /// Whether each message is answered on its own connection without the application.
+    pub fn answers_in_place(self) -> bool {
+        matches!(self, Mode::Echo | Mode::Ack)
+    }
+
     /// Whether messages are answered without the application.
     pub fn is_native(self) -> bool {
         self != Mode::Events

@@ -174,7 +174,7 @@ impl CloseCode {
 }
 
 /// Frame type bytes. 0x10..=0x1F are reserved for file transfer, 0x40..=0x7F for later versions.
-mod kind {
+pub mod kind {
     pub const DATA: u8 = 0x01;
     pub const REQUEST: u8 = 0x02;
     pub const REPLY: u8 = 0x03;
@@ -260,33 +260,48 @@ impl FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+impl FrameCodec {
+    /// Checks the frame at the start of `src` without consuming it: `Some((total, type))` when
+    /// it is all buffered (`total` counts the length prefix), `None` when more bytes are needed
+    /// (room for them is reserved, within `max_frame`).
+    ///
+    /// # Errors
+    /// [`FrameError::TooLarge`] for a declared length over `max_frame`, checked before any
+    /// allocation; [`FrameError::Malformed`] for a length of 0.
+    pub fn peek(&self, src: &mut BytesMut) -> Result<Option<(usize, u8)>, FrameError> {
         if src.len() < LENGTH_PREFIX {
             return Ok(None);
         }
         let declared = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
-        // Checked before reserving, so a hostile prefix never makes us allocate.
         if declared > self.max_frame {
             return Err(FrameError::TooLarge {
                 size: u64::from(declared),
                 max: self.max_frame,
             });
         }
-        let declared = declared as usize;
         if declared == 0 {
             return Err(FrameError::Malformed(
                 "a frame of length 0 has no type byte".into(),
             ));
         }
-        let total = LENGTH_PREFIX + declared;
+        let total = LENGTH_PREFIX + declared as usize;
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
         }
+        Ok(Some((total, src[LENGTH_PREFIX])))
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some((total, _)) = self.peek(src)? else {
+            return Ok(None);
+        };
+        let declared = total - LENGTH_PREFIX;
         src.advance(LENGTH_PREFIX);
         let mut body = src.split_to(declared).freeze();
         let kind = body.get_u8();

@@ -13,13 +13,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
-use tokio_util::sync::CancellationToken;
 
 use super::{lock, ConnId, Connection, Control, Event, Hub, Message};
 use crate::config::Mode;
 use crate::connection::{drain_into, encode, ConnState, Outbox};
 use crate::error::{CloseInfo, FrameError};
-use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
+use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN, LENGTH_PREFIX};
 
 /// How long the writer may take to flush what is queued once the connection is closing, before
 /// the rest is dropped.
@@ -45,7 +44,7 @@ pub(super) async fn serve(
         peer,
         outbox: Outbox::new(queue, state),
         control: Arc::new(Control {
-            close: CancellationToken::new(),
+            wake: hub.stop.child_token(),
             abort: hub.abort.child_token(),
         }),
     };
@@ -83,8 +82,7 @@ async fn run(
             Sniff::NeedMore => {}
         }
         let read = tokio::select! {
-            () = hub.stop.cancelled() => return shutting_down(),
-            () = conn.control.close.cancelled() => return closed_by_server(conn),
+            () = conn.control.wake.cancelled() => return woken(hub, conn).0,
             () = idle.expired() => return idle.reason(),
             read = stream.read_buf(&mut buffered) => read,
         };
@@ -157,12 +155,10 @@ impl Driver<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // NOTE: the cancellation futures are made once: each poll of a fresh one would take
-        // and release the token's lock.
-        let abort = self.conn.control.abort.cancelled();
-        let stop = self.hub.stop.cancelled();
-        let close = self.conn.control.close.cancelled();
-        tokio::pin!(abort, stop, close);
+        // NOTE: the cancellation future is made once: each poll of a fresh one would take and
+        // release the token's lock.
+        let wake = self.conn.control.wake.cancelled();
+        tokio::pin!(wake);
         let mut queue_open = true;
         loop {
             if let Some(ending) = self.handle_buffered().await {
@@ -175,19 +171,8 @@ impl Driver<'_> {
             }
             tokio::select! {
                 biased;
-                () = &mut abort => {
-                    return (self.conn.close_info().unwrap_or_else(shutting_down), None);
-                }
-                () = &mut stop => {
-                    let frame = Frame::close(CloseCode::GOING_AWAY, "server shutting down");
-                    return (shutting_down(), Some(frame));
-                }
-                () = &mut close => {
-                    let info = closed_by_server(self.conn);
-                    let frame = Frame::close(info.code.unwrap_or(CloseCode::NORMAL), &info.reason);
-                    return (info, Some(frame));
-                }
-                () = self.idle.expired() => {
+                () = &mut wake => return woken(self.hub, self.conn),
+                () = self.idle.expired(), if self.idle.armed() => {
                     let info = self.idle.reason();
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
                     return (info, Some(frame));
@@ -222,6 +207,14 @@ impl Driver<'_> {
     /// Handles every whole frame in the read buffer (in raw mode, everything buffered).
     async fn handle_buffered(&mut self) -> Option<Ending> {
         loop {
+            if self.hub.config.mode.answers_in_place() {
+                match self.answer_in_place() {
+                    Ok(InPlace::Answered) => continue,
+                    Ok(InPlace::NeedMore) => return None,
+                    Ok(InPlace::NotMine) => {}
+                    Err(e) => return Some(self.protocol_error(e)),
+                }
+            }
             let frame = if self.raw {
                 if self.read_buf.is_empty() {
                     return None;
@@ -231,23 +224,72 @@ impl Driver<'_> {
                 match self.codec.decode(&mut self.read_buf) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => return None,
-                    Err(e) => {
-                        let code = e.close_code();
-                        let reason = e.to_string();
-                        log::info!(
-                            "connection {} from {}: {reason}",
-                            self.conn.id,
-                            self.conn.peer
-                        );
-                        let frame = Frame::close(code, &reason);
-                        return Some((CloseInfo::new(Some(code), reason), Some(frame)));
-                    }
+                    Err(e) => return Some(self.protocol_error(e)),
                 }
             };
             if let Some(ended) = self.handle_frame(frame).await {
                 return Some((ended, None));
             }
         }
+    }
+
+    /// The echo and ack answers to a message, written from the read buffer into the write
+    /// buffer without decoding it into a frame first.
+    ///
+    /// NOTE: the hot path of the native modes: no allocation, no reference counting, one copy.
+    fn answer_in_place(&mut self) -> Result<InPlace, FrameError> {
+        let echo = self.hub.config.mode == Mode::Echo;
+        if self.raw {
+            if self.read_buf.is_empty() {
+                return Ok(InPlace::NeedMore);
+            }
+            if echo {
+                self.write_buf.extend_from_slice(&self.read_buf);
+            } else {
+                self.write_buf.extend_from_slice(&self.hub.config.ack_reply);
+            }
+            self.read_buf.clear();
+            return Ok(InPlace::Answered);
+        }
+        let Some((total, kind)) = self.codec.peek(&mut self.read_buf)? else {
+            return Ok(InPlace::NeedMore);
+        };
+        // A request carries a 4-byte correlation id after its type byte.
+        let request = kind == frame::kind::REQUEST && total >= LENGTH_PREFIX + 5;
+        if kind != frame::kind::DATA && !request {
+            return Ok(InPlace::NotMine);
+        }
+        if echo {
+            let start = self.write_buf.len();
+            self.write_buf.extend_from_slice(&self.read_buf[..total]);
+            if request {
+                self.write_buf[start + LENGTH_PREFIX] = frame::kind::REPLY;
+            }
+        } else {
+            let body = self.hub.config.ack_reply.clone();
+            let answer = if request {
+                let id = &self.read_buf[LENGTH_PREFIX + 1..LENGTH_PREFIX + 5];
+                let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                Frame::Reply { id, body }
+            } else {
+                Frame::Data(body)
+            };
+            encode(&answer, false, &mut self.write_buf);
+        }
+        self.read_buf.advance(total);
+        Ok(InPlace::Answered)
+    }
+
+    fn protocol_error(&self, e: FrameError) -> Ending {
+        let code = e.close_code();
+        let reason = e.to_string();
+        log::info!(
+            "connection {} from {}: {reason}",
+            self.conn.id,
+            self.conn.peer
+        );
+        let frame = Frame::close(code, &reason);
+        (CloseInfo::new(Some(code), reason), Some(frame))
     }
 
     /// Handles one frame from the client; returns why the connection ends, if it does.
@@ -334,6 +376,14 @@ impl Driver<'_> {
     }
 }
 
+/// What [`Driver::answer_in_place`] did with the next buffered bytes.
+enum InPlace {
+    Answered,
+    NeedMore,
+    /// Not a message (a ping, a close, ...): decode and handle it the usual way.
+    NotMine,
+}
+
 /// Fires when the client has sent nothing for `idle_timeout`. Arming a timer per frame would
 /// cost a timer-wheel update per message; instead the timer is left alone and, when it fires,
 /// re-armed from the last activity if there was any.
@@ -353,6 +403,10 @@ impl IdleTimer {
             last_seen: now,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
         }
+    }
+
+    fn armed(&self) -> bool {
+        self.limit.is_some()
     }
 
     fn touch(&mut self) {
@@ -467,6 +521,21 @@ pub(super) async fn refuse_full(hub: Arc<Hub>, mut stream: TcpStream, peer: Sock
         stream.shutdown().await
     })
     .await;
+}
+
+/// Why the connection's wake token fired: the hard stop, the server's shutdown, or a close of
+/// this connection alone; and the close frame to send, if any.
+fn woken(hub: &Hub, conn: &Connection) -> Ending {
+    if conn.control.abort.is_cancelled() {
+        return (conn.close_info().unwrap_or_else(shutting_down), None);
+    }
+    if hub.stop.is_cancelled() {
+        let frame = Frame::close(CloseCode::GOING_AWAY, "server shutting down");
+        return (shutting_down(), Some(frame));
+    }
+    let info = closed_by_server(conn);
+    let frame = Frame::close(info.code.unwrap_or(CloseCode::NORMAL), &info.reason);
+    (info, Some(frame))
 }
 
 fn closed_by_server(conn: &Connection) -> CloseInfo {

@@ -42,9 +42,12 @@ pub struct Connection {
 /// How the owner ends one connection from outside its task.
 #[derive(Debug)]
 struct Control {
-    /// Close after what is queued, with the reason recorded in the connection's state.
-    close: CancellationToken,
-    /// Stop writing at once (a child of the server's hard stop).
+    /// Wakes the connection's loop to end it: a child of the server's graceful stop, and also
+    /// cancelled to close just this connection (the reason is in the connection's state).
+    /// NOTE: one token, so the loop polls one cancellation future, not three; it tells the
+    /// cases apart once it fires.
+    wake: CancellationToken,
+    /// Drop what is queued and stop writing at once (a child of the server's hard stop).
     abort: CancellationToken,
 }
 
@@ -86,10 +89,10 @@ impl Connection {
 
     fn close_with(&self, info: CloseInfo, drop_queued: bool) {
         self.outbox.state().mark_closed(info);
-        self.control.close.cancel();
         if drop_queued {
             self.control.abort.cancel();
         }
+        self.control.wake.cancel();
     }
 
     /// Why the connection ended, once it has (or is being closed).
