@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use super::{lock, ConnId, Connection, Control, Event, Hub, Message};
+use super::{lock, ConnId, Connection, Control, Event, Hub, Message, Wake};
 use crate::config::Mode;
 use crate::connection::{drain_into, encode, ConnState, Outbox};
 use crate::error::{CloseInfo, FrameError};
@@ -44,11 +44,15 @@ pub(super) async fn serve(
         peer,
         outbox: Outbox::new(queue, state),
         control: Arc::new(Control {
-            wake: hub.stop.child_token(),
+            wake: Wake::default(),
             abort: hub.abort.child_token(),
         }),
     };
     lock(&hub.connections).insert(id, conn.clone());
+    // A shutdown that began before the insert did not see this connection: catch up.
+    if hub.stop.is_cancelled() {
+        conn.control.wake.fire();
+    }
     log::debug!("connection {id} from {peer}");
     hub.emit(&events, Event::Connected(conn.clone())).await;
 
@@ -82,7 +86,7 @@ async fn run(
             Sniff::NeedMore => {}
         }
         let read = tokio::select! {
-            () = conn.control.wake.cancelled() => return woken(hub, conn).0,
+            () = conn.control.wake.fired() => return woken(hub, conn).0,
             () = idle.expired() => return idle.reason(),
             read = stream.read_buf(&mut buffered) => read,
         };
@@ -155,10 +159,6 @@ impl Driver<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // NOTE: the cancellation future is made once: each poll of a fresh one would take and
-        // release the token's lock.
-        let wake = self.conn.control.wake.cancelled();
-        tokio::pin!(wake);
         let mut queue_open = true;
         loop {
             if let Some(ending) = self.handle_buffered().await {
@@ -171,7 +171,7 @@ impl Driver<'_> {
             }
             tokio::select! {
                 biased;
-                () = &mut wake => return woken(self.hub, self.conn),
+                () = self.conn.control.wake.fired() => return woken(self.hub, self.conn),
                 () = self.idle.expired(), if self.idle.armed() => {
                     let info = self.idle.reason();
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
