@@ -249,3 +249,17 @@ def test_recv_many_takes_a_batch() -> None:
             assert datas == [f"{n}".encode() for n in range(50)]
         with pytest.raises(ValueError, match="invalid max"):
             server.recv_many(max=0)
+
+
+def test_echo_mode_echoes_raw_bytes_for_third_party_load_generators(
+    echo_server: socketcomm.Server,
+) -> None:
+    with socket.create_connection(echo_server.address) as plain:
+        plain.settimeout(5)
+        for size in (1, 1024, 100_000):
+            payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+            plain.sendall(payload)
+            echoed = b""
+            while len(echoed) < size:
+                echoed += plain.recv(65536)
+            assert echoed == payload
