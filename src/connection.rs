@@ -1,6 +1,8 @@
-//! One TCP connection, as both the server and the client drive it: [`Inbound`] yields frames (or,
-//! in raw mode, chunks as they arrive), and [`write_loop`] drains a bounded queue of outgoing
-//! frames that any number of [`Outbox`] clones feed.
+//! What both sides share about one connection: [`Outbox`], the cloneable handle that queues
+//! frames for it (bounded), and [`ConnState`], its peer's limit and why it ended; and the
+//! client's halves: [`Inbound`] yields frames (or, in raw mode, chunks as they arrive) and
+//! [`write_loop`] drains the queue. (A server connection reads and writes in one task of its
+//! own, in `server/handler.rs`.)
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -6,8 +6,8 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`frame`] | the wire format: hello, frame types, the codec (pure, no I/O) |
-//! | [`connection`] | one connection's reader and writer, shared by server and client |
-//! | [`server`] | binding, the accept loop, one task per connection, native modes, events |
+//! | `connection` | the outbound queue both sides use; the client's reader and writer |
+//! | [`server`] | binding, the accept loop, limits, broadcast; `server/handler.rs`: one connection's loop |
 //! | [`client`] | connecting, the hello, request/reply matching by correlation id |
 //! | [`config`] | settings and their defaults, validated at construction |
 //! | [`error`] | the error types |
