@@ -1,6 +1,6 @@
 //! socketcomm: framed messages over TCP with a tokio core, driven from Python through PyO3.
 //!
-//! The core is plain Rust and never names pyo3; the bindings live in [`python`] behind the
+//! The core is plain Rust and never names pyo3; the bindings live in `python` behind the
 //! `python` cargo feature, which maturin turns on.
 //!
 //! | module | owns |

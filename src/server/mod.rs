@@ -1,5 +1,5 @@
 //! The server: binds at construction, then an accept loop hands each connection to its own task
-//! ([`handler`]), which tells a framed client from a plain socket by its first bytes, answers
+//! (`handler`), which tells a framed client from a plain socket by its first bytes, answers
 //! natively in the `echo`/`ack`/`broadcast` modes, and otherwise hands [`Event`]s to the
 //! application through a bounded queue.
 //!
