@@ -141,14 +141,24 @@ def test_sigint_and_sigterm_stop_the_server_with_status_0() -> None:
         assert "stopping" in err
 
 
-def test_ctrl_c_interrupts_a_process_blocked_in_the_event_loop() -> None:
+@pytest.mark.parametrize(
+    "blocking_call",
+    [
+        "server = socketcomm.Server('127.0.0.1', 0)\n    for event in server:\n        pass",
+        "server = socketcomm.Server('127.0.0.1', 0, on_message=lambda c, d: d)\n"
+        "    server.serve_forever()",
+        "server = socketcomm.Server('127.0.0.1', 0, mode='echo')\n    server.serve_forever()",
+        "server = socketcomm.Server('127.0.0.1', 0, mode='echo')\n"
+        "    socketcomm.Client(*server.address).recv()",
+    ],
+    ids=["for-event-in-server", "serve-forever-handlers", "serve-forever-native", "client-recv"],
+)
+def test_ctrl_c_interrupts_a_process_blocked_in_a_call(blocking_call: str) -> None:
     script = (
         "import socketcomm, sys\n"
-        "server = socketcomm.Server('127.0.0.1', 0)\n"
         "print('ready', flush=True)\n"
         "try:\n"
-        "    for event in server:\n"
-        "        pass\n"
+        f"    {blocking_call}\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', flush=True)\n"
         "    sys.exit(3)\n"
@@ -156,7 +166,7 @@ def test_ctrl_c_interrupts_a_process_blocked_in_the_event_loop() -> None:
     blocked = Background([sys.executable, "-c", script])
     try:
         blocked.wait_for_line("stdout", "ready")
-        time.sleep(0.3)
+        time.sleep(0.5)
         started = time.monotonic()
         blocked.process.send_signal(signal.SIGINT)
         assert blocked.process.wait(timeout=5) == 3

@@ -183,8 +183,11 @@ impl Handlers {
     }
 
     /// Runs the callback for one event. A callback's exception is logged, never propagated: one
-    /// bad message must not stop the server.
-    fn handle(&self, py: Python<'_>, event: Event) {
+    /// bad message must not stop the server. Only `KeyboardInterrupt` (Ctrl-C) comes back.
+    ///
+    /// # Errors
+    /// The `KeyboardInterrupt` a callback raised.
+    fn handle(&self, py: Python<'_>, event: Event) -> PyResult<()> {
         let outcome = match &event {
             Event::Connected(conn) => self
                 .on_connect
@@ -214,11 +217,11 @@ impl Handlers {
         };
         if let Some(Err(error)) = outcome {
             if error.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
-                error.restore(py);
-                return;
+                return Err(error);
             }
             log_handler_error(py, &event, error);
         }
+        Ok(())
     }
 }
 
@@ -256,13 +259,9 @@ fn dispatch(py: Python<'_>, events: &flume::Receiver<Event>, handlers: &Handlers
         else {
             return Ok(());
         };
-        handlers.handle(py, first);
+        handlers.handle(py, first)?;
         for event in events.try_iter().take(DISPATCH_BATCH - 1) {
-            handlers.handle(py, event);
-        }
-        // A KeyboardInterrupt raised inside a handler was restored above: honour it now.
-        if let Some(error) = PyErr::take(py) {
-            return Err(error);
+            handlers.handle(py, event)?;
         }
     }
 }
