@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,9 @@ struct Shared {
     /// that no request can start waiting for a reply that will never come.
     pending: Mutex<Option<HashMap<u32, oneshot::Sender<Bytes>>>>,
     finish: Mutex<Option<Finish>>,
+    /// Notified when a message arrives for `recv` and when the connection ends, for callers that
+    /// wait for a message without taking it ([`Client::readable`]).
+    readable: Notify,
 }
 
 impl Shared {
@@ -152,6 +155,7 @@ impl Client {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             finish: Mutex::new(Some(finish)),
+            readable: Notify::new(),
         });
         let writer = tokio::spawn(write_loop(
             writer,
@@ -238,6 +242,50 @@ impl Client {
             .map_err(|_| self.outbox.state().closed_error())
     }
 
+    /// Queues one message if there is room: `Ok(false)` when the queue is full (nothing queued).
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub fn try_send(&self, data: Bytes) -> Result<bool> {
+        self.check_open()?;
+        self.outbox.try_send(Frame::Data(data))
+    }
+
+    /// The next message if one is waiting: `None` when none is.
+    ///
+    /// # Errors
+    /// As [`Client::recv`], once the connection has ended and every message was read.
+    pub fn try_recv(&self) -> Result<Option<Bytes>> {
+        self.check_open()?;
+        match self.inbound.try_recv() {
+            Ok(message) => Ok(Some(message)),
+            Err(flume::TryRecvError::Empty) => Ok(None),
+            Err(flume::TryRecvError::Disconnected) => Err(self.outbox.state().closed_error()),
+        }
+    }
+
+    /// Waits until [`Client::try_recv`] has something to say (a message, or the end), without
+    /// taking the message: a caller that is cancelled while waiting loses nothing, which is how
+    /// the asyncio API keeps `recv` lossless under cancellation.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn readable(&self) {
+        loop {
+            let notified = self.shared.readable.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a message that arrives in between still wakes us.
+            notified.as_mut().enable();
+            if !self.inbound.is_empty()
+                || self.inbound.is_disconnected()
+                || self.closed_locally.load(Ordering::Relaxed)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Sends `data` as a request and waits for the server's reply to it. In raw mode there are
     /// no correlation ids: the reply is the next bytes that arrive.
     ///
@@ -278,6 +326,7 @@ impl Client {
         }
         let last = (!self.raw).then(|| Frame::close(CloseCode::NORMAL, "client closed"));
         self.shared.finish_writer(last);
+        self.shared.readable.notify_waiters();
         let writer = lock(&self.writer).take();
         if let Some(writer) = writer {
             let _ = tokio::time::timeout(grace, writer).await;
@@ -414,6 +463,7 @@ async fn read_loop(
                     () = abort.cancelled() => false,
                     sent = to_app.send_async(body) => sent.is_ok(),
                 };
+                shared.readable.notify_waiters();
                 if !delivered {
                     break (
                         CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"),
@@ -472,6 +522,8 @@ async fn read_loop(
     // Wake every request still waiting; they report the reason just recorded.
     lock(&shared.pending).take();
     shared.finish_writer(last_frame);
+    drop(to_app);
+    shared.readable.notify_waiters();
 }
 
 /// How long [`Client::close`] waits for queued messages by default.

@@ -5,9 +5,9 @@ signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/
 process-wide pool of tokio threads that never run Python code.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
-from typing import Final, final
+from typing import Any, Final, final
 
 from typing_extensions import Buffer, Self, TypeAlias
 
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
+    "AsyncMessage",
     "Client",
     "Connected",
     "ConnectionClosedError",
@@ -24,11 +25,13 @@ __all__ = [
     "FrameTooLargeError",
     "Message",
     "ProtocolError",
+    "Ready",
     "Server",
     "SocketCommError",
     "TlsError",
     "TransferError",
     "__version__",
+    "_connect",
 ]
 
 __version__: Final[str]
@@ -116,6 +119,46 @@ class Message:
         ``ConnectionClosedError`` when the client has gone, ``FrameTooLargeError`` when the
         client's ``max_frame`` is smaller.
         """
+
+@final
+class AsyncMessage:
+    """A message from a client, as ``socketcomm.aio`` yields it (``socketcomm.aio.Message``):
+    the same as `Message`, but ``reply`` is awaited."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def request_id(self) -> int | None: ...
+    def reply(self, data: _Data) -> Awaitable[None]:
+        """Answers this message. The awaitable completes at once when the connection's queue
+        has room, and after waiting for room otherwise."""
+
+@final
+class Ready:
+    """An awaitable that is already complete (returned when an async call's work was done at
+    once)."""
+
+    def __await__(self) -> Generator[Any]: ...
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> None: ...
+
+def _connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float | None = None,
+    connect_timeout: float = 10.0,
+    raw: bool = False,
+    max_frame: int = ...,
+    nodelay: bool = True,
+) -> Awaitable[Client]:
+    """Connects without blocking the event loop (``socketcomm.aio.Client`` uses it)."""
 
 @final
 class Disconnected:
@@ -241,6 +284,14 @@ class Server:
     def send(self, conn_id: int, data: _Data) -> None:
         """Sends one message to a connection. Blocks (GIL released) only while its outbound
         queue is full. ``ConnectionClosedError`` when the connection has ended."""
+    # The asyncio API's primitives (socketcomm.aio.Server uses them).
+    def _try_event(self) -> Connected | AsyncMessage | Disconnected | None: ...
+    def _event_ready(self) -> Awaitable[None]: ...
+    def _send(self, conn_id: int, data: _Data) -> Awaitable[None]: ...
+    def _broadcast(
+        self, data: _Data, exclude: int | Iterable[int] | None = None
+    ) -> Awaitable[int]: ...
+    def _close(self, timeout: float = 5.0) -> Awaitable[None]: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -314,6 +365,13 @@ class Client:
     def __next__(self) -> bytes:
         """The next message; iteration ends when the server closes the connection normally.
         Blocks without a time limit, GIL released."""
+    # The asyncio API's primitives (socketcomm.aio.Client uses them).
+    def _try_recv(self) -> bytes | None: ...
+    def _readable(self) -> Awaitable[None]: ...
+    def _try_send(self, data: _Data) -> bool: ...
+    def _send(self, data: _Data) -> Awaitable[None]: ...
+    def _request(self, data: _Data) -> Awaitable[bytes]: ...
+    def _close(self) -> Awaitable[None]: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,

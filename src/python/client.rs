@@ -1,5 +1,6 @@
 //! `socketcomm.Client`: the core client behind blocking methods that release the GIL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::PyTimeoutError;
@@ -16,8 +17,26 @@ use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
 /// A connection to a server; see the stub for the full description.
 #[pyclass(frozen, module = "socketcomm._socketcomm", name = "Client")]
 pub(crate) struct PyClient {
-    core: Client,
+    core: Arc<Client>,
     timeout: Option<Duration>,
+}
+
+/// The client settings from the Python options both APIs share.
+pub(crate) fn client_config(
+    connect_timeout: f64,
+    raw: bool,
+    max_frame: u32,
+    nodelay: bool,
+) -> PyResult<ClientConfig> {
+    let connect_timeout =
+        timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
+    Ok(ClientConfig {
+        connect_timeout,
+        raw,
+        max_frame,
+        nodelay,
+        ..ClientConfig::default()
+    })
 }
 
 #[pymethods]
@@ -61,7 +80,7 @@ impl PyClient {
             None,
         )?
         .expect("waits without a timeout")?;
-        Ok(PyClient { core, timeout })
+        Ok(PyClient::new_connected(core, timeout))
     }
 
     /// `(host, port)` of the server.
@@ -176,6 +195,17 @@ impl PyClient {
 }
 
 impl PyClient {
+    pub(crate) fn new_connected(core: Client, timeout: Option<Duration>) -> PyClient {
+        PyClient {
+            core: Arc::new(core),
+            timeout,
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Client> {
+        &self.core
+    }
+
     /// A call's own timeout, or the client's.
     fn limit(&self, timeout: Option<f64>) -> PyResult<Option<Duration>> {
         Ok(timeout_from_secs("timeout", timeout)?.or(self.timeout))

@@ -1,9 +1,11 @@
 //! The Python bindings: the only code that names pyo3. Classes, exceptions, the shared runtime
 //! and the GIL/signal handling live here; everything they do is the core's work.
 
+mod aio;
 mod client;
 mod convert;
 mod errors;
+mod events;
 mod logging;
 mod runtime;
 mod server;
@@ -25,10 +27,15 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_FRAME", DEFAULT_MAX_FRAME)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("ACK_REPLY", PyBytes::new(m.py(), ACK_REPLY))?;
+    // The asyncio bridge runs its futures on the runtime everything else uses.
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::runtime());
     m.add_class::<server::PyServer>()?;
-    m.add_class::<server::Connected>()?;
-    m.add_class::<server::Message>()?;
-    m.add_class::<server::Disconnected>()?;
+    m.add_class::<events::Connected>()?;
+    m.add_class::<events::Message>()?;
+    m.add_class::<events::AsyncMessage>()?;
+    m.add_class::<events::Disconnected>()?;
+    m.add_class::<aio::Ready>()?;
+    m.add_function(wrap_pyfunction!(aio::_connect, m)?)?;
     m.add_class::<client::PyClient>()?;
     errors::register(m)?;
     Ok(())

@@ -4,19 +4,19 @@
 //! dispatcher that takes the GIL once per batch, or not at all in the native modes. No Python
 //! runs on a tokio thread: the dispatcher is the `serve_forever` caller or a thread of its own.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::PyBytes;
 
 use super::convert::{address, payload, resolve};
 use super::errors;
+use super::events::{event_to_py, Flavour};
 use super::runtime::{runtime, timeout_from_secs, wait};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
-use crate::error::CloseInfo;
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
 
@@ -27,139 +27,6 @@ const DISPATCH_BATCH: usize = 256;
 /// The default time `close()` gives connections to flush what is queued for them (also written
 /// as a literal in `close`'s signature, where Python shows it).
 const CLOSE_GRACE_SECS: f64 = 5.0;
-
-/// A client connected.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
-pub(crate) struct Connected {
-    #[pyo3(get)]
-    conn_id: u64,
-    #[pyo3(get)]
-    peer: (String, u16),
-}
-
-#[pymethods]
-impl Connected {
-    fn __repr__(&self) -> String {
-        format!(
-            "Connected(conn_id={}, peer={})",
-            self.conn_id,
-            peer_repr(&self.peer)
-        )
-    }
-}
-
-/// A message from a client; `reply()` answers it.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
-pub(crate) struct Message {
-    inner: core::Message,
-    #[pyo3(get)]
-    conn_id: u64,
-    #[pyo3(get)]
-    peer: (String, u16),
-    #[pyo3(get)]
-    data: Py<PyBytes>,
-}
-
-#[pymethods]
-impl Message {
-    /// The correlation id when the client sent a request (and waits for the reply), else None.
-    #[getter]
-    fn request_id(&self) -> Option<u32> {
-        self.inner.request_id
-    }
-
-    /// The data decoded as UTF-8.
-    #[getter]
-    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
-        let text = std::str::from_utf8(&self.inner.data).map_err(|e| {
-            PyValueError::new_err(format!(
-                "the message is not valid UTF-8 ({e}); use .data for the bytes"
-            ))
-        })?;
-        Ok(PyString::new(py, text))
-    }
-
-    /// Answers this message: the reply to a request, or a plain message otherwise.
-    fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let data = payload(data)?;
-        let message = self.inner.clone();
-        wait(py, async move { message.reply(data).await }, None)?
-            .expect("waits without a timeout")?;
-        Ok(())
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "Message(conn_id={}, peer={}, data={})",
-            self.conn_id,
-            peer_repr(&self.peer),
-            self.data.bind(py).repr()?
-        ))
-    }
-}
-
-/// A connection ended; `reason` says why.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
-pub(crate) struct Disconnected {
-    #[pyo3(get)]
-    conn_id: u64,
-    #[pyo3(get)]
-    peer: (String, u16),
-    #[pyo3(get)]
-    reason: String,
-    #[pyo3(get)]
-    code: Option<u16>,
-}
-
-#[pymethods]
-impl Disconnected {
-    fn __repr__(&self) -> String {
-        format!(
-            "Disconnected(conn_id={}, peer={}, reason={:?})",
-            self.conn_id,
-            peer_repr(&self.peer),
-            self.reason
-        )
-    }
-}
-
-/// A peer address as Python prints a tuple: `('127.0.0.1', 45396)`.
-fn peer_repr((host, port): &(String, u16)) -> String {
-    format!("('{host}', {port})")
-}
-
-fn event_to_py(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
-    Ok(match event {
-        Event::Connected(conn) => Connected {
-            conn_id: conn.id(),
-            peer: address(conn.peer()),
-        }
-        .into_pyobject(py)?
-        .into_any()
-        .unbind(),
-        Event::Message(message) => Message {
-            conn_id: message.conn.id(),
-            peer: address(message.conn.peer()),
-            data: PyBytes::new(py, &message.data).unbind(),
-            inner: message,
-        }
-        .into_pyobject(py)?
-        .into_any()
-        .unbind(),
-        Event::Disconnected { conn, reason } => {
-            let CloseInfo { code, reason } = reason;
-            Disconnected {
-                conn_id: conn.id(),
-                peer: address(conn.peer()),
-                reason,
-                code: code.map(|code| code.0),
-            }
-            .into_pyobject(py)?
-            .into_any()
-            .unbind()
-        }
-    })
-}
 
 /// The `on_*` callbacks.
 struct Handlers {
@@ -269,7 +136,7 @@ fn dispatch(py: Python<'_>, events: &flume::Receiver<Event>, handlers: &Handlers
 /// A TCP server; see the stub for the full description.
 #[pyclass(frozen, module = "socketcomm._socketcomm", name = "Server")]
 pub(crate) struct PyServer {
-    core: core::Server,
+    core: Arc<core::Server>,
     handlers: Handlers,
     dispatcher: Mutex<Option<JoinHandle<()>>>,
 }
@@ -353,7 +220,7 @@ impl PyServer {
         // answered, whether or not anyone reads the events yet (they queue, bounded).
         core.start(runtime().handle());
         Ok(PyServer {
-            core,
+            core: Arc::new(core),
             handlers,
             dispatcher: Mutex::new(None),
         })
@@ -521,7 +388,7 @@ impl PyServer {
         };
         let mut batch = vec![first];
         for event in self.core.events().try_iter().take(max - 1) {
-            batch.push(event_to_py(py, event)?);
+            batch.push(event_to_py(py, event, Flavour::Blocking)?);
         }
         Ok(batch)
     }
@@ -546,14 +413,7 @@ impl PyServer {
         exclude: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         let data = payload(data)?;
-        let exclude: Vec<u64> = match exclude {
-            None => Vec::new(),
-            Some(one) if one.extract::<u64>().is_ok() => vec![one.extract()?],
-            Some(many) => many
-                .try_iter()?
-                .map(|id| id.and_then(|id| id.extract::<u64>()))
-                .collect::<PyResult<_>>()?,
-        };
+        let exclude = exclusions(exclude)?;
         let core = &self.core;
         Ok(wait(py, core.broadcast(data, &exclude), None)?.expect("waits without a timeout"))
     }
@@ -601,7 +461,23 @@ enum NextEvent {
     Closed,
 }
 
+/// The connection ids a broadcast skips: none, one id, or an iterable of ids.
+pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
+    match exclude {
+        None => Ok(Vec::new()),
+        Some(one) if one.extract::<u64>().is_ok() => Ok(vec![one.extract()?]),
+        Some(many) => many
+            .try_iter()?
+            .map(|id| id.and_then(|id| id.extract::<u64>()))
+            .collect(),
+    }
+}
+
 impl PyServer {
+    pub(crate) fn core(&self) -> &Arc<core::Server> {
+        &self.core
+    }
+
     /// Starts the accept loop unless it runs; refuses a closed server.
     fn start_accepting(&self, py: Python<'_>) -> PyResult<()> {
         if self.core.is_shutting_down() {
@@ -622,7 +498,7 @@ impl PyServer {
         match wait(py, async move { events.recv_async().await }, timeout)? {
             None => Ok(NextEvent::TimedOut),
             Some(Err(_)) => Ok(NextEvent::Closed),
-            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(py, event)?)),
+            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(py, event, Flavour::Blocking)?)),
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use super::{lock, ConnId, Connection, Control, Event, Hub, Message, Wake};
+use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
 use crate::config::Mode;
 use crate::connection::{drain_into, encode, ConnState, Outbox};
 use crate::error::{CloseInfo, FrameError};
@@ -34,7 +34,7 @@ pub(super) async fn serve(
     id: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
-    events: flume::Sender<Event>,
+    events: EventSender,
 ) {
     let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
@@ -75,7 +75,7 @@ async fn run(
     mut stream: TcpStream,
     conn: &Connection,
     queued: &mut mpsc::Receiver<Frame>,
-    events: &flume::Sender<Event>,
+    events: &EventSender,
 ) -> CloseInfo {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     let mut buffered = BytesMut::with_capacity(READ_CHUNK);
@@ -140,7 +140,7 @@ const READ_CHUNK: usize = 8 * 1024;
 struct Driver<'a> {
     hub: &'a Hub,
     conn: &'a Connection,
-    events: &'a flume::Sender<Event>,
+    events: &'a EventSender,
     raw: bool,
     codec: FrameCodec,
     read_buf: BytesMut,

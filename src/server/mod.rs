@@ -20,7 +20,7 @@ use futures_util::task::AtomicWaker;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -195,7 +195,7 @@ pub struct Server {
     local_addr: SocketAddr,
     hub: Arc<Hub>,
     /// The listener and the event sender, until [`Server::start`] moves them into the accept loop.
-    unstarted: Mutex<Option<(std::net::TcpListener, flume::Sender<Event>)>>,
+    unstarted: Mutex<Option<(std::net::TcpListener, EventSender)>>,
     events: flume::Receiver<Event>,
 }
 
@@ -214,6 +214,41 @@ struct Hub {
     /// Hard stop, after the grace period: every task returns at once.
     abort: CancellationToken,
     tasks: TaskTracker,
+    /// Notified when an event is queued and when the queue ends, for callers that wait for an
+    /// event without taking it ([`Server::event_ready`]).
+    events_ready: Notify,
+}
+
+/// The event queue's sending side, held by the accept loop and each connection task. When the
+/// last one is dropped the queue ends; each drop tells those waiting in
+/// [`Server::event_ready`], so that they see the end.
+struct EventSender {
+    queue: Option<flume::Sender<Event>>,
+    hub: Arc<Hub>,
+}
+
+impl Clone for EventSender {
+    fn clone(&self) -> EventSender {
+        EventSender {
+            queue: self.queue.clone(),
+            hub: Arc::clone(&self.hub),
+        }
+    }
+}
+
+impl std::ops::Deref for EventSender {
+    type Target = flume::Sender<Event>;
+
+    fn deref(&self) -> &flume::Sender<Event> {
+        self.queue.as_ref().expect("taken only on drop")
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        self.hub.events_ready.notify_waiters();
+    }
 }
 
 /// How long a broadcast waits for room in a full outbound queue before it disconnects that
@@ -259,7 +294,12 @@ impl Server {
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            events_ready: Notify::new(),
         });
+        let sender = EventSender {
+            queue: Some(sender),
+            hub: Arc::clone(&hub),
+        };
         Ok(Server {
             local_addr,
             hub,
@@ -293,6 +333,35 @@ impl Server {
     /// connection's last event is in it.
     pub fn events(&self) -> &flume::Receiver<Event> {
         &self.events
+    }
+
+    /// The next event if one is queued: `Ok(None)` when none is, `Err(())` once the queue has
+    /// ended (the server is closed and every event was read).
+    #[allow(clippy::result_unit_err)]
+    pub fn try_event(&self) -> Result<Option<Event>, ()> {
+        match self.events.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(flume::TryRecvError::Empty) => Ok(None),
+            Err(flume::TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Waits until [`Server::try_event`] has something to say (an event, or the end) without
+    /// taking the event, so that a caller cancelled while waiting loses nothing.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn event_ready(&self) {
+        loop {
+            let notified = self.hub.events_ready.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an event queued in between still wakes us.
+            notified.as_mut().enable();
+            if !self.events.is_empty() || self.events.is_disconnected() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The live connection with this id.
@@ -366,7 +435,7 @@ fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net
     Ok(socket.into())
 }
 
-async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: flume::Sender<Event>) {
+async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: EventSender) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -437,17 +506,18 @@ fn is_connection_error(e: &io::Error) -> bool {
 impl Hub {
     /// Hands an event to the application. In the native modes nobody may be reading, so an event
     /// that finds the queue full is dropped; otherwise the connection waits (backpressure).
-    async fn emit(&self, events: &flume::Sender<Event>, event: Event) {
+    async fn emit(&self, events: &EventSender, event: Event) {
         if self.config.mode.is_native() {
             if events.try_send(event).is_err() {
                 log::trace!("event queue full; dropped an event of a native-mode server");
             }
-            return;
+        } else {
+            tokio::select! {
+                () = self.abort.cancelled() => return,
+                _ = events.send_async(event) => {}
+            }
         }
-        tokio::select! {
-            () = self.abort.cancelled() => {}
-            _ = events.send_async(event) => {}
-        }
+        self.events_ready.notify_waiters();
     }
 
     async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {

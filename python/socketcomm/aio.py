@@ -1,0 +1,361 @@
+"""socketcomm for asyncio: the same names as the blocking API, awaitable.
+
+    import socketcomm.aio
+
+    async with socketcomm.aio.Server("127.0.0.1", 0) as server:
+        async for event in server:
+            if isinstance(event, socketcomm.aio.Message):
+                await event.reply(b"got " + event.data)
+
+    async with socketcomm.aio.Client("127.0.0.1", 5000, timeout=5) as client:
+        await client.send(b"hi")
+        print(await client.recv())
+
+The network loop stays in Rust on the shared tokio runtime; each awaitable is a native future
+bridged with pyo3-async-runtimes, so the event loop never blocks. Works on the standard loop and
+on uvloop, with ``asyncio.timeout`` and ``asyncio.wait_for``.
+
+Cancellation: a task cancelled while awaiting ``recv()`` (or the next event) gets
+``CancelledError`` and takes no message: the next ``recv()`` returns it. A cancelled ``send()``
+has queued the whole message or none of it. A cancelled ``request()`` may have sent the request;
+its reply, if it comes, is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any, Union
+
+from socketcomm import _socketcomm
+from socketcomm._socketcomm import (
+    AsyncMessage as Message,
+)
+from socketcomm._socketcomm import (
+    Connected,
+    ConnectionClosedError,
+    Disconnected,
+)
+
+__all__ = ["Client", "Connected", "Disconnected", "Event", "Message", "Server", "connect"]
+
+Event = Union[Connected, Message, Disconnected]
+"""What iterating over an `aio.Server` yields."""
+
+Data = Union[str, bytes, bytearray, memoryview]
+
+# Iteration over a client ends quietly on these close codes (normal, server shutting down).
+_QUIET_ENDINGS = (None, 1000, 1001)
+
+
+async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -> Any:
+    """Awaits with a time limit, raising the built-in TimeoutError (as the sync API does)."""
+    if timeout is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(
+            f"no {what} within {timeout:.3f} s; raise timeout= to wait longer"
+        ) from None
+
+
+class Client:
+    """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`.
+
+    ``async with Client(host, port) as client`` connects on entry; ``await client.connect()``
+    does the same without a ``with``. One client may be awaited by many tasks at once.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        raw: bool = False,
+        max_frame: int = _socketcomm.DEFAULT_MAX_FRAME,
+        nodelay: bool = True,
+    ) -> None:
+        self._target = (host, port)
+        self._options: dict[str, Any] = {
+            "timeout": timeout,
+            "connect_timeout": connect_timeout,
+            "raw": raw,
+            "max_frame": max_frame,
+            "nodelay": nodelay,
+        }
+        self._timeout = timeout
+        self._core: _socketcomm.Client | None = None
+
+    async def connect(self) -> Client:
+        """Connects (once); returns the client. Raises as `socketcomm.Client()` does."""
+        if self._core is None:
+            self._core = await _socketcomm._connect(*self._target, **self._options)
+        return self
+
+    @property
+    def _connected(self) -> _socketcomm.Client:
+        if self._core is None:
+            raise ConnectionClosedError(
+                "not connected: use `async with Client(...)` or `await client.connect()`"
+            )
+        return self._core
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._connected.address
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        return self._connected.local_address
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._core is not None and self._core.closed
+
+    async def send(self, data: Data) -> None:
+        """Queues one message; waits only while the outbound queue is full."""
+        core = self._connected
+        if not core._try_send(data):
+            await core._send(data)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        """The next message that is not a reply; ``timeout`` overrides the client's."""
+        limit = timeout if timeout is not None else self._timeout
+        result: bytes = await _within(self._next_message(), limit, "message")
+        return result
+
+    async def _next_message(self) -> bytes:
+        core = self._connected
+        while True:
+            message = core._try_recv()
+            if message is not None:
+                return message
+            await core._readable()
+
+    async def request(self, data: Data, timeout: float | None = None) -> bytes:
+        """Sends a request and returns the server's reply to it."""
+        limit = timeout if timeout is not None else self._timeout
+        reply: bytes = await _within(self._connected._request(data), limit, "reply")
+        return reply
+
+    async def close(self) -> None:
+        """Writes what was sent, tells the server goodbye and closes. Idempotent."""
+        if self._core is not None:
+            await self._core._close()
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._next_message()
+        except ConnectionClosedError as e:
+            if e.code in _QUIET_ENDINGS:
+                raise StopAsyncIteration from None
+            raise
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        if self._core is None:
+            host, port = self._target
+            return f"<socketcomm.aio.Client {host}:{port} not connected>"
+        return repr(self._core).replace("socketcomm.Client", "socketcomm.aio.Client")
+
+
+async def connect(host: str, port: int, **options: Any) -> Client:
+    """Connects and returns an `aio.Client` (options as `Client`)."""
+    return await Client(host, port, **options).connect()
+
+
+Handler = Callable[..., Any]
+
+
+class Server:
+    """A TCP server for asyncio. Same options as `socketcomm.Server`; binds and serves at once.
+
+    ``on_message(conn_id, data)``, ``on_connect(conn_id, peer)`` and
+    ``on_disconnect(conn_id, reason)`` may be plain or ``async`` functions; they run on the
+    event loop, one event at a time, in order, from ``serve_forever()`` (or the task ``start()``
+    creates). ``on_message`` returns the reply (or None). Without handlers, iterate:
+    ``async for event in server``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        on_message: Handler | None = None,
+        on_connect: Handler | None = None,
+        on_disconnect: Handler | None = None,
+        **options: Any,
+    ) -> None:
+        self._handlers = (on_message, on_connect, on_disconnect)
+        if any(self._handlers) and options.get("mode", "events") != "events":
+            raise ValueError(
+                f"invalid mode: the on_* handlers need mode='events', but mode="
+                f"{options['mode']!r} answers natively"
+            )
+        self._core = _socketcomm.Server(host, port, **options)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._core.address
+
+    @property
+    def mode(self) -> str:
+        return self._core.mode
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def connections(self) -> dict[int, tuple[str, int]]:
+        return self._core.connections
+
+    async def recv(self, timeout: float | None = None) -> Event:
+        """The next event, waiting up to ``timeout`` seconds (None: no limit)."""
+        event: Event = await _within(self._next_event(), timeout, "event")
+        return event
+
+    async def _next_event(self) -> Event:
+        core = self._core
+        while True:
+            event = core._try_event()
+            if event is not None:
+                return event
+            await core._event_ready()
+
+    async def recv_many(self, max: int = 256, timeout: float | None = None) -> list[Event]:
+        """Up to ``max`` events: waits for the first, then takes those already queued. An empty
+        list when none came within ``timeout``."""
+        if max < 1:
+            raise ValueError("invalid max: must be at least 1")
+        try:
+            first = await self.recv(timeout)
+        except TimeoutError:
+            return []
+        batch = [first]
+        while len(batch) < max and (event := self._core._try_event()) is not None:
+            batch.append(event)
+        return batch
+
+    async def send(self, conn_id: int, data: Data) -> None:
+        """Sends one message to a connection, waiting only while its queue is full."""
+        await self._core._send(conn_id, data)
+
+    async def broadcast(self, data: Data, exclude: int | Iterable[int] | None = None) -> int:
+        """Sends to every connection but ``exclude``; returns how many it reached."""
+        reached: int = await self._core._broadcast(data, exclude)
+        return reached
+
+    def disconnect(self, conn_id: int, reason: str = "closed by the server") -> bool:
+        """Closes one connection after what is queued for it (does not block)."""
+        return self._core.disconnect(conn_id, reason)
+
+    def start(self) -> None:
+        """Runs the handlers in a task of the running event loop (idempotent)."""
+        if any(self._handlers) and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def serve_forever(self) -> None:
+        """Serves until ``close()``: runs the handlers, or (native modes) just waits."""
+        if self._task is not None:
+            await self._task
+        elif any(self._handlers):
+            await self._dispatch()
+        elif self.mode != "events":
+            async for _ in self:
+                pass
+        else:
+            raise ValueError(
+                "nothing would answer messages: pass on_message=..., choose mode='echo' or "
+                "mode='ack', or iterate over the server instead (async for event in server)"
+            )
+
+    async def _dispatch(self) -> None:
+        on_message, on_connect, on_disconnect = self._handlers
+        async for event in self:
+            try:
+                if isinstance(event, Message):
+                    if on_message is not None:
+                        answer = await _maybe_await(on_message(event.conn_id, event.data))
+                        if answer is not None:
+                            await event.reply(answer)
+                elif isinstance(event, Connected):
+                    if on_connect is not None:
+                        await _maybe_await(on_connect(event.conn_id, event.peer))
+                elif on_disconnect is not None:
+                    await _maybe_await(on_disconnect(event.conn_id, event.reason))
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except ConnectionClosedError:
+                pass  # the client left before its answer
+            except Exception:
+                import logging
+
+                logging.getLogger("socketcomm.server").exception(
+                    "%s handler raised; the server keeps serving",
+                    _handler_name(event),
+                )
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stops accepting, closes every connection after what is queued, and returns."""
+        await self._core._close(timeout)
+        if self._task is not None and self._task is not asyncio.current_task():
+            await self._task
+
+    def __aiter__(self) -> Server:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._next_event()
+        except ConnectionClosedError:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Server:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._core).replace("socketcomm.Server", "socketcomm.aio.Server")
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _handler_name(event: Event | None) -> str:
+    if isinstance(event, Message):
+        return "on_message"
+    return "on_connect" if isinstance(event, Connected) else "on_disconnect"

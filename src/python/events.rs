@@ -1,0 +1,237 @@
+//! The event classes a server yields: `Connected`, `Disconnected`, and a message in two
+//! flavours, `Message` (whose `reply` blocks) for the sync API and `AsyncMessage` (whose `reply`
+//! is awaited) for `socketcomm.aio`.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use super::aio::{ready, spawn_awaitable};
+use super::convert::{address, payload};
+use super::runtime::wait;
+use crate::error::CloseInfo;
+use crate::server::{self as core, Event};
+
+/// A client connected.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Connected {
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+}
+
+#[pymethods]
+impl Connected {
+    fn __repr__(&self) -> String {
+        format!(
+            "Connected(conn_id={}, peer={})",
+            self.conn_id,
+            peer_repr(&self.peer)
+        )
+    }
+}
+
+/// What both message flavours hold.
+struct MessageFields {
+    inner: core::Message,
+    peer: (String, u16),
+    data: Py<PyBytes>,
+}
+
+impl MessageFields {
+    fn new(py: Python<'_>, message: core::Message) -> MessageFields {
+        MessageFields {
+            peer: address(message.conn.peer()),
+            data: PyBytes::new(py, &message.data).unbind(),
+            inner: message,
+        }
+    }
+
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        let text = std::str::from_utf8(&self.inner.data).map_err(|e| {
+            PyValueError::new_err(format!(
+                "the message is not valid UTF-8 ({e}); use .data for the bytes"
+            ))
+        })?;
+        Ok(PyString::new(py, text))
+    }
+
+    fn repr(&self, py: Python<'_>, class: &str) -> PyResult<String> {
+        Ok(format!(
+            "{class}(conn_id={}, peer={}, data={})",
+            self.inner.conn.id(),
+            peer_repr(&self.peer),
+            self.data.bind(py).repr()?
+        ))
+    }
+}
+
+/// A message from a client; `reply()` answers it.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Message {
+    fields: MessageFields,
+}
+
+#[pymethods]
+impl Message {
+    #[getter]
+    fn conn_id(&self) -> u64 {
+        self.fields.inner.conn.id()
+    }
+
+    #[getter]
+    fn peer(&self) -> (String, u16) {
+        self.fields.peer.clone()
+    }
+
+    #[getter]
+    fn data(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.fields.data.clone_ref(py)
+    }
+
+    /// The correlation id when the client sent a request (and waits for the reply), else None.
+    #[getter]
+    fn request_id(&self) -> Option<u32> {
+        self.fields.inner.request_id
+    }
+
+    /// The data decoded as UTF-8.
+    #[getter]
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        self.fields.text(py)
+    }
+
+    /// Answers this message: the reply to a request, or a plain message otherwise.
+    fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = payload(data)?;
+        let message = self.fields.inner.clone();
+        wait(py, async move { message.reply(data).await }, None)?
+            .expect("waits without a timeout")?;
+        Ok(())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        self.fields.repr(py, "Message")
+    }
+}
+
+/// A message from a client, as `socketcomm.aio` yields it: `await message.reply(...)`.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct AsyncMessage {
+    fields: MessageFields,
+}
+
+#[pymethods]
+impl AsyncMessage {
+    #[getter]
+    fn conn_id(&self) -> u64 {
+        self.fields.inner.conn.id()
+    }
+
+    #[getter]
+    fn peer(&self) -> (String, u16) {
+        self.fields.peer.clone()
+    }
+
+    #[getter]
+    fn data(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.fields.data.clone_ref(py)
+    }
+
+    #[getter]
+    fn request_id(&self) -> Option<u32> {
+        self.fields.inner.request_id
+    }
+
+    #[getter]
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        self.fields.text(py)
+    }
+
+    /// Answers this message; await the result. Completes at once when the connection's queue
+    /// has room, and waits for room otherwise.
+    fn reply<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let data = payload(data)?;
+        if self.fields.inner.try_reply(data.clone())? {
+            return ready(py);
+        }
+        let message = self.fields.inner.clone();
+        spawn_awaitable(py, async move { Ok(message.reply(data).await?) })
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        self.fields.repr(py, "AsyncMessage")
+    }
+}
+
+/// A connection ended; `reason` says why.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Disconnected {
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+    #[pyo3(get)]
+    reason: String,
+    #[pyo3(get)]
+    code: Option<u16>,
+}
+
+#[pymethods]
+impl Disconnected {
+    fn __repr__(&self) -> String {
+        format!(
+            "Disconnected(conn_id={}, peer={}, reason={:?})",
+            self.conn_id,
+            peer_repr(&self.peer),
+            self.reason
+        )
+    }
+}
+
+/// A peer address as Python prints a tuple: `('127.0.0.1', 45396)`.
+fn peer_repr((host, port): &(String, u16)) -> String {
+    format!("('{host}', {port})")
+}
+
+/// Which API an event is made for: the message's `reply` blocks, or is awaited.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    Blocking,
+    Async,
+}
+
+pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyResult<Py<PyAny>> {
+    Ok(match event {
+        Event::Connected(conn) => Connected {
+            conn_id: conn.id(),
+            peer: address(conn.peer()),
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind(),
+        Event::Message(message) => {
+            let fields = MessageFields::new(py, message);
+            match flavour {
+                Flavour::Blocking => Message { fields }.into_pyobject(py)?.into_any().unbind(),
+                Flavour::Async => AsyncMessage { fields }
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind(),
+            }
+        }
+        Event::Disconnected { conn, reason } => {
+            let CloseInfo { code, reason } = reason;
+            Disconnected {
+                conn_id: conn.id(),
+                peer: address(conn.peer()),
+                reason,
+                code: code.map(|code| code.0),
+            }
+            .into_pyobject(py)?
+            .into_any()
+            .unbind()
+        }
+    })
+}
