@@ -5,6 +5,8 @@ the minimal tokio peer (so the server is never the limit); prints one JSON objec
   request-stdlib       the same framing by hand on a blocking stdlib socket
   send-socketcomm      Client.send in a loop, 100-byte payload (the peer discards)
   send-stdlib          struct.pack + sendall in a loop
+  request-aio          socketcomm.aio Client.request round trips on uvloop
+  request-streams      the same framing by hand with asyncio streams on uvloop
 """
 
 from __future__ import annotations
@@ -116,11 +118,77 @@ def send_stdlib(port: int) -> dict[str, float]:
     return send_rate(send_all)
 
 
+async def async_latencies(one_round_trip: object, count: int) -> dict[str, float]:
+    assert callable(one_round_trip)
+    for _ in range(1000):  # warm up
+        await one_round_trip()
+    samples = []
+    started = time.perf_counter()
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        await one_round_trip()
+        samples.append(time.perf_counter_ns() - t0)
+    elapsed = time.perf_counter() - started
+    samples.sort()
+    return {
+        "messages": count,
+        "msgs_per_s": count / elapsed,
+        "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
+    }
+
+
+def request_aio(port: int) -> dict[str, float]:
+    import uvloop
+
+    import socketcomm.aio
+
+    async def main() -> dict[str, float]:
+        async with socketcomm.aio.Client("127.0.0.1", port, timeout=10) as client:
+            return await async_latencies(lambda: client.request(PAYLOAD), ROUND_TRIPS)
+
+    result: dict[str, float] = uvloop.run(main())
+    return result
+
+
+def request_streams(port: int) -> dict[str, float]:
+    import asyncio
+
+    import uvloop
+
+    async def main() -> dict[str, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(HELLO)
+        await reader.readexactly(12)
+        request_id = 0
+
+        async def round_trip() -> bytes:
+            nonlocal request_id
+            request_id += 1
+            writer.write(struct.pack(">IBI", 5 + len(PAYLOAD), 2, request_id) + PAYLOAD)
+            await writer.drain()
+            length = struct.unpack(">I", await reader.readexactly(4))[0]
+            reply = await reader.readexactly(length)
+            assert reply[0] == 3 and int.from_bytes(reply[1:5], "big") == request_id
+            return reply[5:]
+
+        try:
+            return await async_latencies(round_trip, ROUND_TRIPS)
+        finally:
+            writer.close()
+
+    result: dict[str, float] = uvloop.run(main())
+    return result
+
+
 KINDS = {
     "request-socketcomm": request_socketcomm,
     "request-stdlib": request_stdlib,
     "send-socketcomm": send_socketcomm,
     "send-stdlib": send_stdlib,
+    "request-aio": request_aio,
+    "request-streams": request_streams,
 }
 
 if __name__ == "__main__":

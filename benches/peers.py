@@ -10,6 +10,8 @@ load generator drives them all. KIND is one of:
   protocol-echo          asyncio Protocol echo (add -uvloop for uvloop)
   protocol-handler       asyncio Protocol running the same Python handler (add -uvloop)
   streams-echo           asyncio streams echo (add -uvloop)
+  streams-handler        asyncio streams running the same Python handler (add -uvloop)
+  socketcomm-aio         socketcomm.aio on uvloop: async for event in server, await reply
   threaded-echo          socketserver.ThreadingTCPServer, one thread per connection
 """
 
@@ -94,7 +96,7 @@ async def serve_protocol(protocol: type[FramedProtocol]) -> None:
     await serve_until_term(server)
 
 
-async def serve_streams() -> None:
+async def serve_streams(run_handler: bool) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -103,7 +105,8 @@ async def serve_streams() -> None:
             while True:
                 header = await reader.readexactly(4)
                 body = await reader.readexactly(int.from_bytes(header, "big"))
-                writer.write(header + body)
+                frame = header + body
+                writer.write(answer_frame(frame) if run_handler else frame)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -166,8 +169,31 @@ def serve_socketcomm(kind: str) -> None:
         server.close(timeout=1)
 
 
+async def serve_socketcomm_aio() -> None:
+    import socketcomm.aio
+
+    async with socketcomm.aio.Server("127.0.0.1", 0) as server:
+        ready(server.address[1])
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+        async def serve() -> None:
+            async for event in server:
+                if isinstance(event, socketcomm.aio.Message):
+                    await event.reply(handler(event.conn_id, event.data))
+
+        serving = asyncio.create_task(serve())
+        await stop.wait()
+        serving.cancel()
+
+
 def main() -> None:
     kind = sys.argv[1]
+    if kind == "socketcomm-aio":
+        import uvloop
+
+        uvloop.run(serve_socketcomm_aio())
+        return
     if kind.startswith("socketcomm-"):
         serve_socketcomm(kind)
         return
@@ -184,7 +210,9 @@ def main() -> None:
     elif base == "protocol-handler":
         asyncio.run(serve_protocol(HandlerProtocol))
     elif base == "streams-echo":
-        asyncio.run(serve_streams())
+        asyncio.run(serve_streams(run_handler=False))
+    elif base == "streams-handler":
+        asyncio.run(serve_streams(run_handler=True))
     else:
         raise SystemExit(f"unknown peer {kind!r}; see --help")
 

@@ -45,6 +45,8 @@ HANDLER_PEERS = [
     ("socketcomm-pull", "socketcomm pull loop (for event in server)"),
     ("protocol-handler-uvloop", "asyncio Protocol + same handler on uvloop"),
     ("protocol-handler", "asyncio Protocol + same handler, standard loop"),
+    ("socketcomm-aio", "socketcomm.aio server on uvloop (async for, await reply)"),
+    ("streams-handler-uvloop", "asyncio streams + same handler on uvloop"),
 ]
 
 
@@ -245,7 +247,14 @@ def main() -> None:
     try:
         clients = {
             kind: run_client(kind, (sink_peer if kind.startswith("send") else echo_peer).port)
-            for kind in ("request-socketcomm", "request-stdlib", "send-socketcomm", "send-stdlib")
+            for kind in (
+                "request-socketcomm",
+                "request-stdlib",
+                "send-socketcomm",
+                "send-stdlib",
+                "request-aio",
+                "request-streams",
+            )
         }
     finally:
         echo_peer.stop()
@@ -311,12 +320,32 @@ def main() -> None:
             True,
         ),
     ]
+    # The asyncio API against the same task done with asyncio streams on uvloop (issue 6 sets
+    # no figure; parity is the reference).
+    goals += [
+        (
+            "aio server throughput / asyncio streams + handler on uvloop",
+            throughput,
+            "socketcomm-aio",
+            "streams-handler-uvloop",
+            1.0,
+            True,
+        ),
+        (
+            "aio Client.request p50 / asyncio streams client on uvloop",
+            request_p50,
+            "request-aio",
+            "request-streams",
+            1.0,
+            False,
+        ),
+    ]
     report = [
         f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {args.conns} connections x "
         f"{args.size} B, one message in flight per connection, {args.duration:.0f} s windows "
         f"after {args.warmup:.0f} s warm-up ({'--quick' if args.quick else 'full'}).",
         "",
-        "### Goals (DESIGN.md section 5, rows 1 to 6)",
+        "### Goals (DESIGN.md section 5, rows 1 to 6; the last two: the asyncio API)",
         "",
         "| ratio | measured | goal | |",
         "| --- | ---: | ---: | --- |",

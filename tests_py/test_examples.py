@@ -88,3 +88,11 @@ def test_chat_room_example() -> None:
         "bo hears 'ann: hello, room'",
         "cy hears 'ann: hello, room'",
     ]
+
+
+def test_asyncio_example() -> None:
+    assert run_example("asyncio_echo.py").splitlines() == [
+        "echo: hello 0",
+        "echo: hello 1",
+        "echo: hello 2",
+    ]

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
+    "AbortOnCancel",
     "AsyncMessage",
     "Client",
     "Connected",
@@ -32,6 +33,7 @@ __all__ = [
     "TransferError",
     "__version__",
     "_connect",
+    "_deliver",
 ]
 
 __version__: Final[str]
@@ -147,6 +149,15 @@ class Ready:
     def __await__(self) -> Generator[Any]: ...
     def __iter__(self) -> Self: ...
     def __next__(self) -> None: ...
+
+@final
+class AbortOnCancel:
+    """The done-callback that drops a Rust task when its asyncio future is cancelled."""
+
+    def __call__(self, future: Any, /) -> None: ...
+
+def _deliver(future: Any, is_error: bool, value: Any) -> None:
+    """Sets an asyncio future's outcome on its loop, unless it was cancelled meanwhile."""
 
 def _connect(
     host: str,

@@ -12,17 +12,25 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
+
 use bytes::Bytes;
+use futures_util::FutureExt;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use pyo3::IntoPyObjectExt;
 
 use super::client::{client_config, PyClient};
 use super::convert::payload;
 use super::errors;
 use super::events::{event_to_py, Flavour};
-use super::runtime::timeout_from_secs;
+use super::exit::with_python;
+use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
+use crate::error::Error;
 
 /// An awaitable that is already complete (with None): what a call returns when its work was
 /// done at once, so that the fast path costs no asyncio future and no task.
@@ -49,13 +57,135 @@ pub(crate) fn ready(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 }
 
 /// Runs `future` on the shared runtime and returns an asyncio future for its result, bound to
-/// the running event loop. Cancelling the asyncio future drops the Rust future.
+/// the running event loop (found with pyo3-async-runtimes). Cancelling the asyncio future drops
+/// the Rust future.
+///
+/// NOTE: pyo3-async-runtimes' `future_into_py` would set the result from a tokio blocking
+/// thread that attaches to Python, which crashes the interpreter when it lands during exit
+/// (see `exit.rs`). Here the tokio task never touches Python: it hands its outcome to one
+/// completer thread, which converts it (errors included) and resolves the future through the
+/// loop's `call_soon_threadsafe`, taking the GIL once per batch and never after exit began.
 pub(crate) fn spawn_awaitable<F, T>(py: Python<'_>, future: F) -> PyResult<Bound<'_, PyAny>>
 where
-    F: Future<Output = PyResult<T>> + Send + 'static,
+    F: Future<Output = Result<T, Error>> + Send + 'static,
     T: for<'py> IntoPyObject<'py> + Send + 'static,
 {
-    pyo3_async_runtimes::tokio::future_into_py(py, future)
+    let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+    let py_future = event_loop.call_method0("create_future")?;
+    let target = Target {
+        event_loop: event_loop.unbind(),
+        future: py_future.clone().unbind(),
+    };
+    let task = runtime().spawn(async move {
+        let outcome = AssertUnwindSafe(future).catch_unwind().await;
+        // The completer is gone only once the interpreter is exiting: nobody awaits any more.
+        let _ = completer().send(Box::new(move |py: Python<'_>| {
+            let value = match outcome {
+                Ok(Ok(value)) => value.into_py_any(py),
+                Ok(Err(error)) => Err(PyErr::from(error)),
+                Err(_) => Err(PyRuntimeError::new_err(
+                    "internal error in socketcomm (a Rust panic); please report it",
+                )),
+            };
+            target.resolve(py, value);
+        }));
+    });
+    py_future.call_method1(
+        "add_done_callback",
+        (AbortOnCancel {
+            task: task.abort_handle(),
+        },),
+    )?;
+    Ok(py_future)
+}
+
+/// The asyncio future a Rust task resolves, and its loop.
+struct Target {
+    event_loop: Py<PyAny>,
+    future: Py<PyAny>,
+}
+
+impl Target {
+    fn resolve(self, py: Python<'_>, value: PyResult<Py<PyAny>>) {
+        let (is_error, value) = match value {
+            Ok(value) => (false, value),
+            Err(error) => (true, error.into_value(py).into_any()),
+        };
+        let deliver = match py
+            .import("socketcomm._socketcomm")
+            .and_then(|m| m.getattr("_deliver"))
+        {
+            Ok(deliver) => deliver,
+            Err(_) => return,
+        };
+        // A closed loop refuses the callback: its program is gone, and so is the awaiter.
+        let _ = self.event_loop.bind(py).call_method1(
+            "call_soon_threadsafe",
+            (deliver, self.future, is_error, value),
+        );
+    }
+}
+
+/// Sets an asyncio future's outcome, on its loop's thread, unless it was cancelled meanwhile.
+#[pyfunction]
+pub(crate) fn _deliver(
+    future: &Bound<'_, PyAny>,
+    is_error: bool,
+    value: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    if future.call_method0("done")?.is_truthy()? {
+        return Ok(());
+    }
+    let method = if is_error {
+        "set_exception"
+    } else {
+        "set_result"
+    };
+    future.call_method1(method, (value,))?;
+    Ok(())
+}
+
+/// Aborts the Rust task when its asyncio future is cancelled.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct AbortOnCancel {
+    task: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl AbortOnCancel {
+    fn __call__(&self, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if future.call_method0("cancelled")?.is_truthy()? {
+            self.task.abort();
+        }
+        Ok(())
+    }
+}
+
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// Resolutions to hand to Python, in the order the tasks finished.
+fn completer() -> &'static std::sync::mpsc::Sender<Job> {
+    static COMPLETER: OnceLock<std::sync::mpsc::Sender<Job>> = OnceLock::new();
+    COMPLETER.get_or_init(|| {
+        let (jobs, queued) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("socketcomm-asyncio".into())
+            .spawn(move || {
+                while let Ok(first) = queued.recv() {
+                    let batch: Vec<Job> = std::iter::once(first).chain(queued.try_iter()).collect();
+                    let done = with_python(|py| {
+                        for job in batch {
+                            job(py);
+                        }
+                    });
+                    if done.is_none() {
+                        return; // the interpreter is exiting
+                    }
+                }
+            })
+            .expect("cannot start the asyncio completer thread");
+        jobs
+    })
 }
 
 /// A message payload handed to Python as `bytes`.
@@ -118,7 +248,7 @@ impl PyClient {
         let core = Arc::clone(self.core());
         spawn_awaitable(py, async move {
             core.readable().await;
-            Ok(())
+            Ok::<_, Error>(())
         })
     }
 
@@ -131,7 +261,7 @@ impl PyClient {
     fn _send<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move { Ok(core.send(data).await?) })
+        spawn_awaitable(py, async move { core.send(data).await })
     }
 
     /// Sends a request; the awaitable gives the reply.
@@ -142,7 +272,7 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move { Ok(Payload(core.request(data).await?)) })
+        spawn_awaitable(py, async move { core.request(data).await.map(Payload) })
     }
 
     /// Flushes, says goodbye and closes.
@@ -150,7 +280,7 @@ impl PyClient {
         let core = Arc::clone(self.core());
         spawn_awaitable(py, async move {
             core.close(DEFAULT_CLOSE_GRACE).await;
-            Ok(())
+            Ok::<_, Error>(())
         })
     }
 }
@@ -175,7 +305,7 @@ impl PyServer {
         let core = Arc::clone(self.core());
         spawn_awaitable(py, async move {
             core.event_ready().await;
-            Ok(())
+            Ok::<_, Error>(())
         })
     }
 
@@ -196,7 +326,7 @@ impl PyServer {
         if conn.try_send(data.clone())? {
             return ready(py);
         }
-        spawn_awaitable(py, async move { Ok(conn.send(data).await?) })
+        spawn_awaitable(py, async move { conn.send(data).await })
     }
 
     /// Sends to every connection but `exclude`; the awaitable gives how many it reached.
@@ -221,7 +351,7 @@ impl PyServer {
         core.shutdown();
         spawn_awaitable(py, async move {
             core.wait_closed(grace).await;
-            Ok(())
+            Ok::<_, Error>(())
         })
     }
 }

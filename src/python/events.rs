@@ -157,7 +157,7 @@ impl AsyncMessage {
             return ready(py);
         }
         let message = self.fields.inner.clone();
-        spawn_awaitable(py, async move { Ok(message.reply(data).await?) })
+        spawn_awaitable(py, async move { message.reply(data).await })
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

@@ -12,6 +12,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
 
+use super::exit::with_python;
+
 /// Records waiting for the forwarding thread; beyond this they are dropped.
 const QUEUE: usize = 4096;
 
@@ -68,7 +70,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
 
 fn forward(queued: &Receiver<QueuedRecord>, python: &pyo3_log::Logger) {
     while let Ok(first) = queued.recv() {
-        Python::attach(|_py| {
+        let forwarded = with_python(|_py| {
             for record in std::iter::once(first).chain(queued.try_iter().take(BATCH - 1)) {
                 python.log(
                     &Record::builder()
@@ -79,5 +81,8 @@ fn forward(queued: &Receiver<QueuedRecord>, python: &pyo3_log::Logger) {
                 );
             }
         });
+        if forwarded.is_none() {
+            return; // the interpreter is exiting
+        }
     }
 }

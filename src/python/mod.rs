@@ -6,6 +6,7 @@ mod client;
 mod convert;
 mod errors;
 mod events;
+mod exit;
 mod logging;
 mod runtime;
 mod server;
@@ -29,6 +30,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ACK_REPLY", PyBytes::new(m.py(), ACK_REPLY))?;
     // The asyncio bridge runs its futures on the runtime everything else uses.
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::runtime());
+    exit::install(m)?;
     m.add_class::<server::PyServer>()?;
     m.add_class::<events::Connected>()?;
     m.add_class::<events::Message>()?;
@@ -36,6 +38,8 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<events::Disconnected>()?;
     m.add_class::<aio::Ready>()?;
     m.add_function(wrap_pyfunction!(aio::_connect, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_deliver, m)?)?;
+    m.add_class::<aio::AbortOnCancel>()?;
     m.add_class::<client::PyClient>()?;
     errors::register(m)?;
     Ok(())

@@ -15,6 +15,7 @@ use pyo3::types::PyBytes;
 use super::convert::{address, payload, resolve};
 use super::errors;
 use super::events::{event_to_py, Flavour};
+use super::exit::{stop_at_exit, with_python};
 use super::runtime::{runtime, timeout_from_secs, wait};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -251,10 +252,13 @@ impl PyServer {
         if self.handlers.any() && dispatcher.is_none() {
             let events = self.core.events().clone();
             let handlers = self.handlers.clone_ref(py);
+            let (running, ended) = std::sync::mpsc::channel::<()>();
             let thread = std::thread::Builder::new()
                 .name("socketcomm-dispatch".into())
                 .spawn(move || {
-                    Python::attach(|py| {
+                    // `running` is dropped when this thread ends, which is what exit waits for.
+                    let _running = running;
+                    with_python(|py| {
                         if let Err(e) = dispatch(py, &events, &handlers) {
                             e.print(py);
                         }
@@ -263,6 +267,13 @@ impl PyServer {
                 .map_err(|e| {
                     PyRuntimeError::new_err(format!("cannot start the dispatcher: {e}"))
                 })?;
+            // A server still serving when the interpreter exits: stop it so the dispatcher
+            // leaves Python before the interpreter goes away.
+            let core = Arc::clone(&self.core);
+            stop_at_exit(Box::new(move || {
+                core.shutdown();
+                let _ = ended.recv();
+            }));
             *dispatcher = Some(thread);
         }
         Ok(())
