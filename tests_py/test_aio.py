@@ -174,6 +174,10 @@ def test_timeouts_raise_the_builtin_timeout_error(run: Runner) -> None:
                     await client.request("nobody answers in events mode")
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(client.recv(timeout=10), 0.05)
+                if sys.version_info >= (3, 11):
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await client.recv(timeout=10)
                 assert await server.recv_many(timeout=0.05) != []  # Connected, Message
 
     run(main)
