@@ -62,6 +62,19 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -
         ) from None
 
 
+async def _take(try_take: Callable[[], Any], ready: Callable[[], Awaitable[None]]) -> Any:
+    """Takes the next item, waiting with ``ready()`` while there is none.
+
+    Waiting and taking are separate steps so that a task cancelled while waiting has taken
+    nothing: the item stays queued for the next call.
+    """
+    while True:
+        item = try_take()
+        if item is not None:
+            return item
+        await ready()
+
+
 class Client:
     """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`.
 
@@ -135,11 +148,8 @@ class Client:
 
     async def _next_message(self) -> bytes:
         core = self._connected
-        while True:
-            message = core._try_recv()
-            if message is not None:
-                return message
-            await core._readable()
+        message: bytes = await _take(core._try_recv, core._readable)
+        return message
 
     async def request(self, data: Data, timeout: float | None = None) -> bytes:
         """Sends a request and returns the server's reply to it."""
@@ -240,12 +250,8 @@ class Server:
         return event
 
     async def _next_event(self) -> Event:
-        core = self._core
-        while True:
-            event = core._try_event()
-            if event is not None:
-                return event
-            await core._event_ready()
+        event: Event = await _take(self._core._try_event, self._core._event_ready)
+        return event
 
     async def recv_many(self, max: int = 256, timeout: float | None = None) -> list[Event]:
         """Up to ``max`` events: waits for the first, then takes those already queued. An empty

@@ -73,35 +73,56 @@ pub(crate) struct Message {
     fields: MessageFields,
 }
 
+/// A message from a client, as `socketcomm.aio` yields it: `await message.reply(...)`.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct AsyncMessage {
+    fields: MessageFields,
+}
+
+/// The attributes both message flavours show, in one `#[pymethods]` block per class.
+macro_rules! message_attributes {
+    ($class:ident) => {
+        #[pymethods]
+        impl $class {
+            #[getter]
+            fn conn_id(&self) -> u64 {
+                self.fields.inner.conn.id()
+            }
+
+            #[getter]
+            fn peer(&self) -> (String, u16) {
+                self.fields.peer.clone()
+            }
+
+            #[getter]
+            fn data(&self, py: Python<'_>) -> Py<PyBytes> {
+                self.fields.data.clone_ref(py)
+            }
+
+            /// The correlation id when the client sent a request (and waits for the reply).
+            #[getter]
+            fn request_id(&self) -> Option<u32> {
+                self.fields.inner.request_id
+            }
+
+            /// The data decoded as UTF-8.
+            #[getter]
+            fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+                self.fields.text(py)
+            }
+
+            fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+                self.fields.repr(py, stringify!($class))
+            }
+        }
+    };
+}
+
+message_attributes!(Message);
+message_attributes!(AsyncMessage);
+
 #[pymethods]
 impl Message {
-    #[getter]
-    fn conn_id(&self) -> u64 {
-        self.fields.inner.conn.id()
-    }
-
-    #[getter]
-    fn peer(&self) -> (String, u16) {
-        self.fields.peer.clone()
-    }
-
-    #[getter]
-    fn data(&self, py: Python<'_>) -> Py<PyBytes> {
-        self.fields.data.clone_ref(py)
-    }
-
-    /// The correlation id when the client sent a request (and waits for the reply), else None.
-    #[getter]
-    fn request_id(&self) -> Option<u32> {
-        self.fields.inner.request_id
-    }
-
-    /// The data decoded as UTF-8.
-    #[getter]
-    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
-        self.fields.text(py)
-    }
-
     /// Answers this message: the reply to a request, or a plain message otherwise.
     fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let data = payload(data)?;
@@ -110,45 +131,10 @@ impl Message {
             .expect("waits without a timeout")?;
         Ok(())
     }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        self.fields.repr(py, "Message")
-    }
-}
-
-/// A message from a client, as `socketcomm.aio` yields it: `await message.reply(...)`.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
-pub(crate) struct AsyncMessage {
-    fields: MessageFields,
 }
 
 #[pymethods]
 impl AsyncMessage {
-    #[getter]
-    fn conn_id(&self) -> u64 {
-        self.fields.inner.conn.id()
-    }
-
-    #[getter]
-    fn peer(&self) -> (String, u16) {
-        self.fields.peer.clone()
-    }
-
-    #[getter]
-    fn data(&self, py: Python<'_>) -> Py<PyBytes> {
-        self.fields.data.clone_ref(py)
-    }
-
-    #[getter]
-    fn request_id(&self) -> Option<u32> {
-        self.fields.inner.request_id
-    }
-
-    #[getter]
-    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
-        self.fields.text(py)
-    }
-
     /// Answers this message; await the result. Completes at once when the connection's queue
     /// has room, and waits for room otherwise.
     fn reply<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
@@ -158,10 +144,6 @@ impl AsyncMessage {
         }
         let message = self.fields.inner.clone();
         spawn_awaitable(py, async move { message.reply(data).await })
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        self.fields.repr(py, "AsyncMessage")
     }
 }
 
