@@ -26,6 +26,8 @@ use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
 pub struct Client {
     peer: SocketAddr,
     local: SocketAddr,
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
     raw: bool,
     outbox: Outbox,
     inbound: flume::Receiver<Bytes>,
@@ -94,7 +96,7 @@ impl Client {
             .collect();
         let mut last_error = None;
         for addr in addrs {
-            match TcpStream::connect(addr).await {
+            match connect_from(addr, config).await {
                 Ok(stream) => return Self::handshake(stream, config).await,
                 Err(e) => last_error = Some((addr, e)),
             }
@@ -124,11 +126,10 @@ impl Client {
         let local = stream
             .local_addr()
             .map_err(|e| Error::io("cannot read the local address", e))?;
-        if config.nodelay {
-            stream
-                .set_nodelay(true)
-                .map_err(|e| Error::io("cannot set TCP_NODELAY", e))?;
-        }
+        config
+            .socket
+            .apply(socket2::SockRef::from(&stream))
+            .map_err(|e| Error::io("cannot set the socket options", e))?;
         let state = ConnState::new(u32::MAX);
         let mut buffered = BytesMut::new();
         if !config.raw {
@@ -146,6 +147,8 @@ impl Client {
         state: Arc<ConnState>,
         buffered: BytesMut,
     ) -> Client {
+        #[cfg(unix)]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let (reader, writer) = stream.into_split();
         let (queue, queued) = tokio::sync::mpsc::channel(config.outbound_queue);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
@@ -175,6 +178,8 @@ impl Client {
         Client {
             peer,
             local,
+            #[cfg(unix)]
+            fd,
             raw: config.raw,
             outbox,
             inbound,
@@ -192,6 +197,12 @@ impl Client {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The socket's descriptor, for inspecting it (valid until the connection ends).
+    #[cfg(unix)]
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
     }
 
     pub fn is_raw(&self) -> bool {
@@ -342,6 +353,20 @@ impl Drop for Client {
             .then(|| Frame::close(CloseCode::NORMAL, "client closed"));
         self.shared.finish_writer(last);
     }
+}
+
+/// Connects to `addr`, from `config.local_addr` when set.
+async fn connect_from(addr: SocketAddr, config: &ClientConfig) -> io::Result<TcpStream> {
+    let Some(local) = config.local_addr else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(local)?;
+    socket.connect(addr).await
 }
 
 /// Removes a request's entry when its caller stops waiting, so abandoned requests leak nothing.

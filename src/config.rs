@@ -98,6 +98,100 @@ impl Mode {
     }
 }
 
+/// TCP keepalive probes: after `idle` without traffic, every `interval`, `retries` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Option<Duration>,
+    pub retries: Option<u32>,
+}
+
+/// Options of every connected socket, set with `socket2` (names as in the Python API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `TCP_NODELAY`: send small messages at once (on by default).
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE` with its timings; `None` leaves it off.
+    pub keepalive: Option<Keepalive>,
+    /// `SO_RCVBUF` / `SO_SNDBUF` in bytes; `None` leaves the kernel's autotuning alone.
+    pub recv_buffer: Option<usize>,
+    pub send_buffer: Option<usize>,
+    /// `SO_LINGER`: how long `close` may wait for unsent data; `Some(0)` resets instead.
+    pub linger: Option<Duration>,
+}
+
+impl Default for SocketOptions {
+    fn default() -> SocketOptions {
+        SocketOptions {
+            nodelay: true,
+            keepalive: None,
+            recv_buffer: None,
+            send_buffer: None,
+            linger: None,
+        }
+    }
+}
+
+impl SocketOptions {
+    /// Applies the options to a socket.
+    ///
+    /// # Errors
+    /// The first option the operating system refuses.
+    pub fn apply(&self, socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+        socket.set_tcp_nodelay(self.nodelay)?;
+        if let Some(keepalive) = &self.keepalive {
+            let mut params = socket2::TcpKeepalive::new().with_time(keepalive.idle);
+            if let Some(interval) = keepalive.interval {
+                params = params.with_interval(interval);
+            }
+            #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+            if let Some(retries) = keepalive.retries {
+                params = params.with_retries(retries);
+            }
+            socket.set_tcp_keepalive(&params)?;
+        }
+        if let Some(size) = self.recv_buffer {
+            socket.set_recv_buffer_size(size)?;
+        }
+        if let Some(size) = self.send_buffer {
+            socket.set_send_buffer_size(size)?;
+        }
+        if self.linger.is_some() {
+            socket.set_linger(self.linger)?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(keepalive) = &self.keepalive {
+            if keepalive.idle < Duration::from_secs(1) {
+                return Err(Error::invalid("keepalive", "must be at least 1 second"));
+            }
+            if keepalive
+                .interval
+                .is_some_and(|i| i < Duration::from_secs(1))
+            {
+                return Err(Error::invalid(
+                    "keepalive_interval",
+                    "must be at least 1 second",
+                ));
+            }
+            if keepalive.retries == Some(0) {
+                return Err(Error::invalid("keepalive_count", "must be at least 1"));
+            }
+        }
+        for (option, size) in [
+            ("recv_buffer", self.recv_buffer),
+            ("send_buffer", self.send_buffer),
+        ] {
+            if size.is_some_and(|size| size < 1024) {
+                return Err(Error::invalid(option, "must be at least 1024 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Settings of a [`Server`](crate::server::Server).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -112,8 +206,12 @@ pub struct ServerConfig {
     pub event_queue: usize,
     /// Frames waiting to be written to one connection; when full, senders wait.
     pub outbound_queue: usize,
-    /// Set `TCP_NODELAY` on accepted connections.
-    pub nodelay: bool,
+    /// Options set on every accepted connection.
+    pub socket: SocketOptions,
+    /// `SO_REUSEADDR` on the listener: restart while old connections sit in TIME_WAIT.
+    pub reuse_addr: bool,
+    /// `SO_REUSEPORT`: let several listeners share the port (the kernel spreads connections).
+    pub reuse_port: bool,
     /// Connections served at once; one more is told "server full" and closed.
     pub max_connections: usize,
     /// Close a connection after this long without a byte from the client.
@@ -131,7 +229,9 @@ impl Default for ServerConfig {
             backlog: 1024,
             event_queue: 4096,
             outbound_queue: 1024,
-            nodelay: true,
+            socket: SocketOptions::default(),
+            reuse_addr: true,
+            reuse_port: false,
             max_connections: 10_000,
             idle_timeout: None,
             slow_reader: SlowReader::Disconnect,
@@ -144,6 +244,7 @@ impl ServerConfig {
     /// [`Error::InvalidOption`] naming the first option whose value cannot work.
     pub fn validate(&self) -> Result<()> {
         validate_max_frame(self.max_frame)?;
+        self.socket.validate()?;
         if self.backlog == 0 {
             return Err(Error::invalid("backlog", "must be at least 1"));
         }
@@ -179,8 +280,10 @@ pub struct ClientConfig {
     pub inbound_queue: usize,
     /// Frames waiting to be written; when full, `send` waits.
     pub outbound_queue: usize,
-    /// Set `TCP_NODELAY`.
-    pub nodelay: bool,
+    /// Options of the connected socket.
+    pub socket: SocketOptions,
+    /// The local address to connect from (`None`: any).
+    pub local_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for ClientConfig {
@@ -191,7 +294,8 @@ impl Default for ClientConfig {
             max_frame: DEFAULT_MAX_FRAME,
             inbound_queue: 1024,
             outbound_queue: 1024,
-            nodelay: true,
+            socket: SocketOptions::default(),
+            local_addr: None,
         }
     }
 }
@@ -201,6 +305,7 @@ impl ClientConfig {
     /// [`Error::InvalidOption`] naming the first option whose value cannot work.
     pub fn validate(&self) -> Result<()> {
         validate_max_frame(self.max_frame)?;
+        self.socket.validate()?;
         if self.connect_timeout.is_zero() {
             return Err(Error::invalid("connect_timeout", "must be positive"));
         }

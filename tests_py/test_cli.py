@@ -257,3 +257,21 @@ def test_a_chat_room_relays_between_interactive_clients() -> None:
         for chat in clients:
             chat.stop()
         server.stop()
+
+
+def test_socket_options_from_the_command_line() -> None:
+    process = ServerProcess("--keepalive", "30", "--recv-buffer", "262144", "--reuse-port")
+    try:
+        result = run(
+            [sys.executable, "client.py", "--port", str(process.port), "--keepalive", "10"]
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ACK + "\n"
+        # A second server on the same port works because both asked for --reuse-port.
+        second = ServerProcess("--reuse-port", "--port", str(process.port))
+        second.stop()
+        bad = run([sys.executable, "client.py", "--port", str(process.port), "--keepalive", "0"])
+        assert bad.returncode == 2
+        assert "must be positive" in bad.stderr
+    finally:
+        process.stop()

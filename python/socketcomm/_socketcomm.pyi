@@ -167,7 +167,14 @@ def _connect(
     connect_timeout: float = 10.0,
     raw: bool = False,
     max_frame: int = ...,
+    local_address: tuple[str, int] | None = None,
     nodelay: bool = True,
+    keepalive: float | None = None,
+    keepalive_interval: float | None = None,
+    keepalive_count: int | None = None,
+    recv_buffer: int | None = None,
+    send_buffer: int | None = None,
+    linger: float | None = None,
 ) -> Awaitable[Client]:
     """Connects without blocking the event loop (``socketcomm.aio.Client`` uses it)."""
 
@@ -216,7 +223,15 @@ class Server:
     drops that client and what is queued for it (its ``Disconnected`` event has code 1007), so
     one stalled reader never holds up the others for long; ``slow_reader="wait"`` waits for it
     however long it takes.
-    ``backlog`` is the listen backlog, ``nodelay`` sets TCP_NODELAY.
+    ``backlog`` is the listen backlog.
+
+    Socket options (set on every accepted connection): ``nodelay`` (TCP_NODELAY, on),
+    ``keepalive`` (seconds idle before TCP keepalive probes; None: off) with
+    ``keepalive_interval`` (seconds) and ``keepalive_count``, ``recv_buffer``/``send_buffer``
+    (SO_RCVBUF/SO_SNDBUF bytes; None: the kernel's autotuning), ``linger`` (SO_LINGER seconds;
+    0 resets on close). ``reuse_addr`` (on) lets a restarted server bind at once;
+    ``reuse_port`` lets several servers share one port, the kernel spreading connections.
+    Binding ``"::"`` serves IPv6 and IPv4 clients (dual stack).
 
     Raises ``OSError`` (e.g. ``errno.EADDRINUSE``) when the address cannot be bound and
     ``ValueError`` for an invalid option.
@@ -238,9 +253,20 @@ class Server:
         slow_reader: str = "disconnect",
         backlog: int = 1024,
         nodelay: bool = True,
+        keepalive: float | None = None,
+        keepalive_interval: float | None = None,
+        keepalive_count: int | None = None,
+        recv_buffer: int | None = None,
+        send_buffer: int | None = None,
+        linger: float | None = None,
+        reuse_addr: bool = True,
+        reuse_port: bool = False,
         event_queue: int = 4096,
         outbound_queue: int = 1024,
     ) -> Self: ...
+    def fileno(self) -> int:
+        """The listening socket's descriptor, to inspect it (``os.dup`` it first; do not
+        close it)."""
     @property
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` the server listens on."""
@@ -324,6 +350,8 @@ class Client:
     Raises ``ConnectionRefusedError`` (and the other ``OSError`` subclasses) when the server
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
     the server is not a socketcomm server (connect with ``raw=True`` to plain TCP servers).
+    ``local_address`` binds the local end before connecting. The socket options are those of
+    `Server`.
     """
 
     def __new__(
@@ -335,8 +363,17 @@ class Client:
         connect_timeout: float = 10.0,
         raw: bool = False,
         max_frame: int = ...,
+        local_address: tuple[str, int] | None = None,
         nodelay: bool = True,
+        keepalive: float | None = None,
+        keepalive_interval: float | None = None,
+        keepalive_count: int | None = None,
+        recv_buffer: int | None = None,
+        send_buffer: int | None = None,
+        linger: float | None = None,
     ) -> Self: ...
+    def fileno(self) -> int:
+        """The socket's descriptor, to inspect it (``os.dup`` it first; do not close it)."""
     @property
     def address(self) -> tuple[str, int]:
         """The server's ``(host, port)``."""

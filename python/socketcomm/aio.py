@@ -76,7 +76,8 @@ async def _take(try_take: Callable[[], Any], ready: Callable[[], Awaitable[None]
 
 
 class Client:
-    """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`.
+    """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`
+    (the socket options, ``local_address`` included, are passed as keywords).
 
     ``async with Client(host, port) as client`` connects on entry; ``await client.connect()``
     does the same without a ``with``. One client may be awaited by many tasks at once.
@@ -91,7 +92,7 @@ class Client:
         connect_timeout: float = 10.0,
         raw: bool = False,
         max_frame: int = _socketcomm.DEFAULT_MAX_FRAME,
-        nodelay: bool = True,
+        **socket_options: Any,
     ) -> None:
         self._target = (host, port)
         self._options: dict[str, Any] = {
@@ -99,7 +100,7 @@ class Client:
             "connect_timeout": connect_timeout,
             "raw": raw,
             "max_frame": max_frame,
-            "nodelay": nodelay,
+            **socket_options,
         }
         self._timeout = timeout
         self._core: _socketcomm.Client | None = None

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from socketcomm import Event
 from socketcomm._socketcomm import (
@@ -80,6 +81,33 @@ def _add_address_options(parser: argparse.ArgumentParser, role: str) -> None:
         default=None,
         help=f"TCP port to {role} (default: ${PORT_ENV} or {DEFAULT_PORT})",
     )
+
+
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("socket options")
+    group.add_argument(
+        "--no-nodelay",
+        dest="nodelay",
+        action="store_false",
+        help="leave Nagle's algorithm on (TCP_NODELAY off)",
+    )
+    group.add_argument(
+        "--keepalive",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="send TCP keepalive probes after this long idle (default: off)",
+    )
+    group.add_argument("--recv-buffer", type=int, metavar="BYTES", help="SO_RCVBUF")
+    group.add_argument("--send-buffer", type=int, metavar="BYTES", help="SO_SNDBUF")
+
+
+def _socket_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "nodelay": args.nodelay,
+        "keepalive": args.keepalive,
+        "recv_buffer": args.recv_buffer,
+        "send_buffer": args.send_buffer,
+    }
 
 
 def _add_logging_options(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +180,13 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="close a connection that sends nothing for this long (default: never)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let several servers share the port (SO_REUSEPORT)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing per client")
+    _add_socket_options(parser)
     _add_logging_options(parser)
     parser.set_defaults(run=run_server)
 
@@ -179,6 +213,8 @@ def run_server(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
+        reuse_port=args.reuse_port,
+        **_socket_options(args),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -258,6 +294,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long to wait for the connection and the answer (default: %(default)s)",
     )
+    _add_socket_options(parser)
     _add_logging_options(parser)
     parser.set_defaults(run=run_client)
 
@@ -266,7 +303,12 @@ def run_client(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else _env_port()
     try:
         with Client(
-            args.host, port, timeout=args.timeout, connect_timeout=args.timeout, raw=args.raw
+            args.host,
+            port,
+            timeout=args.timeout,
+            connect_timeout=args.timeout,
+            raw=args.raw,
+            **_socket_options(args),
         ) as client:
             if args.interactive:
                 return _chat(client)

@@ -27,6 +27,7 @@ use super::convert::payload;
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
+use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
@@ -212,7 +213,14 @@ impl<'py> IntoPyObject<'py> for Payload {
     connect_timeout = 10.0,
     raw = false,
     max_frame = crate::frame::DEFAULT_MAX_FRAME,
+    local_address = None,
     nodelay = true,
+    keepalive = None,
+    keepalive_interval = None,
+    keepalive_count = None,
+    recv_buffer = None,
+    send_buffer = None,
+    linger = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn _connect(
@@ -223,10 +231,26 @@ pub(crate) fn _connect(
     connect_timeout: f64,
     raw: bool,
     max_frame: u32,
+    local_address: Option<(String, u16)>,
     nodelay: bool,
+    keepalive: Option<f64>,
+    keepalive_interval: Option<f64>,
+    keepalive_count: Option<u32>,
+    recv_buffer: Option<usize>,
+    send_buffer: Option<usize>,
+    linger: Option<f64>,
 ) -> PyResult<Bound<'_, PyAny>> {
     let timeout = timeout_from_secs("timeout", timeout)?;
-    let config = client_config(connect_timeout, raw, max_frame, nodelay)?;
+    let socket = socket_options(
+        nodelay,
+        keepalive,
+        keepalive_interval,
+        keepalive_count,
+        recv_buffer,
+        send_buffer,
+        linger,
+    )?;
+    let config = client_config(connect_timeout, raw, max_frame, local_address, socket)?;
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;
         Ok(PyClient::new_connected(core, timeout))

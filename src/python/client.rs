@@ -10,7 +10,12 @@ use pyo3::types::{PyBytes, PyTuple};
 use super::convert::{address, payload};
 use super::runtime::{timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
-use crate::config::ClientConfig;
+use std::net::ToSocketAddrs;
+
+use pyo3::exceptions::PyValueError;
+
+use super::options::socket_options;
+use crate::config::{ClientConfig, SocketOptions};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
 
@@ -22,19 +27,34 @@ pub(crate) struct PyClient {
 }
 
 /// The client settings from the Python options both APIs share.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn client_config(
     connect_timeout: f64,
     raw: bool,
     max_frame: u32,
-    nodelay: bool,
+    local_address: Option<(String, u16)>,
+    socket: SocketOptions,
 ) -> PyResult<ClientConfig> {
     let connect_timeout =
         timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
+    let local_addr = match local_address {
+        Some((host, port)) => Some(
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("invalid local_address: cannot resolve {host:?}"))
+                })?,
+        ),
+        None => None,
+    };
     Ok(ClientConfig {
         connect_timeout,
         raw,
         max_frame,
-        nodelay,
+        socket,
+        local_addr,
         ..ClientConfig::default()
     })
 }
@@ -50,7 +70,14 @@ impl PyClient {
         connect_timeout = 10.0,
         raw = false,
         max_frame = DEFAULT_MAX_FRAME,
+        local_address = None,
         nodelay = true,
+        keepalive = None,
+        keepalive_interval = None,
+        keepalive_count = None,
+        recv_buffer = None,
+        send_buffer = None,
+        linger = None,
     ))]
     // Each argument is a Python keyword option.
     #[allow(clippy::too_many_arguments)]
@@ -62,18 +89,26 @@ impl PyClient {
         connect_timeout: f64,
         raw: bool,
         max_frame: u32,
+        local_address: Option<(String, u16)>,
         nodelay: bool,
+        keepalive: Option<f64>,
+        keepalive_interval: Option<f64>,
+        keepalive_count: Option<u32>,
+        recv_buffer: Option<usize>,
+        send_buffer: Option<usize>,
+        linger: Option<f64>,
     ) -> PyResult<PyClient> {
         let timeout = timeout_from_secs("timeout", timeout)?;
-        let connect_timeout =
-            timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
-        let config = ClientConfig {
-            connect_timeout,
-            raw,
-            max_frame,
+        let socket = socket_options(
             nodelay,
-            ..ClientConfig::default()
-        };
+            keepalive,
+            keepalive_interval,
+            keepalive_count,
+            recv_buffer,
+            send_buffer,
+            linger,
+        )?;
+        let config = client_config(connect_timeout, raw, max_frame, local_address, socket)?;
         let core = wait(
             py,
             async move { Client::connect(&host, port, config).await },
@@ -87,6 +122,12 @@ impl PyClient {
     #[getter]
     fn address(&self) -> (String, u16) {
         address(self.core.peer_addr())
+    }
+
+    /// The socket's file descriptor (to inspect it with `socket.socket(fileno=...)` on a
+    /// `os.dup` of it; do not close it).
+    fn fileno(&self) -> i32 {
+        self.core.fd()
     }
 
     /// `(host, port)` of this end of the connection.

@@ -8,6 +8,7 @@ mod errors;
 mod events;
 mod exit;
 mod logging;
+mod options;
 mod runtime;
 mod server;
 

@@ -16,6 +16,7 @@ use super::convert::{address, payload, resolve};
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
+use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -172,6 +173,14 @@ impl PyServer {
         slow_reader = "disconnect",
         backlog = 1024,
         nodelay = true,
+        keepalive = None,
+        keepalive_interval = None,
+        keepalive_count = None,
+        recv_buffer = None,
+        send_buffer = None,
+        linger = None,
+        reuse_addr = true,
+        reuse_port = false,
         event_queue = 4096,
         outbound_queue = 1024,
     ))]
@@ -192,6 +201,14 @@ impl PyServer {
         slow_reader: &str,
         backlog: u32,
         nodelay: bool,
+        keepalive: Option<f64>,
+        keepalive_interval: Option<f64>,
+        keepalive_count: Option<u32>,
+        recv_buffer: Option<usize>,
+        send_buffer: Option<usize>,
+        linger: Option<f64>,
+        reuse_addr: bool,
+        reuse_port: bool,
         event_queue: usize,
         outbound_queue: usize,
     ) -> PyResult<PyServer> {
@@ -210,7 +227,17 @@ impl PyServer {
             backlog,
             event_queue,
             outbound_queue,
-            nodelay,
+            socket: socket_options(
+                nodelay,
+                keepalive,
+                keepalive_interval,
+                keepalive_count,
+                recv_buffer,
+                send_buffer,
+                linger,
+            )?,
+            reuse_addr,
+            reuse_port,
             max_connections,
             idle_timeout: timeout_from_secs("idle_timeout", idle_timeout)?,
             slow_reader: SlowReader::parse(slow_reader)?,
@@ -225,6 +252,12 @@ impl PyServer {
             handlers,
             dispatcher: Mutex::new(None),
         })
+    }
+
+    /// The listening socket's file descriptor (to inspect it with `socket.socket(fileno=...)`
+    /// on a `os.dup` of it; do not close it).
+    fn fileno(&self) -> i32 {
+        self.core.listener_fd()
     }
 
     /// `(host, port)` the server listens on.

@@ -193,6 +193,8 @@ pub enum Event {
 /// runtime ends, so call `shutdown` (the Python layer does so on `close()` and when collected).
 pub struct Server {
     local_addr: SocketAddr,
+    #[cfg(unix)]
+    listener_fd: std::os::fd::RawFd,
     hub: Arc<Hub>,
     /// The listener and the event sender, until [`Server::start`] moves them into the accept loop.
     unstarted: Mutex<Option<(std::net::TcpListener, EventSender)>>,
@@ -284,6 +286,8 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("cannot read the listening address", e))?;
+        #[cfg(unix)]
+        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let (sender, events) = flume::bounded(config.event_queue);
         let hub = Arc::new(Hub {
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -302,6 +306,8 @@ impl Server {
         };
         Ok(Server {
             local_addr,
+            #[cfg(unix)]
+            listener_fd,
             hub,
             unstarted: Mutex::new(Some((listener, sender))),
             events,
@@ -310,6 +316,12 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listening socket's descriptor, for inspecting it (valid until the server closes).
+    #[cfg(unix)]
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        self.listener_fd
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -426,9 +438,23 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // NOTE: SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT; on
-    // Unix it does not let two live listeners share the port.
+    // Unix it does not let two live listeners share the port (SO_REUSEPORT does).
     #[cfg(unix)]
-    socket.set_reuse_address(true)?;
+    socket.set_reuse_address(config.reuse_addr)?;
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    socket.set_reuse_port(config.reuse_port)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // "::" serves IPv4 clients too (dual stack), whatever the system default.
+        socket.set_only_v6(false)?;
+    }
+    // Buffer sizes set on the listener before listen() are the ones the TCP window scale of
+    // accepted connections is negotiated for.
+    if let Some(size) = config.socket.recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    if let Some(size) = config.socket.send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(config.backlog).unwrap_or(i32::MAX))?;
@@ -451,10 +477,8 @@ async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: Eve
         };
         match accepted {
             Ok((stream, peer)) => {
-                if hub.config.nodelay {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        log::debug!("cannot set TCP_NODELAY for {peer}: {e}");
-                    }
+                if let Err(e) = hub.config.socket.apply(socket2::SockRef::from(&stream)) {
+                    log::warn!("cannot set the socket options of {peer}: {e}");
                 }
                 // NOTE: the slot is taken after accept, never before: over the limit the
                 // client is told so at once instead of waiting unanswered in the backlog.
