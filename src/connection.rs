@@ -209,14 +209,14 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             frame = queue.recv(), if queue_open => match frame {
                 Some(frame) => {
                     encode(&frame, raw, &mut buf);
-                    drain_into(&mut queue, raw, &mut buf, WRITE_BATCH);
+                    let _ = drain_into(&mut queue, raw, &mut buf, WRITE_BATCH);
                     write_buffer(&mut io, &mut buf, &abort).await?;
                 }
                 // Every sender is gone; only `finish` (or `abort`) can end the loop now.
                 None => queue_open = false,
             },
             last = &mut finish => {
-                drain_into(&mut queue, raw, &mut buf, usize::MAX);
+                let _ = drain_into(&mut queue, raw, &mut buf, usize::MAX);
                 if let Ok(Some(frame)) = last {
                     encode(&frame, raw, &mut buf);
                 }
@@ -244,19 +244,25 @@ async fn write_buffer<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Encodes queued frames into `buf` until the queue is empty or `buf` holds `limit` bytes.
+/// Encodes queued frames into `buf` until the queue is empty or `buf` holds `limit` bytes;
+/// returns how many it encoded.
 pub(crate) fn drain_into(
     queue: &mut mpsc::Receiver<Frame>,
     raw: bool,
     buf: &mut BytesMut,
     limit: usize,
-) {
+) -> u64 {
+    let mut drained = 0;
     while buf.len() < limit {
         match queue.try_recv() {
-            Ok(frame) => encode(&frame, raw, buf),
+            Ok(frame) => {
+                encode(&frame, raw, buf);
+                drained += 1;
+            }
             Err(_) => break,
         }
     }
+    drained
 }
 
 /// Appends `frame` as it goes on the wire: framed, or in raw mode the bare payload (control

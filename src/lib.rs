@@ -26,4 +26,4 @@ pub use client::Client;
 pub use config::{ClientConfig, Mode, ServerConfig};
 pub use error::{CloseInfo, Error, FrameError};
 pub use frame::{CloseCode, Frame, FrameCodec};
-pub use server::{ConnId, Connection, Event, Message, Server};
+pub use server::{ConnId, Connection, Event, Message, Server, Stats};

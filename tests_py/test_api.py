@@ -334,3 +334,30 @@ def test_rust_log_records_reach_python_logging(caplog: pytest.LogCaptureFixture)
         time.sleep(0.02)
     else:
         raise AssertionError(f"no record of the bad frame in {caplog.records}")
+
+
+def test_stats_count_connections_messages_and_endings() -> None:
+    with socketcomm.Server(
+        "127.0.0.1", 0, mode="echo", max_connections=2, idle_timeout=0.3
+    ) as server:
+        assert server.stats()["connections_total"] == 0
+        with socketcomm.Client(*server.address, timeout=5) as client:
+            for _ in range(10):
+                assert client.request(b"0123456789") == b"0123456789"
+            with socket.create_connection(server.address) as bad:
+                bad.sendall(b"\x89SCM\x01\x01\x00\x00\x00\x00\x10\x00\x00\x00\x00\x01\x7e")
+                bad.settimeout(5)
+                while bad.recv(1024):
+                    pass
+            stats = server.stats()
+            assert stats["connections"] == 1
+            assert stats["messages_in"] == 10
+            assert stats["messages_out"] == 10
+            assert stats["bytes_out"] == 10 * (4 + 1 + 4 + 10)
+            assert stats["protocol_errors"] == 1
+        with socketcomm.Client(*server.address, timeout=5) as idle:
+            with pytest.raises(socketcomm.ConnectionClosedError):
+                idle.recv()
+        stats = server.stats()
+        assert stats["connections_total"] == 3
+        assert stats["idle_timeouts"] == 1

@@ -139,6 +139,7 @@ def test_sigint_and_sigterm_stop_the_server_with_status_0() -> None:
         assert time.monotonic() - started < 5
         _, _, err = process.stop()
         assert "stopping" in err
+        assert "served 1 connections, 1 messages in and 1 out" in err
 
 
 @pytest.mark.parametrize(

@@ -308,6 +308,11 @@ class Server:
     @property
     def connections(self) -> dict[int, tuple[str, int]]:
         """The live connections, ``{conn_id: (host, port)}``, oldest first."""
+    def stats(self) -> dict[str, int]:
+        """Counters of what the server has done: ``connections`` (open now),
+        ``connections_total``, ``messages_in``, ``messages_out``, ``bytes_in``, ``bytes_out``,
+        ``refused_full``, ``protocol_errors``, ``idle_timeouts``, ``slow_readers``,
+        ``connection_errors``."""
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""

@@ -245,6 +245,10 @@ class Server:
     def connections(self) -> dict[int, tuple[str, int]]:
         return self._core.connections
 
+    def stats(self) -> dict[str, int]:
+        """Counters of what the server has done (as `socketcomm.Server.stats`)."""
+        return self._core.stats()
+
     async def recv(self, timeout: float | None = None) -> Event:
         """The next event, waiting up to ``timeout`` seconds (None: no limit)."""
         event: Event = await _within(self._next_event(), timeout, "event")

@@ -231,6 +231,12 @@ def run_server(args: argparse.Namespace) -> int:
     # The connections closed by the shutdown are reported too.
     for event in server:
         _handle_event(event, args)
+    stats = server.stats()
+    print(
+        f"served {stats['connections_total']} connections, {stats['messages_in']} messages in "
+        f"and {stats['messages_out']} out ({stats['bytes_in']} and {stats['bytes_out']} bytes)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -437,6 +437,29 @@ impl PyServer {
         Ok(batch)
     }
 
+    /// Counters of what the server has done: connections (now and in all), messages and bytes
+    /// each way, and endings by kind.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let stats = self.core.stats();
+        let all = pyo3::types::PyDict::new(py);
+        for (name, value) in [
+            ("connections", stats.connections),
+            ("connections_total", stats.connections_total),
+            ("messages_in", stats.messages_in),
+            ("messages_out", stats.messages_out),
+            ("bytes_in", stats.bytes_in),
+            ("bytes_out", stats.bytes_out),
+            ("refused_full", stats.refused_full),
+            ("protocol_errors", stats.protocol_errors),
+            ("idle_timeouts", stats.idle_timeouts),
+            ("slow_readers", stats.slow_readers),
+            ("connection_errors", stats.connection_errors),
+        ] {
+            all.set_item(name, value)?;
+        }
+        Ok(all)
+    }
+
     /// The live connections: `{conn_id: (host, port)}`, oldest first.
     #[getter]
     fn connections<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,7 @@ pub(super) async fn serve(
     hub.emit(&events, Event::Connected(conn.clone())).await;
 
     let reason = run(&hub, stream, &conn, &mut queued, &events).await;
+    count_ending(&hub, &reason);
 
     conn.outbox.state().mark_closed(reason.clone());
     lock(&hub.connections).remove(&id);
@@ -65,6 +67,24 @@ pub(super) async fn serve(
     log::debug!("connection {id} from {peer} ended: {reason}");
     hub.emit(&events, Event::Disconnected { conn, reason })
         .await;
+}
+
+/// Counts a connection's ending by its kind.
+fn count_ending(hub: &Hub, reason: &CloseInfo) {
+    let counter = match reason.code {
+        Some(
+            CloseCode::PROTOCOL_ERROR | CloseCode::FRAME_TOO_LARGE | CloseCode::UNSUPPORTED_VERSION,
+        ) => &hub.counters.protocol_errors,
+        Some(CloseCode::IDLE_TIMEOUT) => &hub.counters.idle_timeouts,
+        None if reason.reason.starts_with("connection failed")
+            || reason.reason.contains("reset")
+            || reason.reason.contains("went away") =>
+        {
+            &hub.counters.connection_errors
+        }
+        _ => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Why the read loop stopped, and the close frame to send a framed client, if any.
@@ -121,8 +141,11 @@ async fn run(
         read_buf: buffered,
         write_buf: BytesMut::new(),
         idle,
+        messages_in: 0,
+        messages_out: 0,
     };
     let (reason, last_frame) = driver.run(&mut reader, &mut writer, queued).await;
+    driver.flush_counts();
     driver.finish(&mut writer, queued, last_frame).await;
     reason
 }
@@ -146,9 +169,27 @@ struct Driver<'a> {
     read_buf: BytesMut,
     write_buf: BytesMut,
     idle: IdleTimer,
+    /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
+    /// the loop, not per message).
+    messages_in: u64,
+    messages_out: u64,
 }
 
 impl Driver<'_> {
+    fn flush_counts(&mut self) {
+        let counters = &self.hub.counters;
+        if self.messages_in > 0 {
+            counters
+                .messages_in
+                .fetch_add(std::mem::take(&mut self.messages_in), Ordering::Relaxed);
+        }
+        if self.messages_out > 0 {
+            counters
+                .messages_out
+                .fetch_add(std::mem::take(&mut self.messages_out), Ordering::Relaxed);
+        }
+    }
+
     async fn run<R, W>(
         &mut self,
         reader: &mut R,
@@ -164,6 +205,7 @@ impl Driver<'_> {
             if let Some(ending) = self.handle_buffered().await {
                 return ending;
             }
+            self.flush_counts();
             let writing = !self.write_buf.is_empty();
             let reading = self.write_buf.len() < HIGH_WATER;
             if reading && self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
@@ -179,13 +221,17 @@ impl Driver<'_> {
                 }
                 written = writer.write(&self.write_buf), if writing => match written {
                     Ok(0) => return (CloseInfo::new(None, "the client stopped taking data"), None),
-                    Ok(n) => self.write_buf.advance(n),
+                    Ok(n) => {
+                        self.write_buf.advance(n);
+                        self.hub.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     Err(e) => return (io_close_info(&e), None),
                 },
                 frame = queued.recv(), if queue_open && reading => match frame {
                     Some(frame) => {
                         encode(&frame, self.raw, &mut self.write_buf);
-                        drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
+                        self.messages_out +=
+                            1 + drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
                     }
                     None => queue_open = false,
                 },
@@ -197,7 +243,10 @@ impl Driver<'_> {
                         let e = FrameError::Truncated(self.read_buf.len());
                         return (CloseInfo::new(None, format!("the client left: {e}")), None);
                     }
-                    Ok(_) => self.idle.touch(),
+                    Ok(n) => {
+                        self.idle.touch();
+                        self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     Err(e) => return (io_close_info(&e), None),
                 },
             }
@@ -209,7 +258,11 @@ impl Driver<'_> {
         loop {
             if self.hub.config.mode.answers_in_place() {
                 match self.answer_in_place() {
-                    Ok(InPlace::Answered) => continue,
+                    Ok(InPlace::Answered) => {
+                        self.messages_in += 1;
+                        self.messages_out += 1;
+                        continue;
+                    }
                     Ok(InPlace::NeedMore) => return None,
                     Ok(InPlace::NotMine) => {}
                     Err(e) => return Some(self.protocol_error(e)),
@@ -325,15 +378,18 @@ impl Driver<'_> {
                 return None;
             }
         };
+        self.messages_in += 1;
         match self.hub.config.mode {
             Mode::Events => self.hub.emit(self.events, Event::Message(message)).await,
             Mode::Echo => {
                 let answer = message.answer(message.data.clone());
                 encode(&answer, self.raw, &mut self.write_buf);
+                self.messages_out += 1;
             }
             Mode::Ack => {
                 let answer = message.answer(self.hub.config.ack_reply.clone());
                 encode(&answer, self.raw, &mut self.write_buf);
+                self.messages_out += 1;
             }
             Mode::Broadcast => {
                 self.hub.broadcast(message.data, &[self.conn.id]).await;
@@ -353,7 +409,10 @@ impl Driver<'_> {
         if self.conn.control.abort.is_cancelled() {
             return;
         }
-        drain_into(queued, self.raw, &mut self.write_buf, usize::MAX);
+        self.hub.counters.messages_out.fetch_add(
+            drain_into(queued, self.raw, &mut self.write_buf, usize::MAX),
+            Ordering::Relaxed,
+        );
         if let Some(last) = last.filter(|_| !self.raw) {
             encode(&last, false, &mut self.write_buf);
         }
@@ -491,6 +550,7 @@ pub(super) async fn refuse_full(hub: Arc<Hub>, mut stream: TcpStream, peer: Sock
         "server full: it serves at most {} connections; try again later",
         hub.config.max_connections
     );
+    hub.counters.refused_full.fetch_add(1, Ordering::Relaxed);
     log::info!("refused {peer}: {reason}");
     let mut first = BytesMut::with_capacity(HELLO_LEN);
     let framed = tokio::time::timeout(REFUSAL_WAIT, async {

@@ -219,6 +219,7 @@ struct Hub {
     /// Notified when an event is queued and when the queue ends, for callers that wait for an
     /// event without taking it ([`Server::event_ready`]).
     events_ready: Notify,
+    counters: Counters,
 }
 
 /// The event queue's sending side, held by the accept loop and each connection task. When the
@@ -251,6 +252,42 @@ impl Drop for EventSender {
         drop(self.queue.take());
         self.hub.events_ready.notify_waiters();
     }
+}
+
+/// Counters of what a server did, read with [`Server::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    refused_full: AtomicU64,
+    protocol_errors: AtomicU64,
+    idle_timeouts: AtomicU64,
+    slow_readers: AtomicU64,
+    connection_errors: AtomicU64,
+}
+
+/// A snapshot of a server's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections accepted and served since the server started (refused ones not counted).
+    pub connections_total: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Clients told "server full" (over `max_connections`).
+    pub refused_full: u64,
+    /// Connections closed for breaking the protocol (including oversized frames).
+    pub protocol_errors: u64,
+    pub idle_timeouts: u64,
+    /// Clients dropped from a broadcast for not reading.
+    pub slow_readers: u64,
+    /// Connections that ended in an I/O error (reset, broken pipe).
+    pub connection_errors: u64,
 }
 
 /// How long a broadcast waits for room in a full outbound queue before it disconnects that
@@ -299,6 +336,7 @@ impl Server {
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
             events_ready: Notify::new(),
+            counters: Counters::default(),
         });
         let sender = EventSender {
             queue: Some(sender),
@@ -373,6 +411,25 @@ impl Server {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// What the server has done so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.hub.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            connections: lock(&self.hub.connections).len() as u64,
+            connections_total: self.hub.next_id.load(Ordering::Relaxed) - 1,
+            messages_in: load(&c.messages_in),
+            messages_out: load(&c.messages_out),
+            bytes_in: load(&c.bytes_in),
+            bytes_out: load(&c.bytes_out),
+            refused_full: load(&c.refused_full),
+            protocol_errors: load(&c.protocol_errors),
+            idle_timeouts: load(&c.idle_timeouts),
+            slow_readers: load(&c.slow_readers),
+            connection_errors: load(&c.connection_errors),
         }
     }
 
@@ -501,7 +558,10 @@ async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: Eve
                                 drop(permit);
                             });
                         }
-                        Err(_) => log::debug!("server full; closed {peer} without a word"),
+                        Err(_) => {
+                            hub.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                            log::debug!("server full; closed {peer} without a word");
+                        }
                     },
                 }
             }
@@ -570,6 +630,7 @@ impl Hub {
                                     conn.peer,
                                     SLOW_READER_GRACE
                                 );
+                                self.counters.slow_readers.fetch_add(1, Ordering::Relaxed);
                                 conn.close_with(
                                     CloseInfo::new(
                                         Some(CloseCode::SLOW_READER),
@@ -585,6 +646,9 @@ impl Hub {
                 },
             };
             reached += usize::from(sent);
+            self.counters
+                .messages_out
+                .fetch_add(u64::from(sent), Ordering::Relaxed);
         }
         reached
     }
