@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,9 @@ ORIGINALS = Path(__file__).resolve().parent / "originals"
 
 
 @pytest.fixture
-def echo_server() -> Iterator[socketcomm.Server]:
-    with socketcomm.Server("127.0.0.1", 0, mode="echo") as server:
-        yield server
+def echo_server(socketcomm_server_factory: Callable[..., socketcomm.Server]) -> socketcomm.Server:
+    """A native echo server, from the fixtures the package ships for pytest (socketcomm.testing)."""
+    return socketcomm_server_factory(mode="echo")
 
 
 class ReplyingServer:
