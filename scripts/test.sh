@@ -15,7 +15,7 @@ cargo fmt --all -- --check
 cargo clippy --all-features --tests -- -D warnings
 ruff check .
 ruff format --check .
-python -m mypy python/socketcomm examples
+python -m mypy python/socketcomm examples tests_py benches
 
 step "Rust tests"
 cargo test --quiet

@@ -85,11 +85,13 @@ def run(args: list[str], *, timeout: float = 30, **env: str) -> subprocess.Compl
 class Background:
     """A long-running process (a server) whose output is read as it comes."""
 
-    def __init__(self, args: list[str], *, stdin: bool = False, **env: str) -> None:
+    def __init__(
+        self, args: list[str], *, stdin: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=script_env(**env),
+            env=script_env(**(env or {})),
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -139,7 +141,7 @@ class ServerProcess(Background):
     """``python server.py ...`` on an ephemeral port."""
 
     def __init__(self, *args: str, script: str = "server.py", **env: str) -> None:
-        super().__init__([sys.executable, script, "--port", "0", *args], **env)
+        super().__init__([sys.executable, script, "--port", "0", *args], env=env)
         match = self.wait_for_line("stderr", r"listening on ([\d.]+):(\d+)")
         self.host = match.group(1)
         self.port = int(match.group(2))
