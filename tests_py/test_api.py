@@ -325,15 +325,16 @@ def test_rust_log_records_reach_python_logging(caplog: pytest.LogCaptureFixture)
                 sock.settimeout(5)
                 while sock.recv(1024):
                     pass
-    # Records reach Python through a forwarding thread: give it a moment.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        records = [r for r in caplog.records if r.name.startswith("socketcomm._socketcomm")]
-        if any("unknown frame type 0x7e" in r.getMessage() for r in records):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(f"no record of the bad frame in {caplog.records}")
+        # Records reach Python through a forwarding thread: give it a moment, with the level
+        # still set (Python's logging decides when the record arrives).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            records = [r for r in caplog.records if r.name.startswith("socketcomm._socketcomm")]
+            if any("unknown frame type 0x7e" in r.getMessage() for r in records):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"no record of the bad frame in {caplog.records}")
 
 
 def test_stats_count_connections_messages_and_endings() -> None:
