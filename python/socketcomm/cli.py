@@ -1,15 +1,15 @@
 """The command line: ``socketcomm server|client``, ``python -m socketcomm``, and the drop-in
 ``server.py``/``client.py`` wrappers.
 
-Host and port come from ``--host``/``--port``, else ``SOCKETCOMM_HOST``/``SOCKETCOMM_PORT``, else
-the defaults (127.0.0.1 and an unprivileged port, so nothing needs root).
+Every setting comes from a flag, else a ``SOCKETCOMM_<NAME>`` environment variable, else a TOML
+file given with ``--config``, else its default (127.0.0.1 and an unprivileged port, so nothing
+needs root); see `socketcomm.config`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import queue
 import signal
 import sys
@@ -20,10 +20,6 @@ from typing import Any
 
 from socketcomm import Event
 from socketcomm._socketcomm import (
-    ACK_REPLY,
-    DEFAULT_HOST,
-    DEFAULT_MAX_FRAME,
-    DEFAULT_PORT,
     Client,
     Connected,
     Disconnected,
@@ -31,96 +27,45 @@ from socketcomm._socketcomm import (
     Server,
     SocketCommError,
 )
+from socketcomm.config import (
+    CLIENT_SETTINGS,
+    SERVER_SETTINGS,
+    ConfigError,
+    Resolved,
+    add_arguments,
+    resolve,
+)
 
-HOST_ENV = "SOCKETCOMM_HOST"
-PORT_ENV = "SOCKETCOMM_PORT"
 DEFAULT_MESSAGE = "Hello World"
 
 log = logging.getLogger("socketcomm.cli")
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
-    return port
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
-
-
-def _env_port() -> int:
-    text = os.environ.get(PORT_ENV)
-    if text is None:
-        return DEFAULT_PORT
-    try:
-        return _port(text)
-    except argparse.ArgumentTypeError as e:
-        raise SystemExit(f"error: {PORT_ENV}: {e}") from None
-
-
-def _add_address_options(parser: argparse.ArgumentParser, role: str) -> None:
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--host",
-        default=os.environ.get(HOST_ENV, DEFAULT_HOST),
-        help=f"address to {role} (default: ${HOST_ENV} or %(default)s)",
-    )
-    parser.add_argument(
-        "--port",
-        type=_port,
-        default=None,
-        help=f"TCP port to {role} (default: ${PORT_ENV} or {DEFAULT_PORT})",
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v connections and disconnections with reasons, -vv everything",
     )
 
 
-def _add_socket_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("socket options")
-    group.add_argument(
-        "--no-nodelay",
-        dest="nodelay",
-        action="store_false",
-        help="leave Nagle's algorithm on (TCP_NODELAY off)",
-    )
-    group.add_argument(
-        "--keepalive",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="send TCP keepalive probes after this long idle (default: off)",
-    )
-    group.add_argument("--recv-buffer", type=int, metavar="BYTES", help="SO_RCVBUF")
-    group.add_argument("--send-buffer", type=int, metavar="BYTES", help="SO_SNDBUF")
-
-
-def _socket_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "nodelay": args.nodelay,
-        "keepalive": args.keepalive,
-        "recv_buffer": args.recv_buffer,
-        "send_buffer": args.send_buffer,
-    }
-
-
-def _add_logging_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log connections and errors in detail"
-    )
-
-
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(args: argparse.Namespace, settings: Resolved) -> None:
+    if args.quiet:
+        level = "error"
+    elif args.verbose:
+        level = "info" if args.verbose == 1 else "debug"
+    else:
+        level = settings["log_level"]
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _socket_options(settings: Resolved) -> dict[str, Any]:
+    return {name: settings[name] for name in ("nodelay", "keepalive", "recv_buffer", "send_buffer")}
 
 
 SERVER_DESCRIPTION = """\
@@ -147,47 +92,11 @@ SERVER_EPILOG = "modes:\n" + "\n".join(f"  {k:<6} {v}" for k, v in SERVER_MODES.
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_address_options(parser, "listen on")
+    add_arguments(parser, SERVER_SETTINGS)
     parser.add_argument(
-        "--mode",
-        choices=list(SERVER_MODES),
-        default="reply",
-        help="how messages are answered (default: %(default)s; see below)",
+        "-q", "--quiet", action="store_true", help="print nothing per client; log only errors"
     )
-    parser.add_argument(
-        "--reply",
-        default=ACK_REPLY.decode(),
-        help="the answer of the reply and ack modes (default: %(default)r)",
-    )
-    parser.add_argument(
-        "--max-frame",
-        type=int,
-        default=DEFAULT_MAX_FRAME,
-        metavar="BYTES",
-        help="largest frame accepted from a client (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=10_000,
-        metavar="N",
-        help="clients served at once; one more is told the server is full (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=_positive_float,
-        default=None,
-        metavar="SECONDS",
-        help="close a connection that sends nothing for this long (default: never)",
-    )
-    parser.add_argument(
-        "--reuse-port",
-        action="store_true",
-        help="let several servers share the port (SO_REUSEPORT)",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing per client")
-    _add_socket_options(parser)
-    _add_logging_options(parser)
+    _add_verbosity(parser)
     parser.set_defaults(run=run_server)
 
 
@@ -203,23 +112,31 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    port = args.port if args.port is not None else _env_port()
-    native = args.mode != "reply"
+    settings = resolve(args, SERVER_SETTINGS, "server")
+    if args.print_config:
+        print(settings.render("server"))
+        return 0
+    _setup_logging(args, settings)
+    args.reply = settings["reply"]
+    native = settings["mode"] != "reply"
     server = Server(
-        args.host,
-        port,
-        mode=args.mode if native else "events",
-        reply=args.reply,
-        max_frame=args.max_frame,
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        reuse_port=args.reuse_port,
-        **_socket_options(args),
+        settings["host"],
+        settings["port"],
+        mode=settings["mode"] if native else "events",
+        reply=settings["reply"],
+        max_frame=settings["max_frame"],
+        max_connections=settings["max_connections"],
+        idle_timeout=settings["idle_timeout"],
+        reuse_port=settings["reuse_port"],
+        **_socket_options(settings),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     host, bound_port = server.address
-    print(f"listening on {host}:{bound_port} (mode {args.mode}); Ctrl-C stops", file=sys.stderr)
+    print(
+        f"listening on {host}:{bound_port} (mode {settings['mode']}); Ctrl-C stops",
+        file=sys.stderr,
+    )
     sys.stderr.flush()
     try:
         for event in server:
@@ -250,6 +167,7 @@ def _handle_event(event: Event, args: argparse.Namespace) -> None:
         return
     elif isinstance(event, Connected):
         print(f"connected to {event.peer}", flush=True)
+        log.info("connection %d from %s", event.conn_id, event.peer)
     elif isinstance(event, Disconnected):
         print(f"Communication with {event.peer} ended!", flush=True)
         log.info("connection %d ended: %s", event.conn_id, event.reason)
@@ -281,44 +199,37 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MESSAGE,
         help="what to send (default: %(default)r)",
     )
-    _add_address_options(parser, "connect to")
-    parser.add_argument(
-        "--raw",
-        action="store_true",
-        help="plain TCP with no framing, for servers that are not socketcomm servers",
-    )
     parser.add_argument(
         "-i",
         "--interactive",
         action="store_true",
         help=f"send each line typed, print what arrives, until {QUIT}",
     )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long to wait for the connection and the answer (default: %(default)s)",
-    )
-    _add_socket_options(parser)
-    _add_logging_options(parser)
+    add_arguments(parser, CLIENT_SETTINGS)
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    _add_verbosity(parser)
     parser.set_defaults(run=run_client)
 
 
 def run_client(args: argparse.Namespace) -> int:
-    port = args.port if args.port is not None else _env_port()
+    settings = resolve(args, CLIENT_SETTINGS, "client")
+    if args.print_config:
+        print(settings.render("client"))
+        return 0
+    _setup_logging(args, settings)
+    raw = settings["raw"]
     try:
         with Client(
-            args.host,
-            port,
-            timeout=args.timeout,
-            connect_timeout=args.timeout,
-            raw=args.raw,
-            **_socket_options(args),
+            settings["host"],
+            settings["port"],
+            timeout=settings["timeout"],
+            connect_timeout=settings["timeout"],
+            raw=raw,
+            **_socket_options(settings),
         ) as client:
             if args.interactive:
                 return _chat(client)
-            if args.raw:
+            if raw:
                 client.send(args.message)
                 answer = client.recv()
             else:
@@ -374,9 +285,11 @@ def _chat(client: Client) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
     try:
         result: int = args.run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (OSError, SocketCommError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
