@@ -17,6 +17,7 @@ import socketcomm
 from conftest import ORIGINALS, Background, ServerProcess, run
 
 ACK = "Your message has been received, Thank you!"
+ORIGINAL_CLIENT = (ORIGINALS / "client.py").read_text()
 PEER = r"\('127\.0\.0\.1', \d+\)"
 
 
@@ -276,3 +277,18 @@ def test_socket_options_from_the_command_line() -> None:
         assert "must be positive" in bad.stderr
     finally:
         process.stop()
+
+
+def test_workers_share_one_port_and_stop_together() -> None:
+    process = ServerProcess("--workers", "2")
+    try:
+        for _ in range(20):
+            result = run([sys.executable, "-c", ORIGINAL_CLIENT, process.host, str(process.port)])
+            assert result.stdout == ACK + "\n"
+        time.sleep(0.3)
+    finally:
+        code, out, err = process.stop()
+    assert code == 0
+    served_by = {line.rsplit(" by ", 1)[1] for line in out.splitlines() if " by worker" in line}
+    assert served_by == {"worker 0", "worker 1"}, out
+    assert err.count("served ") == 2, "both workers stop and report"

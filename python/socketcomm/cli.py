@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -119,6 +121,7 @@ def run_server(args: argparse.Namespace) -> int:
     _setup_logging(args, settings)
     args.reply = settings["reply"]
     native = settings["mode"] != "reply"
+    workers = settings["workers"]
     server = Server(
         settings["host"],
         settings["port"],
@@ -127,17 +130,21 @@ def run_server(args: argparse.Namespace) -> int:
         max_frame=settings["max_frame"],
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
-        reuse_port=settings["reuse_port"],
+        reuse_port=settings["reuse_port"] or workers > 1,
         **_socket_options(settings),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if workers > 1:
+        os.environ[WORKER_ENV] = "0"  # this process is worker 0
     host, bound_port = server.address
     print(
-        f"listening on {host}:{bound_port} (mode {settings['mode']}); Ctrl-C stops",
+        f"listening on {host}:{bound_port} (mode {settings['mode']}"
+        f"{_worker_tag(', ')}); Ctrl-C stops",
         file=sys.stderr,
     )
     sys.stderr.flush()
+    children = _start_workers(args, settings, bound_port) if workers > 1 else []
     try:
         for event in server:
             _handle_event(event, args)
@@ -145,16 +152,54 @@ def run_server(args: argparse.Namespace) -> int:
         print("stopping: closing connections", file=sys.stderr)
     finally:
         server.close()
+        _stop_workers(children)
     # The connections closed by the shutdown are reported too.
     for event in server:
         _handle_event(event, args)
     stats = server.stats()
     print(
         f"served {stats['connections_total']} connections, {stats['messages_in']} messages in "
-        f"and {stats['messages_out']} out ({stats['bytes_in']} and {stats['bytes_out']} bytes)",
+        f"and {stats['messages_out']} out ({stats['bytes_in']} and {stats['bytes_out']} bytes)"
+        + _worker_tag(" by "),
         file=sys.stderr,
     )
     return 0
+
+
+WORKER_ENV = "SOCKETCOMM_WORKER"
+
+
+def _worker_tag(separator: str = " ") -> str:
+    """`worker N` when this process is one of several workers, else nothing."""
+    worker = os.environ.get(WORKER_ENV)
+    return f"{separator}worker {worker}" if worker else ""
+
+
+def _start_workers(
+    args: argparse.Namespace, settings: Resolved, port: int
+) -> list[subprocess.Popen[bytes]]:
+    """Starts the other worker processes on the same port; this process is worker 0."""
+    flags = settings.as_flags(SERVER_SETTINGS)
+    flags += ["--port", str(port), "--workers", "1", "--reuse-port"]
+    flags += ["-q"] * bool(args.quiet) + ["-v"] * args.verbose
+    children = []
+    for worker in range(1, settings["workers"]):
+        env = dict(os.environ, **{WORKER_ENV: str(worker)})
+        command = [sys.executable, "-m", "socketcomm", "server", *flags]
+        children.append(subprocess.Popen(command, env=env))
+    return children
+
+
+def _stop_workers(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _handle_event(event: Event, args: argparse.Namespace) -> None:
@@ -166,7 +211,7 @@ def _handle_event(event: Event, args: argparse.Namespace) -> None:
     elif args.quiet:
         return
     elif isinstance(event, Connected):
-        print(f"connected to {event.peer}", flush=True)
+        print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
         log.info("connection %d from %s", event.conn_id, event.peer)
     elif isinstance(event, Disconnected):
         print(f"Communication with {event.peer} ended!", flush=True)

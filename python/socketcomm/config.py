@@ -178,6 +178,13 @@ SERVER_SETTINGS = [
         "let several servers share the port (SO_REUSEPORT)",
         boolean=True,
     ),
+    Setting(
+        "workers",
+        _positive_integer,
+        1,
+        "serve the port from this many processes (SO_REUSEPORT spreads the connections)",
+        "N",
+    ),
     *_SOCKET,
     *_LOGGING,
 ]
@@ -274,6 +281,19 @@ class Resolved:
             else:
                 lines.append(f"{name} = {_toml(value)}  # {source}")
         return "\n".join(lines)
+
+    def as_flags(self, settings: Sequence[Setting]) -> list[str]:
+        """The command-line flags that reproduce these settings (for worker processes)."""
+        flags: list[str] = []
+        for setting in settings:
+            value = self.values[setting.name]
+            if value is None:
+                continue
+            if setting.boolean:
+                flags.append(setting.flag if value else "--no-" + setting.flag[2:])
+            else:
+                flags += [setting.flag, str(value)]
+        return flags
 
 
 def _toml(value: Any) -> str:
