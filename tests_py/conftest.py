@@ -70,7 +70,7 @@ def script_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], *, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], timeout: float = 30, /, **env: str) -> subprocess.CompletedProcess[str]:
     """Runs a command to completion, from the repository root."""
     return subprocess.run(
         args,
