@@ -13,6 +13,9 @@ load generator drives them all. KIND is one of:
   streams-handler        asyncio streams running the same Python handler (add -uvloop)
   socketcomm-aio         socketcomm.aio on uvloop: async for event in server, await reply
   threaded-echo          socketserver.ThreadingTCPServer, one thread per connection
+  cli-workers-N          `python -m socketcomm server --workers N` in reply mode (a Python
+                         loop per process answers each message), to compare N processes
+
 """
 
 from __future__ import annotations
@@ -187,8 +190,38 @@ async def serve_socketcomm_aio() -> None:
         serving.cancel()
 
 
+def serve_cli_workers(workers: int) -> None:
+    """Runs the command-line server with `workers` processes; reports every process's pid."""
+    import subprocess
+    import time
+
+    reply = "x" * 1024  # the same size as the load generator's messages, which it expects back
+    command = [sys.executable, "-m", "socketcomm", "server", "--port", "0", "-q"]
+    command += ["--workers", str(workers), "--reply", reply]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    line = server.stderr.readline()
+    port = int(line.split(":")[1].split()[0])
+    pids = [server.pid]
+    deadline = time.monotonic() + 10
+    while len(pids) < workers and time.monotonic() < deadline:
+        children = f"/proc/{server.pid}/task/{server.pid}/children"
+        with open(children) as listing:
+            pids = [server.pid, *map(int, listing.read().split())]
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers bind after they start
+    print(f"READY {port} {','.join(map(str, pids))}", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=20)
+
+
 def main() -> None:
     kind = sys.argv[1]
+    if kind.startswith("cli-workers-"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        serve_cli_workers(int(kind.rsplit("-", 1)[1]))
+        return
     if kind == "socketcomm-aio":
         import uvloop
 

@@ -47,6 +47,8 @@ HANDLER_PEERS = [
     ("protocol-handler", "asyncio Protocol + same handler, standard loop"),
     ("socketcomm-aio", "socketcomm.aio server on uvloop (async for, await reply)"),
     ("streams-handler-uvloop", "asyncio streams + same handler on uvloop"),
+    ("cli-workers-1", "python server.py (reply mode), 1 worker process"),
+    ("cli-workers-2", "python server.py (reply mode), --workers 2"),
 ]
 
 
@@ -99,7 +101,8 @@ class Peer:
             self.stop()
             raise RuntimeError(f"{kind} did not start")
         self.port = int(line[1])
-        self.pid = int(line[2]) if len(line) > 2 else self.process.pid
+        # Several processes serve some peers (--workers): their CPU time is summed.
+        self.pid = line[2] if len(line) > 2 else str(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -320,6 +323,16 @@ def main() -> None:
             True,
         ),
     ]
+    goals.append(
+        (
+            "--workers 2 throughput / 1 worker (reply mode, Python per message)",
+            throughput,
+            "cli-workers-2",
+            "cli-workers-1",
+            1.0,
+            True,
+        )
+    )
     # The asyncio API against the same task done with asyncio streams on uvloop (issue 6 sets
     # no figure; parity is the reference).
     goals += [
@@ -345,7 +358,7 @@ def main() -> None:
         f"{args.size} B, one message in flight per connection, {args.duration:.0f} s windows "
         f"after {args.warmup:.0f} s warm-up ({'--quick' if args.quick else 'full'}).",
         "",
-        "### Goals (DESIGN.md section 5, rows 1 to 6; the last two: the asyncio API)",
+        "### Goals (DESIGN.md section 5, rows 1 to 6; then workers and the asyncio API)",
         "",
         "| ratio | measured | goal | |",
         "| --- | ---: | ---: | --- |",

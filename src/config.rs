@@ -212,6 +212,9 @@ pub struct ServerConfig {
     pub reuse_addr: bool,
     /// `SO_REUSEPORT`: let several listeners share the port (the kernel spreads connections).
     pub reuse_port: bool,
+    /// Listeners on the port, each with its own accept loop (`SO_REUSEPORT` is set when more
+    /// than one). For several processes, see `python server.py --workers`.
+    pub workers: usize,
     /// Connections served at once; one more is told "server full" and closed.
     pub max_connections: usize,
     /// Close a connection after this long without a byte from the client.
@@ -232,6 +235,7 @@ impl Default for ServerConfig {
             socket: SocketOptions::default(),
             reuse_addr: true,
             reuse_port: false,
+            workers: 1,
             max_connections: 10_000,
             idle_timeout: None,
             slow_reader: SlowReader::Disconnect,
@@ -256,6 +260,9 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err(Error::invalid("max_connections", "must be at least 1"));
+        }
+        if !(1..=256).contains(&self.workers) {
+            return Err(Error::invalid("workers", "must be between 1 and 256"));
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::invalid(

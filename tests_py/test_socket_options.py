@@ -7,6 +7,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,23 @@ def test_invalid_values_are_refused_naming_the_option(
     with socketcomm.Server("127.0.0.1", 0, mode="echo") as server:
         with pytest.raises(ValueError, match=message):
             socketcomm.Client(*server.address, **options)  # type: ignore[arg-type]
+
+
+def test_workers_open_listeners_that_share_the_port() -> None:
+    with socketcomm.Server("127.0.0.1", 0, mode="echo", workers=3) as server:
+        with inspect(server.fileno()) as sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        port = server.address[1]
+        listening = [
+            line
+            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+        ]
+        assert len(listening) == 3, "three listening sockets on the port"
+        clients = [socketcomm.Client(*server.address, timeout=5) for _ in range(30)]
+        for n, client in enumerate(clients):
+            assert client.request(f"{n}") == f"{n}".encode()
+        for client in clients:
+            client.close()
+    with pytest.raises(ValueError, match="invalid workers"):
+        socketcomm.Server("127.0.0.1", 0, workers=0)

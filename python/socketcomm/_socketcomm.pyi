@@ -231,6 +231,8 @@ class Server:
     (SO_RCVBUF/SO_SNDBUF bytes; None: the kernel's autotuning), ``linger`` (SO_LINGER seconds;
     0 resets on close). ``reuse_addr`` (on) lets a restarted server bind at once;
     ``reuse_port`` lets several servers share one port, the kernel spreading connections.
+    ``workers`` opens that many listeners on the port, each with its own accept loop (for
+    several processes, run ``python server.py --workers N``).
     Binding ``"::"`` serves IPv6 and IPv4 clients (dual stack).
 
     Raises ``OSError`` (e.g. ``errno.EADDRINUSE``) when the address cannot be bound and
@@ -261,6 +263,7 @@ class Server:
         linger: float | None = None,
         reuse_addr: bool = True,
         reuse_port: bool = False,
+        workers: int = 1,
         event_queue: int = 4096,
         outbound_queue: int = 1024,
     ) -> Self: ...

@@ -181,6 +181,7 @@ impl PyServer {
         linger = None,
         reuse_addr = true,
         reuse_port = false,
+        workers = 1,
         event_queue = 4096,
         outbound_queue = 1024,
     ))]
@@ -209,6 +210,7 @@ impl PyServer {
         linger: Option<f64>,
         reuse_addr: bool,
         reuse_port: bool,
+        workers: usize,
         event_queue: usize,
         outbound_queue: usize,
     ) -> PyResult<PyServer> {
@@ -238,6 +240,7 @@ impl PyServer {
             )?,
             reuse_addr,
             reuse_port,
+            workers,
             max_connections,
             idle_timeout: timeout_from_secs("idle_timeout", idle_timeout)?,
             slow_reader: SlowReader::parse(slow_reader)?,

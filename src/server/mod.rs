@@ -197,7 +197,7 @@ pub struct Server {
     listener_fd: std::os::fd::RawFd,
     hub: Arc<Hub>,
     /// The listener and the event sender, until [`Server::start`] moves them into the accept loop.
-    unstarted: Mutex<Option<(std::net::TcpListener, EventSender)>>,
+    unstarted: Mutex<Option<(Vec<std::net::TcpListener>, EventSender)>>,
     events: flume::Receiver<Event>,
 }
 
@@ -325,6 +325,15 @@ impl Server {
             .map_err(|e| Error::io("cannot read the listening address", e))?;
         #[cfg(unix)]
         let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // More listeners on the very port the first got (port 0 is resolved by now); the
+        // kernel spreads incoming connections over them, and each has its own accept loop.
+        let mut listeners = vec![listener];
+        for _ in 1..config.workers {
+            listeners.push(
+                bind_listener(local_addr, &config)
+                    .map_err(|e| Error::io(format!("cannot add a listener on {local_addr}"), e))?,
+            );
+        }
         let (sender, events) = flume::bounded(config.event_queue);
         let hub = Arc::new(Hub {
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -347,7 +356,7 @@ impl Server {
             #[cfg(unix)]
             listener_fd,
             hub,
-            unstarted: Mutex::new(Some((listener, sender))),
+            unstarted: Mutex::new(Some((listeners, sender))),
             events,
         })
     }
@@ -368,14 +377,16 @@ impl Server {
 
     /// Starts accepting on `runtime`. Returns `false` when already started or shut down.
     pub fn start(&self, runtime: &Handle) -> bool {
-        let Some((listener, events)) = lock(&self.unstarted).take() else {
+        let Some((listeners, events)) = lock(&self.unstarted).take() else {
             return false;
         };
-        let hub = Arc::clone(&self.hub);
         let _guard = runtime.enter();
-        self.hub
-            .tasks
-            .spawn_on(accept_loop(hub, listener, events), runtime);
+        for listener in listeners {
+            let hub = Arc::clone(&self.hub);
+            self.hub
+                .tasks
+                .spawn_on(accept_loop(hub, listener, events.clone()), runtime);
+        }
         true
     }
 
@@ -499,7 +510,7 @@ fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net
     #[cfg(unix)]
     socket.set_reuse_address(config.reuse_addr)?;
     #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
-    socket.set_reuse_port(config.reuse_port)?;
+    socket.set_reuse_port(config.reuse_port || config.workers > 1)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         // "::" serves IPv4 clients too (dual stack), whatever the system default.
         socket.set_only_v6(false)?;

@@ -78,17 +78,28 @@ async fn run(options: Arc<Options>) {
         )));
     }
     tokio::time::sleep(options.warmup).await;
-    let server_pid = options.server_pid.as_deref();
-    let server_before = server_pid.and_then(cpu_time);
+    let server_pids: Vec<&str> = options
+        .server_pid
+        .as_deref()
+        .map(|pids| pids.split(',').collect())
+        .unwrap_or_default();
+    let servers_cpu = || -> Option<Duration> {
+        if server_pids.is_empty() {
+            return None;
+        }
+        server_pids.iter().map(|pid| cpu_time(pid)).sum()
+    };
+    let server_before = servers_cpu();
     let own_before = cpu_time("self");
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(options.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    let own = cpu_time("self").zip(own_before).map(|(a, b)| (a - b).as_secs_f64());
-    let server = server_pid
-        .and_then(cpu_time)
+    let own = cpu_time("self")
+        .zip(own_before)
+        .map(|(a, b)| (a - b).as_secs_f64());
+    let server = servers_cpu()
         .zip(server_before)
         .map(|(a, b)| (a - b).as_secs_f64());
     for task in &tasks {
