@@ -292,3 +292,34 @@ def test_workers_share_one_port_and_stop_together() -> None:
     served_by = {line.rsplit(" by ", 1)[1] for line in out.splitlines() if " by worker" in line}
     assert served_by == {"worker 0", "worker 1"}, out
     assert err.count("served ") == 2, "both workers stop and report"
+
+
+def test_every_socket_option_has_a_flag() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local_port = probe.getsockname()[1]
+    process = ServerProcess("--backlog", "16", "--no-reuse-addr", "--linger", "1")
+    try:
+        result = run(
+            [
+                sys.executable,
+                "client.py",
+                "--port",
+                str(process.port),
+                "--local-address",
+                f"127.0.0.1:{local_port}",
+                "--keepalive",
+                "5",
+                "--keepalive-interval",
+                "2",
+                "--keepalive-count",
+                "3",
+                "--linger",
+                "0",
+            ]
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ACK + "\n"
+        process.wait_for_line("stdout", f"connected to \\('127.0.0.1', {local_port}\\)")
+    finally:
+        process.stop()

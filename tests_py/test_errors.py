@@ -189,3 +189,20 @@ def test_a_request_timeout_names_the_server() -> None:
 def test_an_unresolvable_host_is_an_os_error() -> None:
     with pytest.raises(OSError, match="cannot resolve host"):
         socketcomm.Client("no-such-host.invalid", 80, connect_timeout=5)
+
+
+def test_a_send_to_a_server_that_stops_reading_times_out() -> None:
+    # Nobody reads the events, and the queue holds one: the server stops reading, the socket
+    # buffers fill, then the client's own queue.
+    server = socketcomm.Server("127.0.0.1", 0, event_queue=1)
+    client = socketcomm.Client(*server.address, timeout=0.5)
+    payload = b"s" * 60000
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no room to send"):
+        for _ in range(5000):
+            client.send(payload)
+    assert time.monotonic() - started < 30
+    with pytest.raises(TimeoutError):
+        client.send(payload, timeout=0.1)
+    server.close(timeout=0.5)  # the stuck connection is dropped after half a second
+    client.close()

@@ -351,7 +351,8 @@ class Client:
     """A connection to a socketcomm server (or, with ``raw=True``, to any TCP server).
 
     Connects on construction within ``connect_timeout`` seconds. ``timeout`` is the default
-    limit of ``recv()`` and ``request()`` (None: wait without limit). One client may be used
+    limit of ``recv()``, ``request()`` and of ``send()`` waiting for room (None: wait without
+    limit). One client may be used
     from several threads at once: ``request()`` matches its reply by a correlation id, so
     concurrent requests and unsolicited messages read by ``recv()`` never get mixed up.
 
@@ -395,9 +396,11 @@ class Client:
     @property
     def closed(self) -> bool:
         """Whether the connection has ended or ``close()`` was called."""
-    def send(self, data: _Data) -> None:
+    def send(self, data: _Data, timeout: float | None = None) -> None:
         """Queues one message; it is written in the background, in order, and flushed by
-        ``close()``. Blocks (GIL released) only while the outbound queue is full.
+        ``close()``. Blocks (GIL released) only while the outbound queue is full (the server
+        is not reading), then raises ``TimeoutError`` after ``timeout`` seconds (default: the
+        client's), having queued nothing.
 
         Raises ``FrameTooLargeError`` before sending anything when the server's ``max_frame``
         is smaller, and ``ConnectionClosedError`` once the connection has ended.

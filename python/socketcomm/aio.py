@@ -135,11 +135,13 @@ class Client:
     def closed(self) -> bool:
         return self._core is not None and self._core.closed
 
-    async def send(self, data: Data) -> None:
-        """Queues one message; waits only while the outbound queue is full."""
+    async def send(self, data: Data, timeout: float | None = None) -> None:
+        """Queues one message; waits only while the outbound queue is full, for at most
+        ``timeout`` seconds (default: the client's), then raises TimeoutError."""
         core = self._connected
         if not core._try_send(data):
-            await core._send(data)
+            limit = timeout if timeout is not None else self._timeout
+            await _within(core._send(data), limit, "room to send")
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """The next message that is not a reply; ``timeout`` overrides the client's."""

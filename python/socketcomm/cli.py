@@ -130,7 +130,9 @@ def run_server(args: argparse.Namespace) -> int:
         max_frame=settings["max_frame"],
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
+        reuse_addr=settings["reuse_addr"],
         reuse_port=settings["reuse_port"] or workers > 1,
+        backlog=settings["backlog"],
         **_socket_options(settings),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
@@ -270,6 +272,7 @@ def run_client(args: argparse.Namespace) -> int:
             timeout=settings["timeout"],
             connect_timeout=settings["timeout"],
             raw=raw,
+            local_address=settings["local_address"],
             **_socket_options(settings),
         ) as client:
             if args.interactive:

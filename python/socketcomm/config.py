@@ -77,6 +77,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise ValueError(f"{text} must not be negative")
+    return value
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, separator, port = text.rpartition(":")
+    if not separator or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), _port(port)
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -136,9 +153,32 @@ _SOCKET = [
         "send TCP keepalive probes after this long idle (seconds)",
         "SECONDS",
     ),
+    Setting(
+        "keepalive_interval",
+        _positive_float,
+        None,
+        "seconds between keepalive probes",
+        "SECONDS",
+    ),
+    Setting(
+        "keepalive_count",
+        _positive_integer,
+        None,
+        "unanswered keepalive probes before the connection is dropped",
+        "N",
+    ),
     Setting("recv_buffer", _positive_integer, None, "SO_RCVBUF in bytes", "BYTES"),
     Setting("send_buffer", _positive_integer, None, "SO_SNDBUF in bytes", "BYTES"),
+    Setting(
+        "linger",
+        _non_negative_float,
+        None,
+        "SO_LINGER: seconds close() may wait for unsent data (0 resets)",
+        "SECONDS",
+    ),
 ]
+
+SOCKET_OPTION_NAMES = [setting.name for setting in _SOCKET]
 
 _LOGGING = [
     Setting("log_level", _choice(LOG_LEVELS), "warning", "how much to log", "LEVEL"),
@@ -172,12 +212,20 @@ SERVER_SETTINGS = [
         "SECONDS",
     ),
     Setting(
+        "reuse_addr",
+        _boolean,
+        True,
+        "SO_REUSEADDR: restart at once while old connections sit in TIME_WAIT",
+        boolean=True,
+    ),
+    Setting(
         "reuse_port",
         _boolean,
         False,
         "let several servers share the port (SO_REUSEPORT)",
         boolean=True,
     ),
+    Setting("backlog", _positive_integer, 1024, "the listen backlog", "N"),
     Setting(
         "workers",
         _positive_integer,
@@ -204,6 +252,13 @@ CLIENT_SETTINGS = [
         10.0,
         "how long to wait for the connection and the answer (seconds)",
         "SECONDS",
+    ),
+    Setting(
+        "local_address",
+        _address,
+        None,
+        "the local HOST:PORT to connect from",
+        "HOST:PORT",
     ),
     *_SOCKET,
     *_LOGGING,
@@ -291,12 +346,17 @@ class Resolved:
                 continue
             if setting.boolean:
                 flags.append(setting.flag if value else "--no-" + setting.flag[2:])
+            elif isinstance(value, tuple):
+                flags += [setting.flag, f"{value[0]}:{value[1]}"]
             else:
                 flags += [setting.flag, str(value)]
         return flags
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, tuple):
+        host, port = value
+        return f'"{host}:{port}"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

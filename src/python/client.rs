@@ -153,10 +153,13 @@ impl PyClient {
     }
 
     /// Queues `data` (str as UTF-8, or bytes-like) as one message.
-    fn send(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    #[pyo3(signature = (data, timeout = None))]
+    fn send(&self, py: Python<'_>, data: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<()> {
         let data = payload(data)?;
+        let limit = self.limit(timeout)?;
         let core = &self.core;
-        wait(py, core.send(data), None)?.expect("waits without a timeout")?;
+        wait(py, core.send(data), limit)?
+            .ok_or_else(|| self.timed_out("room to send", limit))??;
         Ok(())
     }
 
