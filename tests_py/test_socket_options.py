@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,3 +140,32 @@ def test_workers_open_listeners_that_share_the_port() -> None:
             client.close()
     with pytest.raises(ValueError, match="invalid workers"):
         socketcomm.Server("127.0.0.1", 0, workers=0)
+
+
+def _timer_of_server_side(port: int, peer_port: int) -> str:
+    """The `tr` column of /proc/net/tcp for the server's end of an idle connection: 02 is the
+    keepalive timer, 00 none (01, retransmission, shows while data is in flight: wait)."""
+    deadline = time.monotonic() + 5
+    while True:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[2].endswith(f":{peer_port:04X}"):
+                timer = fields[5].split(":")[0]
+                break
+        else:
+            raise AssertionError("no such connection")
+        if timer != "01" or time.monotonic() > deadline:
+            return timer
+        time.sleep(0.05)
+
+
+def test_server_connections_get_keepalive_timers() -> None:
+    with socketcomm.Server("127.0.0.1", 0, mode="echo", keepalive=30) as kept:
+        with socketcomm.Client(*kept.address) as client:
+            assert client.request("x") == b"x"
+            timer = _timer_of_server_side(kept.address[1], client.local_address[1])
+            assert timer == "02", "an idle connection with keepalive runs the keepalive timer"
+    with socketcomm.Server("127.0.0.1", 0, mode="echo") as plain:
+        with socketcomm.Client(*plain.address) as client:
+            assert client.request("x") == b"x"
+            assert _timer_of_server_side(plain.address[1], client.local_address[1]) == "00"

@@ -102,9 +102,11 @@ class Message:
     """A message from a client."""
 
     @property
-    def conn_id(self) -> int: ...
+    def conn_id(self) -> int:
+        """The connection's id, unique for the lifetime of the server."""
     @property
-    def peer(self) -> tuple[str, int]: ...
+    def peer(self) -> tuple[str, int]:
+        """The client's ``(host, port)``."""
     @property
     def data(self) -> bytes:
         """The message as sent."""
@@ -128,15 +130,20 @@ class AsyncMessage:
     the same as `Message`, but ``reply`` is awaited."""
 
     @property
-    def conn_id(self) -> int: ...
+    def conn_id(self) -> int:
+        """The connection's id, unique for the lifetime of the server."""
     @property
-    def peer(self) -> tuple[str, int]: ...
+    def peer(self) -> tuple[str, int]:
+        """The client's ``(host, port)``."""
     @property
-    def data(self) -> bytes: ...
+    def data(self) -> bytes:
+        """The message as sent."""
     @property
-    def text(self) -> str: ...
+    def text(self) -> str:
+        """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
     @property
-    def request_id(self) -> int | None: ...
+    def request_id(self) -> int | None:
+        """The correlation id when the client sent a request and waits for the reply."""
     def reply(self, data: _Data) -> Awaitable[None]:
         """Answers this message. The awaitable completes at once when the connection's queue
         has room, and after waiting for room otherwise."""
@@ -183,9 +190,11 @@ class Disconnected:
     """A connection ended."""
 
     @property
-    def conn_id(self) -> int: ...
+    def conn_id(self) -> int:
+        """The connection's id, unique for the lifetime of the server."""
     @property
-    def peer(self) -> tuple[str, int]: ...
+    def peer(self) -> tuple[str, int]:
+        """The client's ``(host, port)``."""
     @property
     def reason(self) -> str:
         """Why it ended, in words ("closed by the client", "server shutting down", ...)."""
@@ -274,7 +283,8 @@ class Server:
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` the server listens on."""
     @property
-    def mode(self) -> str: ...
+    def mode(self) -> str:
+        """``"events"``, ``"echo"``, ``"ack"`` or ``"broadcast"``."""
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
@@ -330,13 +340,16 @@ class Server:
         """Sends one message to a connection. Blocks (GIL released) only while its outbound
         queue is full. ``ConnectionClosedError`` when the connection has ended."""
     # The asyncio API's primitives (socketcomm.aio.Server uses them).
-    def _try_event(self) -> Connected | AsyncMessage | Disconnected | None: ...
-    def _event_ready(self) -> Awaitable[None]: ...
-    def _send(self, conn_id: int, data: _Data) -> Awaitable[None]: ...
-    def _broadcast(
-        self, data: _Data, exclude: int | Iterable[int] | None = None
-    ) -> Awaitable[int]: ...
-    def _close(self, timeout: float = 5.0) -> Awaitable[None]: ...
+    def _try_event(self) -> Connected | AsyncMessage | Disconnected | None:
+        """The next event (asyncio flavour) if one is queued, else None."""
+    def _event_ready(self) -> Awaitable[None]:
+        """Completes when ``_try_event`` has an event or the end to report."""
+    def _send(self, conn_id: int, data: _Data) -> Awaitable[None]:
+        """Sends to one connection, waiting for room in its queue."""
+    def _broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> Awaitable[int]:
+        """Sends to every connection but ``exclude``; the awaitable gives how many."""
+    def _close(self, timeout: float = 5.0) -> Awaitable[None]:
+        """Closes as ``close()`` does, without blocking the event loop."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -390,9 +403,11 @@ class Client:
     def local_address(self) -> tuple[str, int]:
         """This end's ``(host, port)``."""
     @property
-    def timeout(self) -> float | None: ...
+    def timeout(self) -> float | None:
+        """The default limit of ``recv``, ``request`` and ``send`` waits, in seconds."""
     @property
-    def raw(self) -> bool: ...
+    def raw(self) -> bool:
+        """Whether this client speaks raw bytes (no hello, no framing)."""
     @property
     def closed(self) -> bool:
         """Whether the connection has ended or ``close()`` was called."""
@@ -425,12 +440,18 @@ class Client:
         """The next message; iteration ends when the server closes the connection normally.
         Blocks without a time limit, GIL released."""
     # The asyncio API's primitives (socketcomm.aio.Client uses them).
-    def _try_recv(self) -> bytes | None: ...
-    def _readable(self) -> Awaitable[None]: ...
-    def _try_send(self, data: _Data) -> bool: ...
-    def _send(self, data: _Data) -> Awaitable[None]: ...
-    def _request(self, data: _Data) -> Awaitable[bytes]: ...
-    def _close(self) -> Awaitable[None]: ...
+    def _try_recv(self) -> bytes | None:
+        """The next message if one is waiting, else None."""
+    def _readable(self) -> Awaitable[None]:
+        """Completes when ``_try_recv`` has a message or the end to report."""
+    def _try_send(self, data: _Data) -> bool:
+        """Queues a message if there is room; False when the queue is full."""
+    def _send(self, data: _Data) -> Awaitable[None]:
+        """Queues a message, waiting for room."""
+    def _request(self, data: _Data) -> Awaitable[bytes]:
+        """Sends a request; the awaitable gives the reply."""
+    def _close(self) -> Awaitable[None]:
+        """Flushes, says goodbye and closes, without blocking the event loop."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
