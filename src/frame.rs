@@ -238,12 +238,6 @@ pub const MIN_MAX_FRAME: u32 = 256;
 /// Close reasons are cut to this many bytes so that they fit under [`MIN_MAX_FRAME`].
 pub const MAX_CLOSE_REASON: usize = 240;
 
-/// The largest payload a [`Frame::Request`] or [`Frame::Reply`] may carry under `max_frame`;
-/// a [`Frame::Data`] may carry 4 bytes more.
-pub fn max_message_len(max_frame: u32) -> usize {
-    (max_frame as usize).saturating_sub(5)
-}
-
 /// Encodes and decodes [`Frame`]s; `max_frame` bounds what the decoder accepts.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
