@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -263,3 +264,23 @@ def test_echo_mode_echoes_raw_bytes_for_third_party_load_generators(
             while len(echoed) < size:
                 echoed += plain.recv(65536)
             assert echoed == payload
+
+
+def test_connection_churn_leaks_no_descriptors_and_little_memory() -> None:
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with socketcomm.Server("127.0.0.1", 0, mode="echo") as server:
+        for _ in range(200):  # warm up allocator pools and runtime threads
+            with socketcomm.Client(*server.address, timeout=5) as client:
+                client.request(b"w")
+        descriptors, memory = open_descriptors(), rss_bytes()
+        for n in range(3000):
+            with socketcomm.Client(*server.address, timeout=5) as client:
+                if n % 10 == 0:
+                    assert client.request(b"x") == b"x"
+        wait_until(lambda: server.stats()["connections"] == 0, timeout=10)
+        assert open_descriptors() <= descriptors + 2
+        grown = rss_bytes() - memory
+        assert grown < 16 * 1024 * 1024, f"RSS grew by {grown} bytes over 3000 connections"
+        assert server.stats()["connections_total"] == 3200
