@@ -41,6 +41,17 @@ def stdlib_connect(port: int) -> socket.socket:
     return sock
 
 
+def summary(samples: list[int], elapsed: float) -> dict[str, float]:
+    """Rate and latency percentiles of round trips timed in nanoseconds."""
+    samples.sort()
+    return {
+        "messages": len(samples),
+        "msgs_per_s": len(samples) / elapsed,
+        "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
+    }
+
+
 def latencies(one_round_trip: object, count: int) -> dict[str, float]:
     assert callable(one_round_trip)
     for _ in range(1000):  # warm up
@@ -51,14 +62,7 @@ def latencies(one_round_trip: object, count: int) -> dict[str, float]:
         t0 = time.perf_counter_ns()
         one_round_trip()
         samples.append(time.perf_counter_ns() - t0)
-    elapsed = time.perf_counter() - started
-    samples.sort()
-    return {
-        "messages": count,
-        "msgs_per_s": count / elapsed,
-        "p50_us": samples[len(samples) // 2] / 1000,
-        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
-    }
+    return summary(samples, time.perf_counter() - started)
 
 
 def request_socketcomm(port: int) -> dict[str, float]:
@@ -128,14 +132,7 @@ async def async_latencies(one_round_trip: object, count: int) -> dict[str, float
         t0 = time.perf_counter_ns()
         await one_round_trip()
         samples.append(time.perf_counter_ns() - t0)
-    elapsed = time.perf_counter() - started
-    samples.sort()
-    return {
-        "messages": count,
-        "msgs_per_s": count / elapsed,
-        "p50_us": samples[len(samples) // 2] / 1000,
-        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
-    }
+    return summary(samples, time.perf_counter() - started)
 
 
 def request_aio(port: int) -> dict[str, float]:

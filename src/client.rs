@@ -13,12 +13,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
-use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox};
+use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox, Readiness};
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
 
@@ -46,7 +46,7 @@ struct Shared {
     finish: Mutex<Option<Finish>>,
     /// Notified when a message arrives for `recv` and when the connection ends, for callers that
     /// wait for a message without taking it ([`Client::readable`]).
-    readable: Notify,
+    readable: Readiness,
 }
 
 impl Shared {
@@ -158,7 +158,7 @@ impl Client {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             finish: Mutex::new(Some(finish)),
-            readable: Notify::new(),
+            readable: Readiness::default(),
         });
         let writer = tokio::spawn(write_loop(
             writer,
@@ -282,19 +282,14 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn readable(&self) {
-        loop {
-            let notified = self.shared.readable.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a message that arrives in between still wakes us.
-            notified.as_mut().enable();
-            if !self.inbound.is_empty()
-                || self.inbound.is_disconnected()
-                || self.closed_locally.load(Ordering::Relaxed)
-            {
-                return;
-            }
-            notified.await;
-        }
+        self.shared
+            .readable
+            .wait_until(|| {
+                !self.inbound.is_empty()
+                    || self.inbound.is_disconnected()
+                    || self.closed_locally.load(Ordering::Relaxed)
+            })
+            .await;
     }
 
     /// Sends `data` as a request and waits for the server's reply to it. In raw mode there are
@@ -337,7 +332,7 @@ impl Client {
         }
         let last = (!self.raw).then(|| Frame::close(CloseCode::NORMAL, "client closed"));
         self.shared.finish_writer(last);
-        self.shared.readable.notify_waiters();
+        self.shared.readable.notify();
         let writer = lock(&self.writer).take();
         if let Some(writer) = writer {
             let _ = tokio::time::timeout(grace, writer).await;
@@ -488,7 +483,7 @@ async fn read_loop(
                     () = abort.cancelled() => false,
                     sent = to_app.send_async(body) => sent.is_ok(),
                 };
-                shared.readable.notify_waiters();
+                shared.readable.notify();
                 if !delivered {
                     break (
                         CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"),
@@ -548,7 +543,7 @@ async fn read_loop(
     lock(&shared.pending).take();
     shared.finish_writer(last_frame);
     drop(to_app);
-    shared.readable.notify_waiters();
+    shared.readable.notify();
 }
 
 /// How long [`Client::close`] waits for queued messages by default.

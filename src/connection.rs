@@ -5,13 +5,13 @@
 //! own, in `server/handler.rs`.)
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{BytesCodec, Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,54 @@ impl ConnState {
                 .cloned()
                 .unwrap_or_else(|| CloseInfo::new(None, "the connection is closed")),
         )
+    }
+}
+
+/// Wakes the tasks that wait for a queue to have something to take (or to end), without taking
+/// it themselves: what lets the asyncio API wait and then take on the event loop's thread.
+///
+/// NOTE: producers call [`Readiness::notify`] once per item, on the hot path. `Notify` takes a
+/// lock on every `notify_waiters`, so a count of waiters skips it when nobody waits (the blocking
+/// API never does).
+#[derive(Debug, Default)]
+pub(crate) struct Readiness {
+    notify: Notify,
+    waiting: AtomicUsize,
+}
+
+impl Readiness {
+    /// Wakes every current waiter, if there is one.
+    pub(crate) fn notify(&self) {
+        // SeqCst pairs with the increment in `wait_until`: either this load sees the waiter, or
+        // the waiter's check of `ready` sees what the producer did before calling this.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Completes once `ready()` holds, checking it after each notification.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub(crate) async fn wait_until(&self, ready: impl Fn() -> bool) {
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _leave = Leave(&self.waiting);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an item that arrives in between still wakes us.
+            notified.as_mut().enable();
+            if ready() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

@@ -63,7 +63,7 @@ class ConnectionClosedError(SocketCommError, ConnectionError):
     code: int | None
     """The close code when the ending side sent one (1000 normal, 1001 server shutting down,
     1002 protocol error, 1003 unsupported version, 1004 frame too large, 1005 server full,
-    1006 idle timeout)."""
+    1006 idle timeout, 1007 too slow a reader); docs/protocol.md lists them."""
     reason: str
     """Why the connection ended, in words."""
 

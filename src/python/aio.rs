@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
 use pyo3::IntoPyObjectExt;
 
@@ -112,17 +113,19 @@ impl Target {
             Ok(value) => (false, value),
             Err(error) => (true, error.into_value(py).into_any()),
         };
-        let deliver = match py
-            .import("socketcomm._socketcomm")
-            .and_then(|m| m.getattr("_deliver"))
-        {
-            Ok(deliver) => deliver,
-            Err(_) => return,
+        // Looked up once, not per result.
+        static DELIVER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let Ok(deliver) = DELIVER.get_or_try_init(py, || {
+            py.import("socketcomm._socketcomm")?
+                .getattr("_deliver")
+                .map(Bound::unbind)
+        }) else {
+            return;
         };
         // A closed loop refuses the callback: its program is gone, and so is the awaiter.
         let _ = self.event_loop.bind(py).call_method1(
             "call_soon_threadsafe",
-            (deliver, self.future, is_error, value),
+            (deliver.bind(py), self.future, is_error, value),
         );
     }
 }

@@ -76,12 +76,7 @@ fn count_ending(hub: &Hub, reason: &CloseInfo) {
             CloseCode::PROTOCOL_ERROR | CloseCode::FRAME_TOO_LARGE | CloseCode::UNSUPPORTED_VERSION,
         ) => &hub.counters.protocol_errors,
         Some(CloseCode::IDLE_TIMEOUT) => &hub.counters.idle_timeouts,
-        None if reason.reason.starts_with("connection failed")
-            || reason.reason.contains("reset")
-            || reason.reason.contains("went away") =>
-        {
-            &hub.counters.connection_errors
-        }
+        // I/O failures are counted where they are seen (`io_ending`).
         _ => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -118,7 +113,7 @@ async fn run(
             // A few bytes that happen to start like the magic, then the end: raw after all.
             Ok(0) => break true,
             Ok(_) => {}
-            Err(e) => return io_close_info(&e),
+            Err(e) => return io_ending(hub, &e),
         }
     };
 
@@ -225,7 +220,7 @@ impl Driver<'_> {
                         self.write_buf.advance(n);
                         self.hub.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(e) => return (io_close_info(&e), None),
+                    Err(e) => return (io_ending(self.hub, &e), None),
                 },
                 frame = queued.recv(), if queue_open && reading => match frame {
                     Some(frame) => {
@@ -247,7 +242,7 @@ impl Driver<'_> {
                         self.idle.touch();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(e) => return (io_close_info(&e), None),
+                    Err(e) => return (io_ending(self.hub, &e), None),
                 },
             }
         }
@@ -536,7 +531,7 @@ async fn answer_hello(
         let code = refusal.code.unwrap_or(CloseCode::PROTOCOL_ERROR);
         frame::encode_frame(&Frame::close(code, &refusal.reason), &mut out);
     }
-    let written = stream.write_all(&out).await.map_err(|e| io_close_info(&e));
+    let written = stream.write_all(&out).await.map_err(|e| io_ending(hub, &e));
     match refusal {
         Some(refusal) => Err(refusal),
         None => written,
@@ -607,7 +602,11 @@ fn shutting_down() -> CloseInfo {
     CloseInfo::new(Some(CloseCode::GOING_AWAY), "server shutting down")
 }
 
-fn io_close_info(e: &io::Error) -> CloseInfo {
+/// The ending of a connection whose socket failed, counted as a connection error.
+fn io_ending(hub: &Hub, e: &io::Error) -> CloseInfo {
+    hub.counters
+        .connection_errors
+        .fetch_add(1, Ordering::Relaxed);
     let reason = match e.kind() {
         io::ErrorKind::ConnectionReset => "the client reset the connection".to_owned(),
         io::ErrorKind::BrokenPipe => "the client went away while we were writing".to_owned(),

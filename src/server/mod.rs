@@ -20,12 +20,12 @@ use futures_util::task::AtomicWaker;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ServerConfig, SlowReader};
-use crate::connection::Outbox;
+use crate::connection::{Outbox, Readiness};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
 
@@ -218,7 +218,7 @@ struct Hub {
     tasks: TaskTracker,
     /// Notified when an event is queued and when the queue ends, for callers that wait for an
     /// event without taking it ([`Server::event_ready`]).
-    events_ready: Notify,
+    events_ready: Readiness,
     counters: Counters,
 }
 
@@ -250,7 +250,7 @@ impl std::ops::Deref for EventSender {
 impl Drop for EventSender {
     fn drop(&mut self) {
         drop(self.queue.take());
-        self.hub.events_ready.notify_waiters();
+        self.hub.events_ready.notify();
     }
 }
 
@@ -344,7 +344,7 @@ impl Server {
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            events_ready: Notify::new(),
+            events_ready: Readiness::default(),
             counters: Counters::default(),
         });
         let sender = EventSender {
@@ -413,16 +413,10 @@ impl Server {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn event_ready(&self) {
-        loop {
-            let notified = self.hub.events_ready.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so an event queued in between still wakes us.
-            notified.as_mut().enable();
-            if !self.events.is_empty() || self.events.is_disconnected() {
-                return;
-            }
-            notified.await;
-        }
+        self.hub
+            .events_ready
+            .wait_until(|| !self.events.is_empty() || self.events.is_disconnected())
+            .await;
     }
 
     /// What the server has done so far.
@@ -612,7 +606,7 @@ impl Hub {
                 _ = events.send_async(event) => {}
             }
         }
-        self.events_ready.notify_waiters();
+        self.events_ready.notify();
     }
 
     async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {
