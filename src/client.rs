@@ -21,6 +21,9 @@ use crate::config::ClientConfig;
 use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox, Readiness};
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
+use crate::transfer::{
+    self, Delivery, FileDir, Outgoing, Progress, ReceivedFile, Receiving, SentFile,
+};
 
 /// A connection to a server. Every method takes `&self`: share it behind an `Arc`.
 pub struct Client {
@@ -31,6 +34,8 @@ pub struct Client {
     raw: bool,
     outbox: Outbox,
     inbound: flume::Receiver<Bytes>,
+    /// Files received into `download_dir`, verified, for [`Client::recv_file`].
+    downloads: flume::Receiver<ReceivedFile>,
     shared: Arc<Shared>,
     next_id: AtomicU32,
     closed_locally: AtomicBool,
@@ -47,6 +52,8 @@ struct Shared {
     /// Notified when a message arrives for `recv` and when the connection ends, for callers that
     /// wait for a message without taking it ([`Client::readable`]).
     readable: Readiness,
+    /// Files this client is sending, waiting for the server's answers.
+    outgoing: Outgoing,
 }
 
 impl Shared {
@@ -74,10 +81,19 @@ impl Client {
     /// Cancel safe: nothing outlives a cancelled connect.
     pub async fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client> {
         config.validate()?;
+        // A folder that cannot take files is reported before connecting, not at the first file.
+        let download_dir = match &config.download_dir {
+            Some(dir) => Some(Arc::new(FileDir::open(
+                "download_dir",
+                dir,
+                config.max_file_size,
+            )?)),
+            None => None,
+        };
         let target = format!("{host}:{port}");
         tokio::time::timeout(
             config.connect_timeout,
-            Self::connect_inner(host, port, &config),
+            Self::connect_inner(host, port, &config, download_dir),
         )
         .await
         .map_err(|_| {
@@ -89,7 +105,12 @@ impl Client {
         })?
     }
 
-    async fn connect_inner(host: &str, port: u16, config: &ClientConfig) -> Result<Client> {
+    async fn connect_inner(
+        host: &str,
+        port: u16,
+        config: &ClientConfig,
+        download_dir: Option<Arc<FileDir>>,
+    ) -> Result<Client> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| Error::io(format!("cannot resolve host {host:?}"), e))?
@@ -97,7 +118,7 @@ impl Client {
         let mut last_error = None;
         for addr in addrs {
             match connect_from(addr, config).await {
-                Ok(stream) => return Self::handshake(stream, config).await,
+                Ok(stream) => return Self::handshake(stream, config, download_dir).await,
                 Err(e) => last_error = Some((addr, e)),
             }
         }
@@ -119,7 +140,11 @@ impl Client {
         ))
     }
 
-    async fn handshake(mut stream: TcpStream, config: &ClientConfig) -> Result<Client> {
+    async fn handshake(
+        mut stream: TcpStream,
+        config: &ClientConfig,
+        download_dir: Option<Arc<FileDir>>,
+    ) -> Result<Client> {
         let peer = stream
             .peer_addr()
             .map_err(|e| Error::io("cannot read the peer address", e))?;
@@ -136,16 +161,23 @@ impl Client {
             let hello = read_hello(&mut stream, peer, config.max_frame, &mut buffered).await?;
             state.set_peer_max_frame(hello.max_frame);
         }
-        Ok(Client::spawn(stream, peer, local, config, state, buffered))
+        Ok(Client::spawn(
+            stream,
+            (peer, local),
+            config,
+            state,
+            buffered,
+            download_dir,
+        ))
     }
 
     fn spawn(
         stream: TcpStream,
-        peer: SocketAddr,
-        local: SocketAddr,
+        (peer, local): (SocketAddr, SocketAddr),
         config: &ClientConfig,
         state: Arc<ConnState>,
         buffered: BytesMut,
+        download_dir: Option<Arc<FileDir>>,
     ) -> Client {
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
@@ -159,7 +191,15 @@ impl Client {
             pending: Mutex::new(Some(HashMap::new())),
             finish: Mutex::new(Some(finish)),
             readable: Readiness::default(),
+            outgoing: Outgoing::default(),
         });
+        let (downloaded, downloads) = flume::unbounded();
+        let receiving = Receiving::new(
+            download_dir,
+            outbox.clone(),
+            Arc::new(Downloads(downloaded)),
+            peer,
+        );
         let writer = tokio::spawn(write_loop(
             writer,
             queued,
@@ -170,6 +210,7 @@ impl Client {
         let inbound_frames = Inbound::new(reader, config.raw, config.max_frame, buffered);
         tokio::spawn(read_loop(
             inbound_frames,
+            receiving,
             to_app,
             Arc::clone(&shared),
             outbox.clone(),
@@ -183,6 +224,7 @@ impl Client {
             raw: config.raw,
             outbox,
             inbound,
+            downloads,
             shared,
             next_id: AtomicU32::new(1),
             closed_locally: AtomicBool::new(false),
@@ -319,6 +361,40 @@ impl Client {
         };
         self.outbox.send(Frame::Request { id, body: data }).await?;
         reply.await.map_err(|_| self.outbox.state().closed_error())
+    }
+
+    /// Sends the file at `path` (under `name`, by default its own), streamed in bounded memory,
+    /// and returns once the server has verified its digest and saved it. Sending a file again
+    /// after an interruption resumes from what the server kept.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::Transfer`] when the server refuses
+    /// it or the verification fails, [`Error::Closed`] when the connection ends first.
+    ///
+    /// # Cancel safety
+    /// Cancelling stops the transfer; the server keeps what arrived, for a resume.
+    pub async fn send_file(
+        &self,
+        path: &std::path::Path,
+        name: Option<String>,
+        progress: &Arc<Progress>,
+    ) -> Result<SentFile> {
+        self.check_open()?;
+        transfer::send_file(&self.outbox, &self.shared.outgoing, path, name, progress).await
+    }
+
+    /// The next file the server sent into `download_dir`, once it is verified and in place.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] once the connection has ended and every file received was taken.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv_file(&self) -> Result<ReceivedFile> {
+        self.downloads
+            .recv_async()
+            .await
+            .map_err(|_| self.outbox.state().closed_error())
     }
 
     /// Closes the connection: what was sent before is written, then a close frame; waits up to
@@ -459,8 +535,20 @@ async fn read_close_frame(
     }
 }
 
+/// Hands files received into `download_dir` to [`Client::recv_file`].
+struct Downloads(flume::Sender<ReceivedFile>);
+
+impl Delivery for Downloads {
+    fn received(&self, file: ReceivedFile) {
+        let _ = self.0.send(file);
+    }
+
+    fn failed(&self, _offered_name: &str, _status: frame::TransferStatus, _reason: &str) {}
+}
+
 async fn read_loop(
     mut inbound: Inbound<OwnedReadHalf>,
+    mut receiving: Receiving,
     to_app: flume::Sender<Bytes>,
     shared: Arc<Shared>,
     outbox: Outbox,
@@ -498,6 +586,20 @@ async fn read_loop(
                         let _ = waiter.send(body);
                     }
                     None => log::debug!("discarded the reply to request {id}: nobody waits for it"),
+                }
+            }
+            Some(Ok(frame @ (Frame::FileAccept { .. } | Frame::FileResult { .. }))) => {
+                shared.outgoing.route(frame);
+            }
+            Some(Ok(
+                frame @ (Frame::FileOffer { .. }
+                | Frame::FileChunk { .. }
+                | Frame::FileEnd { .. }
+                | Frame::FileCancel { .. }),
+            )) => {
+                tokio::select! {
+                    () = abort.cancelled() => break (CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"), None),
+                    () = receiving.handle(frame) => {}
                 }
             }
             Some(Ok(Frame::Ping(token))) => {
@@ -539,8 +641,9 @@ async fn read_loop(
         }
     };
     outbox.state().mark_closed(info);
-    // Wake every request still waiting; they report the reason just recorded.
+    // Wake every request and file transfer still waiting; they report the reason just recorded.
     lock(&shared.pending).take();
+    shared.outgoing.close();
     shared.finish_writer(last_frame);
     drop(to_app);
     shared.readable.notify();

@@ -1,12 +1,14 @@
 //! Settings of servers and clients, with the defaults a newcomer can run without root, and their
 //! validation: an unusable value is refused at construction with the option's name.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::frame::{DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
+use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 
 /// Where the command line and the examples listen and connect unless told otherwise.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -221,6 +223,10 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// What a broadcast does with a client that stopped reading.
     pub slow_reader: SlowReader,
+    /// Where files from clients are saved; `None` (the default) refuses them.
+    pub upload_dir: Option<PathBuf>,
+    /// The largest file accepted into `upload_dir`, in bytes.
+    pub max_file_size: u64,
 }
 
 impl Default for ServerConfig {
@@ -239,6 +245,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             idle_timeout: None,
             slow_reader: SlowReader::Disconnect,
+            upload_dir: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
         }
     }
 }
@@ -291,6 +299,10 @@ pub struct ClientConfig {
     pub socket: SocketOptions,
     /// The local address to connect from (`None`: any).
     pub local_addr: Option<std::net::SocketAddr>,
+    /// Where files the server sends are saved; `None` refuses them.
+    pub download_dir: Option<PathBuf>,
+    /// The largest file accepted into `download_dir`, in bytes.
+    pub max_file_size: u64,
 }
 
 impl Default for ClientConfig {
@@ -303,6 +315,8 @@ impl Default for ClientConfig {
             outbound_queue: 1024,
             socket: SocketOptions::default(),
             local_addr: None,
+            download_dir: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! own, in `server/handler.rs`.)
 
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -26,6 +26,8 @@ const WRITE_BATCH: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) struct ConnState {
     peer_max_frame: AtomicU32,
+    /// Set once the peer's hello arrived: the connection speaks the framed protocol.
+    framed: AtomicBool,
     closed: OnceLock<CloseInfo>,
 }
 
@@ -33,12 +35,19 @@ impl ConnState {
     pub(crate) fn new(peer_max_frame: u32) -> Arc<ConnState> {
         Arc::new(ConnState {
             peer_max_frame: AtomicU32::new(peer_max_frame),
+            framed: AtomicBool::new(false),
             closed: OnceLock::new(),
         })
     }
 
+    /// Records the limit from the peer's hello, which also marks the connection as framed.
     pub(crate) fn set_peer_max_frame(&self, max_frame: u32) {
         self.peer_max_frame.store(max_frame, Ordering::Relaxed);
+        self.framed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_framed(&self) -> bool {
+        self.framed.load(Ordering::Acquire)
     }
 
     /// Records why the connection ended; the first reason wins.
@@ -141,6 +150,22 @@ impl Outbox {
             .map_err(|_| self.state.closed_error())
     }
 
+    /// Queues `frame` from a thread outside the runtime, blocking while the queue is full.
+    ///
+    /// # Errors
+    /// As [`Outbox::send`].
+    pub(crate) fn blocking_send(&self, frame: Frame) -> Result<()> {
+        self.check_size(&frame)?;
+        self.queue
+            .blocking_send(frame)
+            .map_err(|_| self.state.closed_error())
+    }
+
+    /// The largest frame the peer accepts.
+    pub(crate) fn peer_max_frame(&self) -> u32 {
+        self.state.peer_max_frame.load(Ordering::Relaxed)
+    }
+
     /// Queues `frame` if there is room: `Ok(false)` when the queue is full.
     ///
     /// # Errors
@@ -155,7 +180,7 @@ impl Outbox {
     }
 
     fn check_size(&self, frame: &Frame) -> Result<()> {
-        let max = self.state.peer_max_frame.load(Ordering::Relaxed);
+        let max = self.peer_max_frame();
         let len = frame.encoded_len();
         if len > max as usize {
             return Err(Error::outgoing_too_large(len, max));
@@ -314,7 +339,7 @@ pub(crate) fn drain_into(
 }
 
 /// Appends `frame` as it goes on the wire: framed, or in raw mode the bare payload (control
-/// frames have no raw form and are left out).
+/// and file frames have no raw form and are left out).
 pub(crate) fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
     if !raw {
         encode_frame(frame, buf);
@@ -324,6 +349,6 @@ pub(crate) fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
         Frame::Data(body) | Frame::Request { body, .. } | Frame::Reply { body, .. } => {
             buf.extend_from_slice(body);
         }
-        Frame::Ping(_) | Frame::Pong(_) | Frame::Close { .. } => {}
+        _ => {}
     }
 }

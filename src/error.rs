@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io;
 
-use crate::frame::CloseCode;
+use crate::frame::{CloseCode, TransferStatus};
 
 /// What the frame codec can refuse.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,13 @@ pub enum Error {
         size: u64,
         max: u32,
         hint: &'static str,
+    },
+    /// A file transfer was refused or failed its verification; `status` says which.
+    #[error("file transfer of {name:?} failed ({}): {reason}", status.name())]
+    Transfer {
+        name: String,
+        status: TransferStatus,
+        reason: String,
     },
     /// A wait ran out of time.
     #[error("{0}")]

@@ -173,11 +173,18 @@ impl CloseCode {
     pub const SLOW_READER: CloseCode = CloseCode(1007);
 }
 
-/// Frame type bytes. 0x10..=0x1F are reserved for file transfer, 0x40..=0x7F for later versions.
+/// Frame type bytes. 0x10..=0x1F belong to file transfer, 0x40..=0x7F are reserved for later
+/// versions.
 pub mod kind {
     pub const DATA: u8 = 0x01;
     pub const REQUEST: u8 = 0x02;
     pub const REPLY: u8 = 0x03;
+    pub const FILE_OFFER: u8 = 0x10;
+    pub const FILE_ACCEPT: u8 = 0x11;
+    pub const FILE_CHUNK: u8 = 0x12;
+    pub const FILE_END: u8 = 0x13;
+    pub const FILE_RESULT: u8 = 0x14;
+    pub const FILE_CANCEL: u8 = 0x15;
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
     pub const CLOSE: u8 = 0x30;
@@ -198,6 +205,45 @@ pub enum Frame {
         id: u32,
         body: Bytes,
     },
+    /// The sender offers a file of `size` bytes under `name` (a base name, UTF-8); `resume`
+    /// allows the receiver to continue a partial copy it holds. Answered by a
+    /// [`Frame::FileAccept`] or, when refused, a [`Frame::FileResult`].
+    FileOffer {
+        id: u32,
+        size: u64,
+        resume: bool,
+        name: String,
+    },
+    /// The receiver takes the file from byte `offset` on; `prefix` is the BLAKE3 digest of the
+    /// `offset` bytes it already holds (all zero when `offset` is 0), for the sender to check.
+    FileAccept {
+        id: u32,
+        offset: u64,
+        prefix: Digest,
+    },
+    /// The next bytes of the file.
+    FileChunk {
+        id: u32,
+        data: Bytes,
+    },
+    /// Every byte was sent; `digest` is the BLAKE3 digest of the whole file.
+    FileEnd {
+        id: u32,
+        digest: Digest,
+    },
+    /// The receiver's verdict: `status` 0 with the digest it computed and the name it saved
+    /// the file under, or a failure with a sentence saying why.
+    FileResult {
+        id: u32,
+        status: TransferStatus,
+        digest: Digest,
+        text: String,
+    },
+    /// The sender abandons the transfer (the receiver keeps what it has, for a resume).
+    FileCancel {
+        id: u32,
+        reason: String,
+    },
     /// Asks the peer to answer with a [`Frame::Pong`] carrying the same token.
     Ping(u64),
     Pong(u64),
@@ -207,6 +253,60 @@ pub enum Frame {
         reason: String,
     },
 }
+
+/// A BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+/// The size of a [`Digest`] on the wire.
+pub const DIGEST_LEN: usize = 32;
+
+/// The outcome of a file transfer, carried by a [`Frame::FileResult`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TransferStatus(pub u16);
+
+impl TransferStatus {
+    /// Saved under the name in the result, with the digest in it.
+    pub const OK: TransferStatus = TransferStatus(0);
+    /// The receiver takes no files (no `upload_dir` / `download_dir`).
+    pub const REFUSED: TransferStatus = TransferStatus(1);
+    /// The name is not a usable file name (empty, only dots, a NUL byte, too long).
+    pub const BAD_NAME: TransferStatus = TransferStatus(2);
+    /// The size is over the receiver's `max_file_size`.
+    pub const TOO_LARGE: TransferStatus = TransferStatus(3);
+    /// The receiver has less free space than the file needs.
+    pub const NO_SPACE: TransferStatus = TransferStatus(4);
+    /// The bytes that arrived do not have the sender's digest; nothing was kept.
+    pub const DIGEST_MISMATCH: TransferStatus = TransferStatus(5);
+    /// The receiver could not write the file.
+    pub const IO_ERROR: TransferStatus = TransferStatus(6);
+    /// The sender broke the transfer's rules (more or fewer bytes than offered).
+    pub const BAD_TRANSFER: TransferStatus = TransferStatus(7);
+    /// The receiver is shutting down.
+    pub const GOING_AWAY: TransferStatus = TransferStatus(8);
+
+    pub fn is_ok(self) -> bool {
+        self == TransferStatus::OK
+    }
+
+    /// A short name for logs and exceptions.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferStatus::OK => "ok",
+            TransferStatus::REFUSED => "refused",
+            TransferStatus::BAD_NAME => "bad_name",
+            TransferStatus::TOO_LARGE => "too_large",
+            TransferStatus::NO_SPACE => "no_space",
+            TransferStatus::DIGEST_MISMATCH => "digest_mismatch",
+            TransferStatus::IO_ERROR => "io_error",
+            TransferStatus::BAD_TRANSFER => "bad_transfer",
+            TransferStatus::GOING_AWAY => "going_away",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Bytes a [`Frame::FileChunk`] spends before its data: type byte and transfer id.
+pub const FILE_CHUNK_OVERHEAD: usize = 1 + 4;
 
 impl Frame {
     /// A close frame, its reason cut at a character boundary to [`MAX_CLOSE_REASON`] bytes.
@@ -226,6 +326,12 @@ impl Frame {
         1 + match self {
             Frame::Data(body) => body.len(),
             Frame::Request { body, .. } | Frame::Reply { body, .. } => 4 + body.len(),
+            Frame::FileOffer { name, .. } => 4 + 8 + 1 + name.len(),
+            Frame::FileAccept { .. } => 4 + 8 + DIGEST_LEN,
+            Frame::FileChunk { data, .. } => 4 + data.len(),
+            Frame::FileEnd { .. } => 4 + DIGEST_LEN,
+            Frame::FileResult { text, .. } => 4 + 2 + DIGEST_LEN + text.len(),
+            Frame::FileCancel { reason, .. } => 4 + reason.len(),
             Frame::Ping(_) | Frame::Pong(_) => 8,
             Frame::Close { reason, .. } => 2 + reason.len(),
         }
@@ -309,6 +415,56 @@ impl Decoder for FrameCodec {
                     Frame::Reply { id, body }
                 }
             }
+            kind::FILE_OFFER => {
+                let id = take_u32(&mut body, kind)?;
+                need(&body, kind, 8 + 1)?;
+                let size = body.get_u64();
+                let resume = body.get_u8() & 1 == 1;
+                Frame::FileOffer {
+                    id,
+                    size,
+                    resume,
+                    name: utf8(body, "file name")?,
+                }
+            }
+            kind::FILE_ACCEPT => {
+                let id = take_u32(&mut body, kind)?;
+                need(&body, kind, 8 + DIGEST_LEN)?;
+                let offset = body.get_u64();
+                Frame::FileAccept {
+                    id,
+                    offset,
+                    prefix: take_digest(&mut body),
+                }
+            }
+            kind::FILE_CHUNK => Frame::FileChunk {
+                id: take_u32(&mut body, kind)?,
+                data: body,
+            },
+            kind::FILE_END => {
+                let id = take_u32(&mut body, kind)?;
+                need(&body, kind, DIGEST_LEN)?;
+                Frame::FileEnd {
+                    id,
+                    digest: take_digest(&mut body),
+                }
+            }
+            kind::FILE_RESULT => {
+                let id = take_u32(&mut body, kind)?;
+                need(&body, kind, 2 + DIGEST_LEN)?;
+                let status = TransferStatus(body.get_u16());
+                let digest = take_digest(&mut body);
+                Frame::FileResult {
+                    id,
+                    status,
+                    digest,
+                    text: String::from_utf8_lossy(&body).into_owned(),
+                }
+            }
+            kind::FILE_CANCEL => Frame::FileCancel {
+                id: take_u32(&mut body, kind)?,
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            },
             kind::PING | kind::PONG => {
                 let token = exact_u64(&body, kind)?;
                 if kind == kind::PING {
@@ -348,6 +504,27 @@ fn take_u32(body: &mut Bytes, kind: u8) -> Result<u32, FrameError> {
         )));
     }
     Ok(body.get_u32())
+}
+
+/// Checks that `body` holds at least `len` more bytes of the fixed fields of a `kind` frame.
+fn need(body: &Bytes, kind: u8, len: usize) -> Result<(), FrameError> {
+    if body.len() < len {
+        return Err(FrameError::Malformed(format!(
+            "frame type {kind:#04x} is too short for its fields"
+        )));
+    }
+    Ok(())
+}
+
+fn take_digest(body: &mut Bytes) -> Digest {
+    let mut digest = [0u8; DIGEST_LEN];
+    body.copy_to_slice(&mut digest);
+    digest
+}
+
+fn utf8(body: Bytes, what: &str) -> Result<String, FrameError> {
+    String::from_utf8(body.to_vec())
+        .map_err(|_| FrameError::Malformed(format!("the {what} is not valid UTF-8")))
 }
 
 fn exact_u64(body: &Bytes, kind: u8) -> Result<u64, FrameError> {
@@ -390,6 +567,51 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u8(kind);
             dst.put_u32(*id);
             dst.extend_from_slice(body);
+        }
+        Frame::FileOffer {
+            id,
+            size,
+            resume,
+            name,
+        } => {
+            dst.put_u8(kind::FILE_OFFER);
+            dst.put_u32(*id);
+            dst.put_u64(*size);
+            dst.put_u8(u8::from(*resume));
+            dst.extend_from_slice(name.as_bytes());
+        }
+        Frame::FileAccept { id, offset, prefix } => {
+            dst.put_u8(kind::FILE_ACCEPT);
+            dst.put_u32(*id);
+            dst.put_u64(*offset);
+            dst.extend_from_slice(prefix);
+        }
+        Frame::FileChunk { id, data } => {
+            dst.put_u8(kind::FILE_CHUNK);
+            dst.put_u32(*id);
+            dst.extend_from_slice(data);
+        }
+        Frame::FileEnd { id, digest } => {
+            dst.put_u8(kind::FILE_END);
+            dst.put_u32(*id);
+            dst.extend_from_slice(digest);
+        }
+        Frame::FileResult {
+            id,
+            status,
+            digest,
+            text,
+        } => {
+            dst.put_u8(kind::FILE_RESULT);
+            dst.put_u32(*id);
+            dst.put_u16(status.0);
+            dst.extend_from_slice(digest);
+            dst.extend_from_slice(text.as_bytes());
+        }
+        Frame::FileCancel { id, reason } => {
+            dst.put_u8(kind::FILE_CANCEL);
+            dst.put_u32(*id);
+            dst.extend_from_slice(reason.as_bytes());
         }
         Frame::Ping(token) => {
             dst.put_u8(kind::PING);

@@ -9,6 +9,7 @@
 //! | `connection` | the outbound queue both sides use; the client's reader and writer |
 //! | [`server`] | binding, the accept loop, limits, broadcast; `server/handler.rs`: one connection's loop |
 //! | [`client`] | connecting, the hello, request/reply matching by correlation id |
+//! | [`transfer`] | sending and receiving files: streamed, verified, atomic, resumable |
 //! | [`config`] | settings and their defaults, validated at construction |
 //! | [`error`] | the error types |
 
@@ -18,6 +19,7 @@ pub(crate) mod connection;
 pub mod error;
 pub mod frame;
 pub mod server;
+pub mod transfer;
 
 #[cfg(feature = "python")]
 mod python;

@@ -208,7 +208,7 @@ async fn messages_sent_before_close_are_delivered() {
                 assert_eq!(reason.code, Some(CloseCode::NORMAL));
                 break;
             }
-            Event::Connected(_) => {}
+            _ => {}
         }
     }
     let expected: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("m{i}"))).collect();

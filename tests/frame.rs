@@ -4,8 +4,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use _socketcomm::frame::{
-    self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN, MAGIC, MAX_CLOSE_REASON,
-    MIN_MAX_FRAME, PROTOCOL_VERSION,
+    self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, MAGIC,
+    MAX_CLOSE_REASON, MIN_MAX_FRAME, PROTOCOL_VERSION,
 };
 use _socketcomm::FrameError;
 
@@ -26,6 +26,35 @@ fn all_kinds() -> Vec<Frame> {
         Frame::Close {
             code: CloseCode::GOING_AWAY,
             reason: "server shutting down".into(),
+        },
+        Frame::FileOffer {
+            id: 3,
+            size: 1 << 40,
+            resume: true,
+            name: "vidéo.mp4".into(),
+        },
+        Frame::FileAccept {
+            id: 3,
+            offset: 12345,
+            prefix: [7; 32],
+        },
+        Frame::FileChunk {
+            id: 3,
+            data: Bytes::from_static(b"\x00\x01chunk"),
+        },
+        Frame::FileEnd {
+            id: 3,
+            digest: [9; 32],
+        },
+        Frame::FileResult {
+            id: 3,
+            status: TransferStatus::DIGEST_MISMATCH,
+            digest: [0; 32],
+            text: "nothing was kept".into(),
+        },
+        Frame::FileCancel {
+            id: 3,
+            reason: "stopped".into(),
         },
     ]
 }
@@ -244,4 +273,36 @@ fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
         &mut close,
     );
     assert_eq!(&close[..7], &[0, 0, 0, 0x10, 0x30, 0x03, 0xE8]);
+}
+
+#[test]
+fn file_frames_shorter_than_their_fields_are_malformed() {
+    for kind in [
+        frame::kind::FILE_OFFER,
+        frame::kind::FILE_ACCEPT,
+        frame::kind::FILE_CHUNK,
+        frame::kind::FILE_END,
+        frame::kind::FILE_RESULT,
+        frame::kind::FILE_CANCEL,
+    ] {
+        let mut buf = BytesMut::new();
+        buf.put_u32(4);
+        buf.put_u8(kind);
+        buf.put_slice(&[0, 0, 1]);
+        let error = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(error, FrameError::Malformed(_)),
+            "{kind:#04x}: {error}"
+        );
+    }
+    // A file name must be UTF-8.
+    let mut buf = BytesMut::new();
+    buf.put_u32(1 + 4 + 8 + 1 + 2);
+    buf.put_u8(frame::kind::FILE_OFFER);
+    buf.put_u32(1);
+    buf.put_u64(10);
+    buf.put_u8(0);
+    buf.put_slice(&[0xff, 0xfe]);
+    let error = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+    assert!(error.to_string().contains("UTF-8"), "{error}");
 }

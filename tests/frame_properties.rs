@@ -5,7 +5,9 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 
-use _socketcomm::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN, MAGIC};
+use _socketcomm::frame::{
+    self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, MAGIC,
+};
 
 const MAX_FRAME: u32 = 4096;
 
@@ -14,11 +16,36 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
     prop_oneof![
         body.clone().prop_map(Frame::Data),
         (any::<u32>(), body.clone()).prop_map(|(id, body)| Frame::Request { id, body }),
-        (any::<u32>(), body).prop_map(|(id, body)| Frame::Reply { id, body }),
+        (any::<u32>(), body.clone()).prop_map(|(id, body)| Frame::Reply { id, body }),
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
         (any::<u16>(), "[a-z ]{0,50}")
             .prop_map(|(code, reason)| Frame::close(CloseCode(code), &reason)),
+        (any::<u32>(), any::<u64>(), any::<bool>(), "\\PC{0,40}").prop_map(
+            |(id, size, resume, name)| Frame::FileOffer {
+                id,
+                size,
+                resume,
+                name
+            }
+        ),
+        (any::<u32>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(id, offset, prefix)| Frame::FileAccept { id, offset, prefix }),
+        (any::<u32>(), body.clone()).prop_map(|(id, data)| Frame::FileChunk { id, data }),
+        (any::<u32>(), any::<[u8; 32]>()).prop_map(|(id, digest)| Frame::FileEnd { id, digest }),
+        (
+            any::<u32>(),
+            any::<u16>(),
+            any::<[u8; 32]>(),
+            "[a-z ]{0,50}"
+        )
+            .prop_map(|(id, status, digest, text)| Frame::FileResult {
+                id,
+                status: TransferStatus(status),
+                digest,
+                text
+            }),
+        (any::<u32>(), "[a-z ]{0,50}").prop_map(|(id, reason)| Frame::FileCancel { id, reason }),
     ]
 }
 

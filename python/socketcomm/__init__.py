@@ -16,6 +16,7 @@ from typing import Union
 from socketcomm._socketcomm import (
     ACK_REPLY,
     DEFAULT_HOST,
+    DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_FRAME,
     DEFAULT_PORT,
     PROTOCOL_VERSION,
@@ -23,6 +24,8 @@ from socketcomm._socketcomm import (
     Connected,
     ConnectionClosedError,
     Disconnected,
+    FileReceived,
+    FileSent,
     FrameTooLargeError,
     Message,
     ProtocolError,
@@ -33,12 +36,13 @@ from socketcomm._socketcomm import (
     __version__,
 )
 
-Event = Union[Connected, Message, Disconnected]
+Event = Union[Connected, Message, FileReceived, Disconnected]
 """What iterating over a `Server` yields."""
 
 __all__ = [
     "ACK_REPLY",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
@@ -47,6 +51,8 @@ __all__ = [
     "ConnectionClosedError",
     "Disconnected",
     "Event",
+    "FileReceived",
+    "FileSent",
     "FrameTooLargeError",
     "Message",
     "ProtocolError",

@@ -5,7 +5,9 @@ signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/
 process-wide pool of tokio threads that never run Python code.
 """
 
+import os
 from collections.abc import Awaitable, Callable, Generator, Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, final
 
@@ -14,6 +16,7 @@ from typing_extensions import Buffer, Self, TypeAlias
 __all__ = [
     "ACK_REPLY",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
@@ -23,6 +26,8 @@ __all__ = [
     "Connected",
     "ConnectionClosedError",
     "Disconnected",
+    "FileReceived",
+    "FileSent",
     "FrameTooLargeError",
     "Message",
     "ProtocolError",
@@ -31,6 +36,7 @@ __all__ = [
     "SocketCommError",
     "TlsError",
     "TransferError",
+    "TransferProgress",
     "__version__",
     "_connect",
     "_deliver",
@@ -44,6 +50,8 @@ DEFAULT_PORT: Final[int]
 DEFAULT_MAX_FRAME: Final[int]
 """The default bound on one frame, 16 MiB."""
 PROTOCOL_VERSION: Final[int]
+DEFAULT_MAX_FILE_SIZE: Final[int]
+"""The default bound on a received file, 16 GiB."""
 ACK_REPLY: Final[bytes]
 """The original server's reply, ``b"Your message has been received, Thank you!"``."""
 
@@ -84,7 +92,79 @@ class TlsError(SocketCommError, ConnectionError):
     """A TLS handshake or certificate check failed."""
 
 class TransferError(SocketCommError):
-    """A file transfer failed or could not be verified."""
+    """A file transfer was refused or failed its verification; nothing was saved.
+
+    ``status`` names the kind: ``"refused"`` (the peer takes no files), ``"bad_name"``,
+    ``"too_large"`` (over ``max_file_size``), ``"no_space"``, ``"digest_mismatch"``,
+    ``"io_error"``, ``"bad_transfer"``.
+    """
+
+    status: str
+
+_Progress: TypeAlias = bool | Callable[[int, int], object] | None
+"""``progress`` of ``send_file``: a callable ``(done, total)`` in bytes, ``True`` for a progress
+bar on the terminal (stderr), or None."""
+
+@final
+class FileSent:
+    """A file the peer received whole, verified and saved."""
+
+    @property
+    def name(self) -> str:
+        """The name it was offered under."""
+    @property
+    def saved_as(self) -> str:
+        """The name the receiver saved it under (numbered if the name was taken)."""
+    @property
+    def size(self) -> int: ...
+    @property
+    def digest(self) -> str:
+        """The BLAKE3 digest both sides computed, in hexadecimal."""
+    @property
+    def resumed_from(self) -> int:
+        """Bytes the receiver held from an interrupted attempt, which were not sent again."""
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def rate(self) -> float:
+        """Bytes per second sent by this call."""
+
+@final
+class FileReceived:
+    """A file that arrived whole and verified, and is now in its folder."""
+
+    @property
+    def conn_id(self) -> int:
+        """The sending connection's id on a server; 0 for a file a `Client` received."""
+    @property
+    def peer(self) -> tuple[str, int]:
+        """The sender's ``(host, port)``."""
+    @property
+    def name(self) -> str:
+        """The name it was saved under: the offered name reduced to a base name, numbered
+        (``name (1).ext``) if a file of that name existed, which is never replaced."""
+    @property
+    def offered_name(self) -> str:
+        """The name the sender offered."""
+    @property
+    def path(self) -> Path: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def digest(self) -> str:
+        """Its BLAKE3 digest, in hexadecimal, checked against the sender's."""
+    @property
+    def resumed_from(self) -> int:
+        """Bytes kept from an earlier, interrupted transfer of the same file."""
+
+@final
+class TransferProgress:
+    """How far an asyncio transfer has got (``socketcomm.aio`` reads it)."""
+
+    @property
+    def done(self) -> int: ...
+    @property
+    def total(self) -> int: ...
 
 @final
 class Connected:
@@ -174,6 +254,8 @@ def _connect(
     connect_timeout: float = 10.0,
     raw: bool = False,
     max_frame: int = ...,
+    download_dir: str | os.PathLike[str] | None = None,
+    max_file_size: int = ...,
     local_address: tuple[str, int] | None = None,
     nodelay: bool = True,
     keepalive: float | None = None,
@@ -202,7 +284,7 @@ class Disconnected:
     def code(self) -> int | None:
         """The close code, when a close frame was exchanged."""
 
-_Event: TypeAlias = Connected | Message | Disconnected
+_Event: TypeAlias = Connected | Message | FileReceived | Disconnected
 
 @final
 class Server:
@@ -234,6 +316,16 @@ class Server:
     however long it takes.
     ``backlog`` is the listen backlog.
 
+    Files: with ``upload_dir`` set (receiving files is off without it), clients may send files
+    with ``Client.send_file``. Each is written to a hidden folder inside ``upload_dir`` while it
+    arrives, and linked into ``upload_dir`` under its (base) name only once its BLAKE3 digest
+    matches the sender's; a file of that name is never replaced (the new one is saved as
+    ``name (1).ext``). A ``FileReceived`` event (or the ``on_file(conn_id, file)`` handler)
+    tells of each. A transfer that is cut off is kept out of sight and resumed when the same
+    file is offered again. Files over ``max_file_size`` bytes, or larger than the free space,
+    are refused before a byte is written. A missing or unwritable ``upload_dir`` raises
+    ``OSError`` here, naming the folder.
+
     Socket options (set on every accepted connection): ``nodelay`` (TCP_NODELAY, on),
     ``keepalive`` (seconds idle before TCP keepalive probes; None: off) with
     ``keepalive_interval`` (seconds) and ``keepalive_count``, ``recv_buffer``/``send_buffer``
@@ -258,6 +350,9 @@ class Server:
         on_message: Callable[[int, bytes], _Data | None] | None = None,
         on_connect: Callable[[int, tuple[str, int]], object] | None = None,
         on_disconnect: Callable[[int, str], object] | None = None,
+        on_file: Callable[[int, FileReceived], object] | None = None,
+        upload_dir: str | os.PathLike[str] | None = None,
+        max_file_size: int = ...,
         max_frame: int = ...,
         max_connections: int = 10000,
         idle_timeout: float | None = None,
@@ -325,7 +420,8 @@ class Server:
         """Counters of what the server has done: ``connections`` (open now),
         ``connections_total``, ``messages_in``, ``messages_out``, ``bytes_in``, ``bytes_out``,
         ``refused_full``, ``protocol_errors``, ``idle_timeouts``, ``slow_readers``,
-        ``connection_errors``."""
+        ``connection_errors``, ``files_received``, ``files_sent`` and ``transfers_failed``
+        (refused or failed, either way; interrupted ones are not counted)."""
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
@@ -340,7 +436,22 @@ class Server:
         """Sends one message to a connection. Blocks (GIL released) only while its outbound
         queue is full. ``ConnectionClosedError`` when the connection has ended."""
     # The asyncio API's primitives (socketcomm.aio.Server uses them).
-    def _try_event(self) -> Connected | AsyncMessage | Disconnected | None:
+    def send_file(
+        self,
+        conn_id: int,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        progress: _Progress = None,
+        timeout: float | None = None,
+    ) -> FileSent:
+        """Sends the file at ``path`` to the connection ``conn_id`` (a `Client` with a
+        ``download_dir``), as `Client.send_file` does. Blocks, GIL released."""
+    def _send_file(
+        self, conn_id: int, path: str | os.PathLike[str], name: str | None
+    ) -> tuple[Awaitable[FileSent], TransferProgress]:
+        """Sends a file to a connection; the awaitable gives the `FileSent`."""
+    def _try_event(self) -> Connected | AsyncMessage | FileReceived | Disconnected | None:
         """The next event (asyncio flavour) if one is queued, else None."""
     def _event_ready(self) -> Awaitable[None]:
         """Completes when ``_try_event`` has an event or the end to report."""
@@ -373,7 +484,9 @@ class Client:
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
     the server is not a socketcomm server (connect with ``raw=True`` to plain TCP servers).
     ``local_address`` binds the local end before connecting. The socket options are those of
-    `Server`.
+    `Server`. ``download_dir`` lets the server send files (`Server.send_file`), received as a
+    server's ``upload_dir`` receives them and read with ``recv_file()``; without it they are
+    refused. ``max_file_size`` bounds them.
     """
 
     def __new__(
@@ -385,6 +498,8 @@ class Client:
         connect_timeout: float = 10.0,
         raw: bool = False,
         max_frame: int = ...,
+        download_dir: str | os.PathLike[str] | None = None,
+        max_file_size: int = ...,
         local_address: tuple[str, int] | None = None,
         nodelay: bool = True,
         keepalive: float | None = None,
@@ -432,6 +547,33 @@ class Client:
         """Sends ``data`` as a request and returns the server's reply to it. Blocks, GIL
         released; raises as ``send()`` and ``recv()``. In raw mode there is no correlation id:
         the reply is the next bytes to arrive."""
+    def send_file(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        progress: _Progress = None,
+        timeout: float | None = None,
+    ) -> FileSent:
+        """Sends the file at ``path`` under ``name`` (default: its own name) and returns once
+        the server has checked its BLAKE3 digest and saved it. Blocks, GIL released.
+
+        The file streams in chunks that share the connection with messages, in bounded memory
+        whatever its size. If an earlier attempt was cut off, the server's copy of the part
+        that arrived is checked and the transfer resumes after it (``resumed_from``).
+        ``progress`` is a callable ``(done, total)`` called about every 100 ms, or ``True`` for
+        a progress bar on stderr. ``timeout`` bounds the whole transfer (default: none); on
+        ``TimeoutError`` or Ctrl-C the transfer stops and the next attempt resumes it.
+
+        Raises ``TransferError`` when the server refuses the file (no ``upload_dir``, a bad
+        name, too large, no space) or the digests differ, ``FileNotFoundError`` and other
+        ``OSError`` subclasses when the file cannot be read, and ``ConnectionClosedError``
+        when the connection ends first.
+        """
+    def recv_file(self, timeout: float | None = None) -> FileReceived:
+        """The next file the server sent into ``download_dir``, verified and in place.
+        Blocks, GIL released; raises ``TimeoutError`` after ``timeout`` (default: the
+        client's) and ``ConnectionClosedError`` once the connection has ended."""
     def close(self) -> None:
         """Writes what was sent, tells the server goodbye and closes (waiting up to 5 s).
         Idempotent; later calls raise ``ConnectionClosedError``."""
@@ -450,6 +592,12 @@ class Client:
         """Queues a message, waiting for room."""
     def _request(self, data: _Data) -> Awaitable[bytes]:
         """Sends a request; the awaitable gives the reply."""
+    def _send_file(
+        self, path: str | os.PathLike[str], name: str | None
+    ) -> tuple[Awaitable[FileSent], TransferProgress]:
+        """Sends a file; the awaitable gives the `FileSent`."""
+    def _recv_file(self) -> Awaitable[FileReceived]:
+        """The next file received into ``download_dir``."""
     def _close(self) -> Awaitable[None]:
         """Flushes, says goodbye and closes, without blocking the event loop."""
     def __enter__(self) -> Self: ...

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Union
 
-from socketcomm import _socketcomm
+from socketcomm import _progress, _socketcomm
 from socketcomm._socketcomm import (
     AsyncMessage as Message,
 )
@@ -37,14 +38,29 @@ from socketcomm._socketcomm import (
     Connected,
     ConnectionClosedError,
     Disconnected,
+    FileReceived,
+    FileSent,
+    TransferProgress,
 )
 
-__all__ = ["Client", "Connected", "Disconnected", "Event", "Message", "Server", "connect"]
+__all__ = [
+    "Client",
+    "Connected",
+    "Disconnected",
+    "Event",
+    "FileReceived",
+    "FileSent",
+    "Message",
+    "Server",
+    "connect",
+]
 
-Event = Union[Connected, Message, Disconnected]
+Event = Union[Connected, Message, FileReceived, Disconnected]
 """What iterating over an `aio.Server` yields."""
 
 Data = Union[str, bytes, bytearray, memoryview]
+PathLike = Union[str, "os.PathLike[str]"]
+Progress = Union[bool, Callable[[int, int], object], None]
 
 # Iteration over a client ends quietly on these close codes (normal, server shutting down).
 _QUIET_ENDINGS = (None, 1000, 1001)
@@ -60,6 +76,38 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -
         raise TimeoutError(
             f"no {what} within {timeout:.3f} s; raise timeout= to wait longer"
         ) from None
+
+
+async def _transfer(
+    started: tuple[Awaitable[FileSent], TransferProgress],
+    progress: Progress,
+    name: str,
+    timeout: float | None,
+) -> FileSent:
+    """Awaits a file transfer, reporting its progress about every 100 ms."""
+    awaitable, watched = started
+    reporter = _progress.reporter(progress, name)
+    if reporter is None:
+        sent: FileSent = await _within(awaitable, timeout, "end of the file transfer")
+        return sent
+
+    async def report() -> None:
+        while True:
+            reporter.update(watched.done, watched.total)
+            await asyncio.sleep(0.1)
+
+    reporting = asyncio.get_running_loop().create_task(report())
+    try:
+        sent = await _within(awaitable, timeout, "end of the file transfer")
+    finally:
+        reporting.cancel()
+        reporter.update(watched.done, watched.total)
+        reporter.close()
+    return sent
+
+
+def _shown_name(path: PathLike, name: str | None) -> str:
+    return name if name is not None else os.path.basename(os.fspath(path))
 
 
 async def _take(try_take: Callable[[], Any], ready: Callable[[], Awaitable[None]]) -> Any:
@@ -92,6 +140,8 @@ class Client:
         connect_timeout: float = 10.0,
         raw: bool = False,
         max_frame: int = _socketcomm.DEFAULT_MAX_FRAME,
+        download_dir: PathLike | None = None,
+        max_file_size: int = _socketcomm.DEFAULT_MAX_FILE_SIZE,
         **socket_options: Any,
     ) -> None:
         self._target = (host, port)
@@ -100,6 +150,8 @@ class Client:
             "connect_timeout": connect_timeout,
             "raw": raw,
             "max_frame": max_frame,
+            "download_dir": download_dir,
+            "max_file_size": max_file_size,
             **socket_options,
         }
         self._timeout = timeout
@@ -160,6 +212,26 @@ class Client:
         reply: bytes = await _within(self._connected._request(data), limit, "reply")
         return reply
 
+    async def send_file(
+        self,
+        path: PathLike,
+        name: str | None = None,
+        *,
+        progress: Progress = None,
+        timeout: float | None = None,
+    ) -> FileSent:
+        """Sends a file as `socketcomm.Client.send_file` does (streamed, verified, resumed
+        after an interruption); returns once the server has saved it. ``timeout`` bounds the
+        whole transfer (default: none); cancelling stops it, and the next attempt resumes."""
+        started = self._connected._send_file(path, name)
+        return await _transfer(started, progress, _shown_name(path, name), timeout)
+
+    async def recv_file(self, timeout: float | None = None) -> FileReceived:
+        """The next file the server sent into ``download_dir``, verified and in place."""
+        limit = timeout if timeout is not None else self._timeout
+        received: FileReceived = await _within(self._connected._recv_file(), limit, "file")
+        return received
+
     async def close(self) -> None:
         """Writes what was sent, tells the server goodbye and closes. Idempotent."""
         if self._core is not None:
@@ -205,8 +277,9 @@ Handler = Callable[..., Any]
 class Server:
     """A TCP server for asyncio. Same options as `socketcomm.Server`; binds and serves at once.
 
-    ``on_message(conn_id, data)``, ``on_connect(conn_id, peer)`` and
-    ``on_disconnect(conn_id, reason)`` may be plain or ``async`` functions; they run on the
+    ``on_message(conn_id, data)``, ``on_connect(conn_id, peer)``,
+    ``on_disconnect(conn_id, reason)`` and ``on_file(conn_id, file)`` may be plain or ``async``
+    functions; they run on the
     event loop, one event at a time, in order, from ``serve_forever()`` (or the task ``start()``
     creates). ``on_message`` returns the reply (or None). Without handlers, iterate:
     ``async for event in server``.
@@ -220,9 +293,10 @@ class Server:
         on_message: Handler | None = None,
         on_connect: Handler | None = None,
         on_disconnect: Handler | None = None,
+        on_file: Handler | None = None,
         **options: Any,
     ) -> None:
-        self._handlers = (on_message, on_connect, on_disconnect)
+        self._handlers = (on_message, on_connect, on_disconnect, on_file)
         if any(self._handlers) and options.get("mode", "events") != "events":
             raise ValueError(
                 f"invalid mode: the on_* handlers need mode='events', but mode="
@@ -283,6 +357,20 @@ class Server:
         reached: int = await self._core._broadcast(data, exclude)
         return reached
 
+    async def send_file(
+        self,
+        conn_id: int,
+        path: PathLike,
+        name: str | None = None,
+        *,
+        progress: Progress = None,
+        timeout: float | None = None,
+    ) -> FileSent:
+        """Sends a file to a connection (a client with a ``download_dir``), as
+        `socketcomm.Server.send_file` does."""
+        started = self._core._send_file(conn_id, path, name)
+        return await _transfer(started, progress, _shown_name(path, name), timeout)
+
     def disconnect(self, conn_id: int, reason: str = "closed by the server") -> bool:
         """Closes one connection after what is queued for it (does not block)."""
         return self._core.disconnect(conn_id, reason)
@@ -308,7 +396,7 @@ class Server:
             )
 
     async def _dispatch(self) -> None:
-        on_message, on_connect, on_disconnect = self._handlers
+        on_message, on_connect, on_disconnect, on_file = self._handlers
         async for event in self:
             try:
                 if isinstance(event, Message):
@@ -319,6 +407,9 @@ class Server:
                 elif isinstance(event, Connected):
                     if on_connect is not None:
                         await _maybe_await(on_connect(event.conn_id, event.peer))
+                elif isinstance(event, FileReceived):
+                    if on_file is not None:
+                        await _maybe_await(on_file(event.conn_id, event))
                 elif on_disconnect is not None:
                     await _maybe_await(on_disconnect(event.conn_id, event.reason))
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -371,4 +462,6 @@ async def _maybe_await(value: Any) -> Any:
 def _handler_name(event: Event | None) -> str:
     if isinstance(event, Message):
         return "on_message"
+    if isinstance(event, FileReceived):
+        return "on_file"
     return "on_connect" if isinstance(event, Connected) else "on_disconnect"

@@ -31,8 +31,11 @@ use super::exit::with_python;
 use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
+use super::transfer::{FileReceived, FileSent, TransferProgress};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use crate::error::Error;
+use crate::transfer::{Progress, DEFAULT_MAX_FILE_SIZE};
+use std::path::PathBuf;
 
 /// An awaitable that is already complete (with None): what a call returns when its work was
 /// done at once, so that the fast path costs no asyncio future and no task.
@@ -216,6 +219,8 @@ impl<'py> IntoPyObject<'py> for Payload {
     connect_timeout = 10.0,
     raw = false,
     max_frame = crate::frame::DEFAULT_MAX_FRAME,
+    download_dir = None,
+    max_file_size = DEFAULT_MAX_FILE_SIZE,
     local_address = None,
     nodelay = true,
     keepalive = None,
@@ -234,6 +239,8 @@ pub(crate) fn _connect(
     connect_timeout: f64,
     raw: bool,
     max_frame: u32,
+    download_dir: Option<PathBuf>,
+    max_file_size: u64,
     local_address: Option<(String, u16)>,
     nodelay: bool,
     keepalive: Option<f64>,
@@ -253,7 +260,15 @@ pub(crate) fn _connect(
         send_buffer,
         linger,
     )?;
-    let config = client_config(connect_timeout, raw, max_frame, local_address, socket)?;
+    let config = client_config(
+        connect_timeout,
+        raw,
+        max_frame,
+        local_address,
+        socket,
+        download_dir,
+        max_file_size,
+    )?;
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;
         Ok(PyClient::new_connected(core, timeout))
@@ -300,6 +315,34 @@ impl PyClient {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
         spawn_awaitable(py, async move { core.request(data).await.map(Payload) })
+    }
+
+    /// Sends a file; returns the awaitable of its `FileSent` and the progress to watch.
+    fn _send_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: PathBuf,
+        name: Option<String>,
+    ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
+        let core = Arc::clone(self.core());
+        let progress = Arc::new(Progress::default());
+        let watched = TransferProgress(Arc::clone(&progress));
+        let awaitable = spawn_awaitable(py, async move {
+            core.send_file(&path, name, &progress)
+                .await
+                .map(FileSent::from)
+        })?;
+        Ok((awaitable, watched))
+    }
+
+    /// The next file received into `download_dir`.
+    fn _recv_file<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let core = Arc::clone(self.core());
+        spawn_awaitable(py, async move {
+            core.recv_file()
+                .await
+                .map(|file| FileReceived::new(0, file))
+        })
     }
 
     /// Flushes, says goodbye and closes.
@@ -368,6 +411,25 @@ impl PyServer {
         let exclude = exclusions(exclude)?;
         let core = Arc::clone(self.core());
         spawn_awaitable(py, async move { Ok(core.broadcast(data, &exclude).await) })
+    }
+
+    /// Sends a file to a connection; returns the awaitable of its `FileSent` and the progress.
+    fn _send_file<'py>(
+        &self,
+        py: Python<'py>,
+        conn_id: u64,
+        path: PathBuf,
+        name: Option<String>,
+    ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
+        let core = Arc::clone(self.core());
+        let progress = Arc::new(Progress::default());
+        let watched = TransferProgress(Arc::clone(&progress));
+        let awaitable = spawn_awaitable(py, async move {
+            core.send_file(conn_id, &path, name, &progress)
+                .await
+                .map(FileSent::from)
+        })?;
+        Ok((awaitable, watched))
     }
 
     /// Closes as `close()` does, without blocking the event loop.

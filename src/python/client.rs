@@ -15,9 +15,12 @@ use std::net::ToSocketAddrs;
 use pyo3::exceptions::PyValueError;
 
 use super::options::socket_options;
+use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
 use crate::config::{ClientConfig, SocketOptions};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
+use crate::transfer::DEFAULT_MAX_FILE_SIZE;
+use std::path::PathBuf;
 
 /// A connection to a server; see the stub for the full description.
 #[pyclass(frozen, module = "socketcomm._socketcomm", name = "Client")]
@@ -34,6 +37,8 @@ pub(crate) fn client_config(
     max_frame: u32,
     local_address: Option<(String, u16)>,
     socket: SocketOptions,
+    download_dir: Option<PathBuf>,
+    max_file_size: u64,
 ) -> PyResult<ClientConfig> {
     let connect_timeout =
         timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
@@ -55,6 +60,8 @@ pub(crate) fn client_config(
         max_frame,
         socket,
         local_addr,
+        download_dir,
+        max_file_size,
         ..ClientConfig::default()
     })
 }
@@ -70,6 +77,8 @@ impl PyClient {
         connect_timeout = 10.0,
         raw = false,
         max_frame = DEFAULT_MAX_FRAME,
+        download_dir = None,
+        max_file_size = DEFAULT_MAX_FILE_SIZE,
         local_address = None,
         nodelay = true,
         keepalive = None,
@@ -89,6 +98,8 @@ impl PyClient {
         connect_timeout: f64,
         raw: bool,
         max_frame: u32,
+        download_dir: Option<PathBuf>,
+        max_file_size: u64,
         local_address: Option<(String, u16)>,
         nodelay: bool,
         keepalive: Option<f64>,
@@ -108,7 +119,15 @@ impl PyClient {
             send_buffer,
             linger,
         )?;
-        let config = client_config(connect_timeout, raw, max_frame, local_address, socket)?;
+        let config = client_config(
+            connect_timeout,
+            raw,
+            max_frame,
+            local_address,
+            socket,
+            download_dir,
+            max_file_size,
+        )?;
         let core = wait(
             py,
             async move { Client::connect(&host, port, config).await },
@@ -187,6 +206,37 @@ impl PyClient {
         let reply = wait(py, core.request(data), limit)?
             .ok_or_else(|| self.timed_out("reply", limit))??;
         Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Sends the file at `path`, streamed and verified; returns once the server has saved it.
+    #[pyo3(signature = (path, name = None, *, progress = None, timeout = None))]
+    fn send_file(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        name: Option<String>,
+        progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<FileSent> {
+        let limit = timeout_from_secs("timeout", timeout)?;
+        let reporter = Reporter::new(py, progress, &shown_name(&path, name.as_deref()))?;
+        let core = &self.core;
+        send_blocking(
+            py,
+            |progress| async move { core.send_file(&path, name, &progress).await },
+            &reporter,
+            limit,
+        )
+    }
+
+    /// The next file the server sent into `download_dir`, verified and in place.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_file(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<FileReceived> {
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        let file =
+            wait(py, core.recv_file(), limit)?.ok_or_else(|| self.timed_out("file", limit))??;
+        Ok(FileReceived::new(0, file))
     }
 
     /// Flushes what was sent, says goodbye to the server and closes. Idempotent.

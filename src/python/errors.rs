@@ -94,10 +94,12 @@ pub(crate) fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
         let transfer = new_exception(
             py,
             "TransferError",
-            "A file transfer failed or could not be verified.",
+            "A file transfer was refused or failed its verification; `status` says which \
+             (\"refused\", \"bad_name\", \"too_large\", \"no_space\", \"digest_mismatch\", ...).",
             &[&base_type],
             false,
         )?;
+        transfer.bind(py).setattr("status", "")?;
         Ok::<_, PyErr>(Exceptions {
             base,
             closed,
@@ -180,6 +182,12 @@ impl From<Error> for PyErr {
                 }
                 Error::Protocol(_) => raise(py, &all.protocol, message, None),
                 Error::FrameTooLarge { .. } => raise(py, &all.too_large, message, None),
+                Error::Transfer { status, .. } => {
+                    let error = raise(py, &all.transfer, message, None);
+                    // `status` names the kind of failure ("digest_mismatch", "too_large", ...).
+                    let _ = error.value(py).setattr("status", status.name());
+                    error
+                }
                 Error::Timeout(_) => PyTimeoutError::new_err(message),
                 Error::InvalidOption { .. } => PyValueError::new_err(message),
             }

@@ -1,4 +1,5 @@
-//! The event classes a server yields: `Connected`, `Disconnected`, and a message in two
+//! The event classes a server yields: `Connected`, `Disconnected`, `FileReceived` (in
+//! `transfer.rs`), and a message in two
 //! flavours, `Message` (whose `reply` blocks) for the sync API and `AsyncMessage` (whose `reply`
 //! is awaited) for `socketcomm.aio`.
 
@@ -9,6 +10,7 @@ use pyo3::types::{PyBytes, PyString};
 use super::aio::{ready, spawn_awaitable};
 use super::convert::{address, payload};
 use super::runtime::wait;
+use super::transfer::FileReceived;
 use crate::error::CloseInfo;
 use crate::server::{self as core, Event};
 
@@ -203,6 +205,10 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
                     .unbind(),
             }
         }
+        Event::FileReceived { conn, file } => FileReceived::new(conn.id(), file)
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
         Event::Disconnected { conn, reason } => {
             let CloseInfo { code, reason } = reason;
             Disconnected {

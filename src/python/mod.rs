@@ -11,12 +11,14 @@ mod logging;
 mod options;
 mod runtime;
 mod server;
+mod transfer;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::config::{ACK_REPLY, DEFAULT_HOST, DEFAULT_PORT};
 use crate::frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 
 #[pymodule]
 fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -28,6 +30,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_PORT", DEFAULT_PORT)?;
     m.add("DEFAULT_MAX_FRAME", DEFAULT_MAX_FRAME)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
+    m.add("DEFAULT_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)?;
     m.add("ACK_REPLY", PyBytes::new(m.py(), ACK_REPLY))?;
     // The asyncio bridge runs its futures on the runtime everything else uses.
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::runtime());
@@ -37,6 +40,9 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<events::Message>()?;
     m.add_class::<events::AsyncMessage>()?;
     m.add_class::<events::Disconnected>()?;
+    m.add_class::<transfer::FileReceived>()?;
+    m.add_class::<transfer::FileSent>()?;
+    m.add_class::<transfer::TransferProgress>()?;
     m.add_class::<aio::Ready>()?;
     m.add_function(wrap_pyfunction!(aio::_connect, m)?)?;
     m.add_function(wrap_pyfunction!(aio::_deliver, m)?)?;

@@ -41,6 +41,24 @@ where
     F: Future + Send,
     F::Output: Send,
 {
+    wait_reporting(py, future, timeout, |_| Ok(()))
+}
+
+/// As [`wait`], calling `between` with the GIL after each slice the future did not complete in
+/// (to report progress, say).
+///
+/// # Errors
+/// Whatever a signal handler or `between` raises.
+pub(crate) fn wait_reporting<F>(
+    py: Python<'_>,
+    future: F,
+    timeout: Option<Duration>,
+    mut between: impl FnMut(Python<'_>) -> PyResult<()>,
+) -> PyResult<Option<F::Output>>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
     let mut future = std::pin::pin!(future);
     // NOTE: the fast path. A message already queued, or room in a send queue, completes on the
@@ -66,6 +84,7 @@ where
             return Ok(done);
         }
         py.check_signals()?;
+        between(py)?;
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return Ok(None);
         }

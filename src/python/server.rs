@@ -18,9 +18,12 @@ use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
+use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
+use crate::transfer::DEFAULT_MAX_FILE_SIZE;
+use std::path::PathBuf;
 
 /// A dispatcher handles at most this many queued events per GIL acquisition, so that a flood of
 /// events cannot starve other Python threads.
@@ -35,11 +38,15 @@ struct Handlers {
     on_message: Option<Py<PyAny>>,
     on_connect: Option<Py<PyAny>>,
     on_disconnect: Option<Py<PyAny>>,
+    on_file: Option<Py<PyAny>>,
 }
 
 impl Handlers {
     fn any(&self) -> bool {
-        self.on_message.is_some() || self.on_connect.is_some() || self.on_disconnect.is_some()
+        self.on_message.is_some()
+            || self.on_connect.is_some()
+            || self.on_disconnect.is_some()
+            || self.on_file.is_some()
     }
 
     fn clone_ref(&self, py: Python<'_>) -> Handlers {
@@ -48,6 +55,7 @@ impl Handlers {
             on_message: copy(&self.on_message),
             on_connect: copy(&self.on_connect),
             on_disconnect: copy(&self.on_disconnect),
+            on_file: copy(&self.on_file),
         }
     }
 
@@ -79,6 +87,10 @@ impl Handlers {
                         Ok(())
                     })
             }),
+            Event::FileReceived { conn, file } => self.on_file.as_ref().map(|h| {
+                let file = FileReceived::new(conn.id(), file.clone());
+                h.call1(py, (conn.id(), file)).map(drop)
+            }),
             Event::Disconnected { conn, reason } => self
                 .on_disconnect
                 .as_ref()
@@ -98,6 +110,7 @@ fn log_handler_error(py: Python<'_>, event: &Event, error: PyErr) {
     let which = match event {
         Event::Connected(_) => "on_connect",
         Event::Message(_) => "on_message",
+        Event::FileReceived { .. } => "on_file",
         Event::Disconnected { .. } => "on_disconnect",
     };
     let logged = (|| -> PyResult<()> {
@@ -167,6 +180,9 @@ impl PyServer {
         on_message = None,
         on_connect = None,
         on_disconnect = None,
+        on_file = None,
+        upload_dir = None,
+        max_file_size = DEFAULT_MAX_FILE_SIZE,
         max_frame = DEFAULT_MAX_FRAME,
         max_connections = 10_000,
         idle_timeout = None,
@@ -196,6 +212,9 @@ impl PyServer {
         on_message: Option<Py<PyAny>>,
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
+        on_file: Option<Py<PyAny>>,
+        upload_dir: Option<PathBuf>,
+        max_file_size: u64,
         max_frame: u32,
         max_connections: usize,
         idle_timeout: Option<f64>,
@@ -218,6 +237,7 @@ impl PyServer {
             on_message,
             on_connect,
             on_disconnect,
+            on_file,
         };
         let config = ServerConfig {
             mode: parse_mode(mode, &handlers)?,
@@ -244,6 +264,8 @@ impl PyServer {
             max_connections,
             idle_timeout: timeout_from_secs("idle_timeout", idle_timeout)?,
             slow_reader: SlowReader::parse(slow_reader)?,
+            upload_dir,
+            max_file_size,
         };
         let addr = resolve(py, host, port)?;
         let core = py.detach(|| core::Server::bind(addr, config))?;
@@ -410,6 +432,29 @@ impl PyServer {
         Ok(())
     }
 
+    /// Sends the file at `path` to the connection `conn_id` (which needs a `download_dir`),
+    /// streamed and verified; returns once the client has saved it.
+    #[pyo3(signature = (conn_id, path, name = None, *, progress = None, timeout = None))]
+    fn send_file(
+        &self,
+        py: Python<'_>,
+        conn_id: u64,
+        path: PathBuf,
+        name: Option<String>,
+        progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<FileSent> {
+        let limit = timeout_from_secs("timeout", timeout)?;
+        let reporter = Reporter::new(py, progress, &shown_name(&path, name.as_deref()))?;
+        let core = &self.core;
+        send_blocking(
+            py,
+            |progress| async move { core.send_file(conn_id, &path, name, &progress).await },
+            &reporter,
+            limit,
+        )
+    }
+
     /// Up to `max` events: waits up to `timeout` seconds for the first (None: no limit), then
     /// takes what is already queued. An empty list when none arrived in time.
     #[pyo3(signature = (max = 256, timeout = None))]
@@ -457,6 +502,9 @@ impl PyServer {
             ("idle_timeouts", stats.idle_timeouts),
             ("slow_readers", stats.slow_readers),
             ("connection_errors", stats.connection_errors),
+            ("files_received", stats.files_received),
+            ("files_sent", stats.files_sent),
+            ("transfers_failed", stats.transfers_failed),
         ] {
             all.set_item(name, value)?;
         }

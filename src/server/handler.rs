@@ -19,7 +19,10 @@ use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message,
 use crate::config::Mode;
 use crate::connection::{drain_into, encode, ConnState, Outbox};
 use crate::error::{CloseInfo, FrameError};
-use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN, LENGTH_PREFIX};
+use crate::frame::{
+    self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, LENGTH_PREFIX,
+};
+use crate::transfer::{Delivery, ReceivedFile, Receiving};
 
 /// How long the writer may take to flush what is queued once the connection is closing, before
 /// the rest is dropped.
@@ -48,6 +51,7 @@ pub(super) async fn serve(
             wake: Wake::default(),
             abort: hub.abort.child_token(),
         }),
+        outgoing: Arc::default(),
     };
     lock(&hub.connections).insert(id, conn.clone());
     // A shutdown that began before the insert did not see this connection: catch up.
@@ -57,16 +61,57 @@ pub(super) async fn serve(
     log::debug!("connection {id} from {peer}");
     hub.emit(&events, Event::Connected(conn.clone())).await;
 
-    let reason = run(&hub, stream, &conn, &mut queued, &events).await;
+    let receiving = Receiving::new(
+        hub.upload_dir.clone(),
+        conn.outbox.clone(),
+        Arc::new(Uploads {
+            hub: Arc::clone(&hub),
+            events: events.clone(),
+            conn: conn.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+        peer,
+    );
+    let reason = run(&hub, stream, &conn, &mut queued, &events, receiving).await;
     count_ending(&hub, &reason);
 
     conn.outbox.state().mark_closed(reason.clone());
+    conn.outgoing.close();
     lock(&hub.connections).remove(&id);
     // Senders that still hold the connection learn at once that it is gone.
     queued.close();
     log::debug!("connection {id} from {peer} ended: {reason}");
     hub.emit(&events, Event::Disconnected { conn, reason })
         .await;
+}
+
+/// Turns files received into `upload_dir` into events, and counts transfers.
+struct Uploads {
+    hub: Arc<Hub>,
+    events: EventSender,
+    conn: Connection,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Delivery for Uploads {
+    fn received(&self, file: ReceivedFile) {
+        self.hub
+            .counters
+            .files_received
+            .fetch_add(1, Ordering::Relaxed);
+        let event = Event::FileReceived {
+            conn: self.conn.clone(),
+            file,
+        };
+        self.runtime.block_on(self.hub.emit(&self.events, event));
+    }
+
+    fn failed(&self, _offered_name: &str, _status: TransferStatus, _reason: &str) {
+        self.hub
+            .counters
+            .transfers_failed
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a connection's ending by its kind.
@@ -91,6 +136,7 @@ async fn run(
     conn: &Connection,
     queued: &mut mpsc::Receiver<Frame>,
     events: &EventSender,
+    receiving: Receiving,
 ) -> CloseInfo {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     let mut buffered = BytesMut::with_capacity(READ_CHUNK);
@@ -136,6 +182,7 @@ async fn run(
         read_buf: buffered,
         write_buf: BytesMut::new(),
         idle,
+        receiving,
         messages_in: 0,
         messages_out: 0,
     };
@@ -164,6 +211,8 @@ struct Driver<'a> {
     read_buf: BytesMut,
     write_buf: BytesMut,
     idle: IdleTimer,
+    /// Files arriving on this connection.
+    receiving: Receiving,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
     /// the loop, not per message).
     messages_in: u64,
@@ -364,6 +413,22 @@ impl Driver<'_> {
                     format!("closed by the client: {reason}")
                 };
                 return Some(CloseInfo::new(Some(code), reason));
+            }
+            frame @ (Frame::FileAccept { .. } | Frame::FileResult { .. }) => {
+                self.conn.outgoing.route(frame);
+                return None;
+            }
+            frame @ (Frame::FileOffer { .. }
+            | Frame::FileChunk { .. }
+            | Frame::FileEnd { .. }
+            | Frame::FileCancel { .. }) => {
+                // A closing connection drops the chunk; the loop sees the wake next.
+                tokio::select! {
+                    biased;
+                    () = self.conn.control.wake.fired() => {}
+                    () = self.receiving.handle(frame) => {}
+                }
+                return None;
             }
             Frame::Pong(_) | Frame::Reply { .. } => {
                 log::debug!(

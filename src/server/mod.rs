@@ -28,6 +28,7 @@ use crate::config::{ServerConfig, SlowReader};
 use crate::connection::{Outbox, Readiness};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
+use crate::transfer::{self, FileDir, Outgoing, Progress, ReceivedFile, SentFile};
 
 /// Identifies a connection for the lifetime of its server; never reused.
 pub type ConnId = u64;
@@ -39,6 +40,8 @@ pub struct Connection {
     peer: SocketAddr,
     outbox: Outbox,
     control: Arc<Control>,
+    /// Files the server is sending on this connection, waiting for the client's answers.
+    outgoing: Arc<Outgoing>,
 }
 
 /// How the owner ends one connection from outside its task.
@@ -181,12 +184,21 @@ impl Message {
     }
 }
 
-/// What happens on a server, in order per connection.
+/// What happens on a server, in order per connection (more kinds may come in later versions).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Event {
     Connected(Connection),
     Message(Message),
-    Disconnected { conn: Connection, reason: CloseInfo },
+    /// A file from the client arrived whole, verified, and is in `upload_dir`.
+    FileReceived {
+        conn: Connection,
+        file: ReceivedFile,
+    },
+    Disconnected {
+        conn: Connection,
+        reason: CloseInfo,
+    },
 }
 
 /// A bound server. Dropping it without [`Server::shutdown`] leaves its tasks running until the
@@ -204,6 +216,8 @@ pub struct Server {
 /// State shared by the accept loop, the connection tasks and the owner.
 struct Hub {
     config: ServerConfig,
+    /// Where files from clients go; `None` refuses them.
+    upload_dir: Option<Arc<FileDir>>,
     connections: Mutex<HashMap<ConnId, Connection>>,
     next_id: AtomicU64,
     /// One permit per connection served; see `max_connections`.
@@ -266,6 +280,9 @@ struct Counters {
     idle_timeouts: AtomicU64,
     slow_readers: AtomicU64,
     connection_errors: AtomicU64,
+    files_received: AtomicU64,
+    files_sent: AtomicU64,
+    transfers_failed: AtomicU64,
 }
 
 /// A snapshot of a server's counters.
@@ -288,6 +305,13 @@ pub struct Stats {
     pub slow_readers: u64,
     /// Connections that ended in an I/O error (reset, broken pipe).
     pub connection_errors: u64,
+    /// Files received into `upload_dir`, verified.
+    pub files_received: u64,
+    /// Files sent with [`Server::send_file`] and verified by the client.
+    pub files_sent: u64,
+    /// Transfers in either direction that were refused or failed (interrupted ones, which
+    /// may resume, are not counted).
+    pub transfers_failed: u64,
 }
 
 /// How long a broadcast waits for room in a full outbound queue before it disconnects that
@@ -305,6 +329,15 @@ impl Server {
     /// bound (in use, not local, not permitted).
     pub fn bind(addr: SocketAddr, config: ServerConfig) -> Result<Server> {
         config.validate()?;
+        // A folder that cannot take files is reported at start-up, not at the first upload.
+        let upload_dir = match &config.upload_dir {
+            Some(dir) => Some(Arc::new(FileDir::open(
+                "upload_dir",
+                dir,
+                config.max_file_size,
+            )?)),
+            None => None,
+        };
         let listener = bind_listener(addr, &config).map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::AddrInUse => {
@@ -339,6 +372,7 @@ impl Server {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             config,
+            upload_dir,
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             stop: CancellationToken::new(),
@@ -435,6 +469,9 @@ impl Server {
             idle_timeouts: load(&c.idle_timeouts),
             slow_readers: load(&c.slow_readers),
             connection_errors: load(&c.connection_errors),
+            files_received: load(&c.files_received),
+            files_sent: load(&c.files_sent),
+            transfers_failed: load(&c.transfers_failed),
         }
     }
 
@@ -457,6 +494,39 @@ impl Server {
     /// Cancel safe; the connections reached before cancellation got the message.
     pub async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {
         self.hub.broadcast(data, exclude).await
+    }
+
+    /// Sends the file at `path` to connection `id` (under `name`, by default its own), streamed
+    /// in bounded memory, and returns once the client has verified and saved it in its
+    /// `download_dir`.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when there is no such connection or it ends first; otherwise as
+    /// [`Client::send_file`](crate::Client::send_file).
+    ///
+    /// # Cancel safety
+    /// Cancelling stops the transfer; the client keeps what arrived, for a resume.
+    pub async fn send_file(
+        &self,
+        id: ConnId,
+        path: &std::path::Path,
+        name: Option<String>,
+        progress: &Arc<Progress>,
+    ) -> Result<SentFile> {
+        let conn = self.connection(id).ok_or_else(|| {
+            Error::Closed(CloseInfo::new(
+                None,
+                format!("there is no connection {id} (it may have ended)"),
+            ))
+        })?;
+        let sent = transfer::send_file(&conn.outbox, &conn.outgoing, path, name, progress).await;
+        let counter = match &sent {
+            Ok(_) => &self.hub.counters.files_sent,
+            Err(Error::Transfer { .. }) => &self.hub.counters.transfers_failed,
+            Err(_) => return sent,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        sent
     }
 
     /// Begins a graceful shutdown: stop accepting, and close every connection with a reason after

@@ -1,0 +1,207 @@
+//! File transfer for Python: the `FileSent` and `FileReceived` classes, and the one way a
+//! blocking `send_file` runs, reporting progress to a callable or a terminal bar between the
+//! ~100 ms slices in which it waits without the GIL.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyTimeoutError;
+use pyo3::prelude::*;
+
+use super::convert::address;
+use super::runtime::wait_reporting;
+use crate::error::Error;
+use crate::transfer::{hex, Progress, ReceivedFile, SentFile};
+
+/// The outcome of a verified `send_file`.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct FileSent {
+    #[pyo3(get)]
+    name: String,
+    #[pyo3(get)]
+    saved_as: String,
+    #[pyo3(get)]
+    size: u64,
+    #[pyo3(get)]
+    digest: String,
+    #[pyo3(get)]
+    resumed_from: u64,
+    #[pyo3(get)]
+    seconds: f64,
+}
+
+impl From<SentFile> for FileSent {
+    fn from(sent: SentFile) -> FileSent {
+        FileSent {
+            digest: hex(&sent.digest),
+            name: sent.name,
+            saved_as: sent.saved_as,
+            size: sent.size,
+            resumed_from: sent.resumed_from,
+            seconds: sent.duration.as_secs_f64(),
+        }
+    }
+}
+
+#[pymethods]
+impl FileSent {
+    /// Bytes per second over the whole call (the bytes resumed from are not counted).
+    #[getter]
+    fn rate(&self) -> f64 {
+        (self.size - self.resumed_from) as f64 / self.seconds.max(1e-9)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "FileSent(name={:?}, saved_as={:?}, size={}, digest='{}', resumed_from={}, \
+             seconds={:.3})",
+            self.name, self.saved_as, self.size, self.digest, self.resumed_from, self.seconds
+        )
+    }
+}
+
+/// A file that arrived whole and verified.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct FileReceived {
+    #[pyo3(get)]
+    conn_id: u64,
+    #[pyo3(get)]
+    peer: (String, u16),
+    #[pyo3(get)]
+    name: String,
+    #[pyo3(get)]
+    offered_name: String,
+    #[pyo3(get)]
+    path: PathBuf,
+    #[pyo3(get)]
+    size: u64,
+    #[pyo3(get)]
+    digest: String,
+    #[pyo3(get)]
+    resumed_from: u64,
+}
+
+impl FileReceived {
+    /// `conn_id` is the server's id of the sending connection, 0 for a file a client received.
+    pub(crate) fn new(conn_id: u64, file: ReceivedFile) -> FileReceived {
+        FileReceived {
+            conn_id,
+            peer: address(file.peer),
+            digest: hex(&file.digest),
+            name: file.name,
+            offered_name: file.offered_name,
+            path: file.path,
+            size: file.size,
+            resumed_from: file.resumed_from,
+        }
+    }
+}
+
+#[pymethods]
+impl FileReceived {
+    fn __repr__(&self) -> String {
+        format!(
+            "FileReceived(conn_id={}, name={:?}, size={}, digest='{}', path='{}')",
+            self.conn_id,
+            self.name,
+            self.size,
+            self.digest,
+            self.path.display()
+        )
+    }
+}
+
+/// How a transfer's progress is shown: the Python object `socketcomm._progress.reporter`
+/// made of the `progress` argument (a callable, or True for a terminal bar), if any.
+pub(crate) struct Reporter(Option<Py<PyAny>>);
+
+impl Reporter {
+    /// # Errors
+    /// `TypeError` for a `progress` that is neither None, a bool nor a callable.
+    pub(crate) fn new(
+        py: Python<'_>,
+        progress: Option<&Bound<'_, PyAny>>,
+        name: &str,
+    ) -> PyResult<Reporter> {
+        let Some(progress) = progress else {
+            return Ok(Reporter(None));
+        };
+        let reporter = py
+            .import("socketcomm._progress")?
+            .call_method1("reporter", (progress, name))?;
+        Ok(Reporter((!reporter.is_none()).then(|| reporter.unbind())))
+    }
+
+    fn update(&self, py: Python<'_>, progress: &Progress) -> PyResult<()> {
+        if let Some(reporter) = &self.0 {
+            reporter.call_method1(py, "update", (progress.done(), progress.total()))?;
+        }
+        Ok(())
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(reporter) = &self.0 {
+            reporter.call_method0(py, "close")?;
+        }
+        Ok(())
+    }
+}
+
+/// The file name a transfer is shown under: `name`, or the path's last part.
+pub(crate) fn shown_name(path: &std::path::Path, name: Option<&str>) -> String {
+    name.map(str::to_owned).unwrap_or_else(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// Runs the transfer `start` makes from a progress tracker, reporting its progress between
+/// slices, for at most `timeout`.
+///
+/// # Errors
+/// What the transfer raises, `TimeoutError` after `timeout` (the transfer is cancelled, and the
+/// receiver keeps what arrived for a resume), and `KeyboardInterrupt` on Ctrl-C.
+pub(crate) fn send_blocking<F>(
+    py: Python<'_>,
+    start: impl FnOnce(Arc<Progress>) -> F,
+    reporter: &Reporter,
+    timeout: Option<Duration>,
+) -> PyResult<FileSent>
+where
+    F: Future<Output = Result<SentFile, Error>> + Send,
+{
+    let progress = Arc::new(Progress::default());
+    let transfer = start(Arc::clone(&progress));
+    let outcome = wait_reporting(py, transfer, timeout, |py| reporter.update(py, &progress));
+    let finished = reporter.update(py, &progress);
+    reporter.close(py)?;
+    finished?;
+    match outcome? {
+        Some(sent) => Ok(FileSent::from(sent?)),
+        None => Err(PyTimeoutError::new_err(format!(
+            "the file transfer took longer than {:.3} s (timeout); it was stopped, and sending \
+             the file again resumes it",
+            timeout.unwrap_or_default().as_secs_f64()
+        ))),
+    }
+}
+
+/// How far an asyncio transfer has got: read by `socketcomm.aio` to report progress.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct TransferProgress(pub(crate) Arc<Progress>);
+
+#[pymethods]
+impl TransferProgress {
+    #[getter]
+    fn done(&self) -> u64 {
+        self.0.done()
+    }
+
+    #[getter]
+    fn total(&self) -> u64 {
+        self.0.total()
+    }
+}

@@ -1,0 +1,529 @@
+//! The receiving side: a folder that takes files ([`FileDir`]), and per connection the transfers
+//! in progress ([`Receiving`]), each written by a worker on a blocking thread.
+//!
+//! A file in progress lives in `<dir>/.socketcomm-partial/`, named after a key of its offered
+//! name and size. When the sender goes away, the partial file stays there, so the same file
+//! offered again continues where it stopped (after the sender checked the digest of what is
+//! held). Only once every byte arrived and the BLAKE3 digest matches the sender's is the file
+//! linked into `<dir>` under its name, never replacing an existing file: a file in `<dir>` is
+//! always whole and verified.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::names::{candidates, safe_name, PARTIAL_DIR};
+use super::{hex, lock, ReceivedFile};
+use crate::connection::Outbox;
+use crate::error::{Error, Result};
+use crate::frame::{Digest, Frame, TransferStatus};
+
+/// Chunks that may wait for a file's worker before the connection stops reading (each at most
+/// one frame): the disk pushes back on the sender through TCP.
+const CHUNKS_QUEUED: usize = 16;
+
+/// A folder that receives files (a server's `upload_dir`, a client's `download_dir`).
+#[derive(Debug)]
+pub struct FileDir {
+    root: PathBuf,
+    partial: PathBuf,
+    max_file_size: u64,
+    /// Keys of the partial files that a transfer is writing now.
+    busy: Mutex<HashSet<String>>,
+}
+
+impl FileDir {
+    /// Checks that `root` is a folder this process can write to, and prepares the folder for
+    /// files in progress inside it.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the path when it is missing, not a folder, or not writable.
+    pub fn open(option: &'static str, root: &Path, max_file_size: u64) -> Result<FileDir> {
+        let fail = |e: io::Error| {
+            Error::io_with_hint(
+                format!("{option} {} cannot receive files", root.display()),
+                e,
+                "; create the folder, or choose one this user can write to",
+            )
+        };
+        let meta = fs::metadata(root).map_err(fail)?;
+        if !meta.is_dir() {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "it is not a folder",
+            )));
+        }
+        let root = root.canonicalize().map_err(fail)?;
+        let partial = root.join(PARTIAL_DIR);
+        fs::create_dir_all(&partial).map_err(fail)?;
+        // Creating the folder may have succeeded long ago: check that writing works now.
+        let probe = partial.join(format!(".probe-{}", std::process::id()));
+        File::create(&probe).map_err(fail)?;
+        let _ = fs::remove_file(&probe);
+        Ok(FileDir {
+            root,
+            partial,
+            max_file_size,
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn max_file_size(&self) -> u64 {
+        self.max_file_size
+    }
+
+    /// Reserves the partial file of `name` with `size` bytes. A second transfer of the same
+    /// file while the first runs gets a file of its own, which is not kept for resuming.
+    fn claim(self: &Arc<FileDir>, name: &str, size: u64) -> Claim {
+        let key = {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&size.to_be_bytes());
+            hex(hasher.finalize().as_bytes())[..32].to_owned()
+        };
+        let mut busy = lock(&self.busy);
+        let (key, resumable) = if busy.contains(&key) {
+            let unique = (1..)
+                .map(|n| format!("{key}-{n}"))
+                .find(|candidate| !busy.contains(candidate))
+                .expect("an unused key exists");
+            (unique, false)
+        } else {
+            (key, true)
+        };
+        busy.insert(key.clone());
+        Claim {
+            path: self.partial.join(format!("{key}.part")),
+            key,
+            resumable,
+            dir: Arc::clone(self),
+        }
+    }
+
+    /// Bytes free for this user on the folder's file system.
+    fn free_space(&self) -> io::Result<u64> {
+        let stat = rustix::fs::statvfs(&self.partial)?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Links the finished file at `partial` into the folder under `name`, or the first numbered
+    /// variant of it that is free, and removes the partial file. Returns the name used.
+    fn place(&self, partial: &Path, name: &str) -> io::Result<(String, PathBuf)> {
+        for candidate in candidates(name).take(10_000) {
+            let target = self.root.join(&candidate);
+            // NOTE: a hard link fails if the target exists, atomically: unlike a rename, it can
+            // never replace a file that appeared since we looked.
+            match fs::hard_link(partial, &target) {
+                Ok(()) => {
+                    fs::remove_file(partial)?;
+                    return Ok((candidate, target));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if hard_links_unsupported(&e) => {
+                    if target.exists() {
+                        continue;
+                    }
+                    fs::rename(partial, &target)?;
+                    return Ok((candidate, target));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{name:?} and 10,000 numbered variants of it already exist"),
+        ))
+    }
+}
+
+fn hard_links_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
+    )
+}
+
+/// A partial file reserved for one transfer; released when dropped.
+struct Claim {
+    path: PathBuf,
+    key: String,
+    /// Kept after an interruption, to be continued by the next offer of the same file.
+    resumable: bool,
+    dir: Arc<FileDir>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        lock(&self.dir.busy).remove(&self.key);
+    }
+}
+
+/// Who hears about received files: the server turns them into events, the client queues them
+/// for `recv_file`. Called on a blocking thread; may block.
+pub trait Delivery: Send + Sync + 'static {
+    /// A file arrived whole and verified; it is in its folder under `file.name`.
+    fn received(&self, file: ReceivedFile);
+    /// A transfer failed (the sender was told why).
+    fn failed(&self, offered_name: &str, status: TransferStatus, reason: &str);
+}
+
+/// What the connection hands a file's worker.
+enum Op {
+    Chunk(Bytes),
+    End(Digest),
+    Cancel(String),
+}
+
+/// One connection's incoming transfers. Owned by the task that reads the connection.
+pub(crate) struct Receiving {
+    dir: Option<Arc<FileDir>>,
+    outbox: Outbox,
+    delivery: Arc<dyn Delivery>,
+    peer: SocketAddr,
+    active: HashMap<u32, mpsc::Sender<Op>>,
+}
+
+impl Receiving {
+    pub(crate) fn new(
+        dir: Option<Arc<FileDir>>,
+        outbox: Outbox,
+        delivery: Arc<dyn Delivery>,
+        peer: SocketAddr,
+    ) -> Receiving {
+        Receiving {
+            dir,
+            outbox,
+            delivery,
+            peer,
+            active: HashMap::new(),
+        }
+    }
+
+    /// Handles a frame from the peer's sending side: an offer starts a worker, data goes to its
+    /// worker. Waits while the worker is behind, which stops the connection's reading: the
+    /// disk's pace pushes back on the sender.
+    ///
+    /// # Cancel safety
+    /// A cancelled call may lose the chunk it was handing over; cancel only to end the
+    /// connection.
+    pub(crate) async fn handle(&mut self, frame: Frame) {
+        let (id, op) = match frame {
+            Frame::FileOffer {
+                id,
+                size,
+                resume,
+                name,
+            } => {
+                let (ops, queued) = mpsc::channel(CHUNKS_QUEUED);
+                let job = Job {
+                    dir: self.dir.clone(),
+                    id,
+                    size,
+                    resume,
+                    offered: name,
+                    outbox: self.outbox.clone(),
+                    delivery: Arc::clone(&self.delivery),
+                    peer: self.peer,
+                };
+                // An id offered again replaces the old transfer, whose worker sees its queue end.
+                self.active.insert(id, ops);
+                tokio::task::spawn_blocking(move || job.run(queued));
+                return;
+            }
+            Frame::FileChunk { id, data } => (id, Op::Chunk(data)),
+            Frame::FileEnd { id, digest } => (id, Op::End(digest)),
+            Frame::FileCancel { id, reason } => (id, Op::Cancel(reason)),
+            _ => return,
+        };
+        let ends = !matches!(op, Op::Chunk(_));
+        let delivered = match self.active.get(&id) {
+            Some(ops) => ops.send(op).await.is_ok(),
+            None => false,
+        };
+        if ends || !delivered {
+            self.active.remove(&id);
+        }
+        if !delivered {
+            // Refused or failed already (and the sender told), or never offered.
+            log::debug!("ignored a file frame for transfer {id}, which is not in progress");
+        }
+    }
+}
+
+/// How a transfer failed, as the sender is told.
+struct Failure {
+    status: TransferStatus,
+    reason: String,
+}
+
+impl Failure {
+    fn new(status: TransferStatus, reason: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    fn io(what: &str, e: &io::Error) -> Failure {
+        let status = if e.raw_os_error() == Some(28) {
+            // ENOSPC: the disk filled up under us.
+            TransferStatus::NO_SPACE
+        } else {
+            TransferStatus::IO_ERROR
+        };
+        Failure::new(status, format!("{what}: {e}"))
+    }
+}
+
+/// Why a worker stopped before the end.
+enum Stop {
+    Failed(Failure),
+    /// The sender cancelled or the connection ended; the partial file may be resumed.
+    Interrupted(String),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Stop {
+        Stop::Failed(failure)
+    }
+}
+
+/// One incoming file, from the offer to the verdict.
+struct Job {
+    dir: Option<Arc<FileDir>>,
+    id: u32,
+    size: u64,
+    resume: bool,
+    offered: String,
+    outbox: Outbox,
+    delivery: Arc<dyn Delivery>,
+    peer: SocketAddr,
+}
+
+impl Job {
+    fn run(self, mut ops: mpsc::Receiver<Op>) {
+        let mut claim = None;
+        let outcome = self.receive(&mut ops, &mut claim);
+        let answer = match outcome {
+            Ok(file) => {
+                log::info!(
+                    "received {:?} ({} bytes, blake3 {}) from {}",
+                    file.name,
+                    file.size,
+                    hex(&file.digest),
+                    self.peer
+                );
+                let answer = Frame::FileResult {
+                    id: self.id,
+                    status: TransferStatus::OK,
+                    digest: file.digest,
+                    text: file.name.clone(),
+                };
+                // The application hears of the file before the sender does, so a sender that
+                // got its answer can count on the file being known.
+                self.delivery.received(file);
+                answer
+            }
+            Err(Stop::Failed(failure)) => {
+                if let Some(claim) = &claim {
+                    let _ = fs::remove_file(&claim.path);
+                }
+                log::info!(
+                    "refused or failed file {:?} from {}: {}",
+                    self.offered,
+                    self.peer,
+                    failure.reason
+                );
+                self.delivery
+                    .failed(&self.offered, failure.status, &failure.reason);
+                Frame::FileResult {
+                    id: self.id,
+                    status: failure.status,
+                    digest: [0; 32],
+                    text: failure.reason,
+                }
+            }
+            Err(Stop::Interrupted(why)) => {
+                if let Some(claim) = claim.as_ref().filter(|claim| !claim.resumable) {
+                    let _ = fs::remove_file(&claim.path);
+                }
+                log::info!(
+                    "file {:?} from {} interrupted: {why}",
+                    self.offered,
+                    self.peer
+                );
+                return;
+            }
+        };
+        if self.outbox.blocking_send(answer).is_err() {
+            log::debug!(
+                "the connection ended before the verdict on {:?}",
+                self.offered
+            );
+        }
+    }
+
+    fn receive(
+        &self,
+        ops: &mut mpsc::Receiver<Op>,
+        claim_slot: &mut Option<Claim>,
+    ) -> Result<ReceivedFile, Stop> {
+        let Some(dir) = &self.dir else {
+            return Err(Failure::new(
+                TransferStatus::REFUSED,
+                "this peer does not accept files (no upload_dir / download_dir is set)",
+            )
+            .into());
+        };
+        let name = safe_name(&self.offered)
+            .map_err(|reason| Failure::new(TransferStatus::BAD_NAME, reason))?;
+        if self.size > dir.max_file_size {
+            return Err(Failure::new(
+                TransferStatus::TOO_LARGE,
+                format!(
+                    "{} bytes is over this peer's max_file_size of {} bytes",
+                    self.size, dir.max_file_size
+                ),
+            )
+            .into());
+        }
+        let claim = claim_slot.insert(dir.claim(&name, self.size));
+        let (mut file, held) = open_partial(claim, self.resume, self.size)
+            .map_err(|e| Failure::io("cannot create the file", &e))?;
+        let free = dir
+            .free_space()
+            .map_err(|e| Failure::io("cannot check the free space", &e))?;
+        if self.size - held > free {
+            if held == 0 {
+                claim.resumable = false;
+            }
+            return Err(Failure::new(
+                TransferStatus::NO_SPACE,
+                format!(
+                    "the file needs {} more bytes and only {free} are free",
+                    self.size - held
+                ),
+            )
+            .into());
+        }
+        let mut hasher = blake3::Hasher::new();
+        if held > 0 {
+            file.seek(SeekFrom::Start(0))
+                .and_then(|_| hasher.update_reader(&mut file))
+                .map_err(|e| Failure::io("cannot read the partial file", &e))?;
+        }
+        let accept = Frame::FileAccept {
+            id: self.id,
+            offset: held,
+            prefix: if held > 0 {
+                *hasher.finalize().as_bytes()
+            } else {
+                [0; 32]
+            },
+        };
+        if self.outbox.blocking_send(accept).is_err() {
+            return Err(Stop::Interrupted("the connection ended".into()));
+        }
+        let mut received = held;
+        loop {
+            match ops.blocking_recv() {
+                Some(Op::Chunk(data)) => {
+                    received += data.len() as u64;
+                    if received > self.size {
+                        return Err(Failure::new(
+                            TransferStatus::BAD_TRANSFER,
+                            format!(
+                                "the sender sent more than the {} bytes it offered",
+                                self.size
+                            ),
+                        )
+                        .into());
+                    }
+                    file.write_all(&data)
+                        .map_err(|e| Failure::io("cannot write the file", &e))?;
+                    hasher.update(&data);
+                }
+                Some(Op::End(digest)) => {
+                    if received != self.size {
+                        return Err(Failure::new(
+                            TransferStatus::BAD_TRANSFER,
+                            format!(
+                                "the sender ended after {received} of the {} bytes it offered",
+                                self.size
+                            ),
+                        )
+                        .into());
+                    }
+                    let computed = *hasher.finalize().as_bytes();
+                    if computed != digest {
+                        return Err(Failure::new(
+                            TransferStatus::DIGEST_MISMATCH,
+                            format!(
+                                "the data that arrived has BLAKE3 digest {}, the sender's is {}; \
+                                 nothing was kept",
+                                hex(&computed),
+                                hex(&digest)
+                            ),
+                        )
+                        .into());
+                    }
+                    drop(file);
+                    let (saved, path) = dir
+                        .place(&claim.path, &name)
+                        .map_err(|e| Failure::io("cannot move the file into place", &e))?;
+                    return Ok(ReceivedFile {
+                        name: saved,
+                        offered_name: self.offered.clone(),
+                        path,
+                        size: self.size,
+                        digest,
+                        resumed_from: held,
+                        peer: self.peer,
+                    });
+                }
+                Some(Op::Cancel(reason)) => {
+                    return Err(Stop::Interrupted(format!(
+                        "the sender cancelled it after {received} of {} bytes ({reason})",
+                        self.size
+                    )))
+                }
+                None => {
+                    return Err(Stop::Interrupted(format!(
+                        "the connection ended after {received} of {} bytes",
+                        self.size
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Opens the claim's partial file: the bytes it holds are kept when resuming is allowed (and
+/// they are not more than the file's size), dropped otherwise. Returns the file, positioned at
+/// its end, and how many bytes it holds.
+fn open_partial(claim: &Claim, resume: bool, size: u64) -> io::Result<(File, u64)> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&claim.path)?;
+    let mut held = file.metadata()?.len();
+    if !(resume && claim.resumable) || held > size {
+        file.set_len(0)?;
+        held = 0;
+    }
+    file.seek(SeekFrom::Start(held))?;
+    Ok((file, held))
+}

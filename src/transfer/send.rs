@@ -1,0 +1,356 @@
+//! The sending side: offer a file, check the prefix the receiver already holds, then read, hash
+//! and queue it chunk by chunk on a blocking thread, and wait for the receiver's verdict.
+//!
+//! Memory is bounded by a pool of [`CHUNKS_IN_FLIGHT`] buffers: a chunk's buffer returns to the
+//! pool when the connection's writer has copied it out, and reading waits for a free one, so a
+//! file of any size costs a few megabytes however slow the receiver is.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{hex, Answer, Outgoing, Progress, SentFile};
+use crate::connection::Outbox;
+use crate::error::{Error, Result};
+use crate::frame::{Digest, Frame, TransferStatus, FILE_CHUNK_OVERHEAD};
+
+/// The data carried by one chunk frame, at most (less when the peer's `max_frame` is smaller).
+const CHUNK: usize = 256 * 1024;
+
+/// Chunks read ahead of the connection's writer: the memory one transfer may hold.
+const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// How often a sender blocked on a full pipe checks whether it should stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Sends the file at `path` over the connection behind `outbox`, under `name` (by default the
+/// file's own name), and returns once the receiver has verified and saved it. `progress`
+/// follows the bytes handed to the connection.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read; [`Error::Transfer`] when the receiver refuses
+/// the file or its verification fails; [`Error::Closed`] when the connection ends first.
+///
+/// # Cancel safety
+/// Cancelling stops the transfer and tells the receiver, which keeps what arrived so that the
+/// next attempt resumes from there.
+pub(crate) async fn send_file(
+    outbox: &Outbox,
+    outgoing: &Outgoing,
+    path: &Path,
+    name: Option<String>,
+    progress: &Arc<Progress>,
+) -> Result<SentFile> {
+    let started = Instant::now();
+    if !outbox.state().is_framed() {
+        return Err(Error::invalid(
+            "raw",
+            "files need the framed protocol; a raw connection carries bare bytes only",
+        ));
+    }
+    let (file, size) = open(path).await?;
+    let name = match name {
+        Some(name) => name,
+        None => path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::invalid("name", "the path has no file name; pass name="))?,
+    };
+    progress.set_total(size);
+    let mut resume = true;
+    loop {
+        let (id, answers) = outgoing
+            .register()
+            .ok_or_else(|| outbox.state().closed_error())?;
+        let abandon = Abandon {
+            outbox,
+            outgoing,
+            id,
+            stop: Arc::new(AtomicBool::new(false)),
+            armed: true,
+        };
+        let fail = |status: TransferStatus, reason: String| Error::Transfer {
+            name: name.clone(),
+            status,
+            reason,
+        };
+        outbox
+            .send(Frame::FileOffer {
+                id,
+                size,
+                resume,
+                name: name.clone(),
+            })
+            .await?;
+        let (offset, prefix) = match answer(&answers, outbox).await? {
+            Answer::Accept { offset, prefix } => (offset, prefix),
+            Answer::Result { status, text, .. } => return Err(fail(status, text)),
+        };
+        if offset > size {
+            return Err(fail(
+                TransferStatus::BAD_TRANSFER,
+                format!("the receiver claims to hold {offset} bytes of a {size}-byte file"),
+            ));
+        }
+        let hasher = hash_prefix(Arc::clone(&file), offset).await?;
+        if offset > 0 && hasher.finalize().as_bytes() != &prefix {
+            log::info!(
+                "the receiver holds {offset} bytes of {name:?} that differ from this file; \
+                 sending it whole"
+            );
+            abandon.cancel("the part held differs from the file; sending it whole");
+            resume = false;
+            continue;
+        }
+        if offset > 0 {
+            log::info!("resuming {name:?} after the {offset} bytes the receiver holds");
+        }
+        progress.set_done(offset);
+        let streaming = Streaming {
+            file: Arc::clone(&file),
+            hasher,
+            offset,
+            size,
+            id,
+            outbox: outbox.clone(),
+            chunk: CHUNK.min(outbox.peer_max_frame() as usize - FILE_CHUNK_OVERHEAD),
+            progress: Arc::clone(progress),
+            stop: Arc::clone(&abandon.stop),
+            answers: answers.clone(),
+        };
+        let streamed = tokio::task::spawn_blocking(move || streaming.run())
+            .await
+            .map_err(|e| Error::io("the file's reader failed", io::Error::other(e)))?;
+        let digest = match streamed {
+            Ok(digest) => digest,
+            // The receiver gave its verdict early (a failure); it is in the answers.
+            Err(Interrupted::Answered) => [0; 32],
+            Err(Interrupted::Failed(e)) => return Err(e),
+        };
+        if !answers.is_empty() {
+            // Nothing more to send: the receiver has already given up on this transfer.
+        } else {
+            outbox.send(Frame::FileEnd { id, digest }).await?;
+        }
+        return match answer(&answers, outbox).await? {
+            Answer::Result {
+                status,
+                digest: theirs,
+                text,
+            } if status.is_ok() => {
+                abandon.finish();
+                if theirs != digest {
+                    return Err(fail(
+                        TransferStatus::DIGEST_MISMATCH,
+                        format!(
+                            "the receiver reports digest {}, this file's is {}",
+                            hex(&theirs),
+                            hex(&digest)
+                        ),
+                    ));
+                }
+                progress.set_done(size);
+                Ok(SentFile {
+                    name,
+                    saved_as: text,
+                    size,
+                    digest,
+                    resumed_from: offset,
+                    duration: started.elapsed(),
+                })
+            }
+            Answer::Result { status, text, .. } => {
+                abandon.finish();
+                Err(fail(status, text))
+            }
+            Answer::Accept { .. } => Err(Error::Protocol(format!(
+                "the receiver accepted file transfer {id} twice"
+            ))),
+        };
+    }
+}
+
+async fn open(path: &Path) -> Result<(Arc<File>, u64)> {
+    let owned = path.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = File::open(&owned)?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "it is a folder, not a file",
+            ));
+        }
+        Ok((Arc::new(file), meta.len()))
+    })
+    .await
+    .map_err(|e| Error::io("cannot open the file", io::Error::other(e)))?;
+    opened.map_err(|e| Error::io(format!("cannot send {}", path.display()), e))
+}
+
+/// A hasher that has seen the first `len` bytes of `file`.
+async fn hash_prefix(file: Arc<File>, len: u64) -> Result<blake3::Hasher> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = 0;
+        while pos < len {
+            let n = CHUNK.min((len - pos) as usize);
+            file.read_exact_at(&mut buf[..n], pos)?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(hasher)
+    })
+    .await
+    .map_err(|e| Error::io("the file's reader failed", io::Error::other(e)))?
+    .map_err(|e| Error::io("cannot read the file", e))
+}
+
+/// Waits for the receiver's next answer, or the end of the connection.
+async fn answer(answers: &flume::Receiver<Answer>, outbox: &Outbox) -> Result<Answer> {
+    answers
+        .recv_async()
+        .await
+        .map_err(|_| outbox.state().closed_error())
+}
+
+/// Cancels the transfer (telling the receiver) unless it finished.
+struct Abandon<'a> {
+    outbox: &'a Outbox,
+    outgoing: &'a Outgoing,
+    id: u32,
+    stop: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Abandon<'_> {
+    fn cancel(mut self, reason: &str) {
+        self.armed = false;
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.outbox.try_send(Frame::FileCancel {
+            id: self.id,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn finish(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        self.outgoing.forget(self.id);
+        if self.armed {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = self.outbox.try_send(Frame::FileCancel {
+                id: self.id,
+                reason: "the sender stopped".to_owned(),
+            });
+        }
+    }
+}
+
+/// Why streaming stopped before the end.
+enum Interrupted {
+    /// The receiver answered (with a failure) while the data was still flowing.
+    Answered,
+    Failed(Error),
+}
+
+/// Reads, hashes and queues the file from `offset` to `size`, on a blocking thread.
+struct Streaming {
+    file: Arc<File>,
+    hasher: blake3::Hasher,
+    offset: u64,
+    size: u64,
+    id: u32,
+    outbox: Outbox,
+    chunk: usize,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    answers: flume::Receiver<Answer>,
+}
+
+impl Streaming {
+    fn run(mut self) -> std::result::Result<Digest, Interrupted> {
+        let (home, pool) = flume::bounded(CHUNKS_IN_FLIGHT);
+        for _ in 0..CHUNKS_IN_FLIGHT {
+            home.send(Vec::new()).expect("the pool has room");
+        }
+        let mut pos = self.offset;
+        while pos < self.size {
+            let mut buf = self.free_buffer(&pool)?;
+            let n = self.chunk.min((self.size - pos) as usize);
+            buf.resize(n, 0);
+            self.file.read_exact_at(&mut buf, pos).map_err(|e| {
+                let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(e.kind(), "the file shrank while it was being sent")
+                } else {
+                    e
+                };
+                Interrupted::Failed(Error::io("cannot read the file", e))
+            })?;
+            self.hasher.update(&buf);
+            let data = Bytes::from_owner(Pooled {
+                buf,
+                home: home.clone(),
+            });
+            self.outbox
+                .blocking_send(Frame::FileChunk { id: self.id, data })
+                .map_err(Interrupted::Failed)?;
+            pos += n as u64;
+            self.progress.set_done(pos);
+        }
+        Ok(*self.hasher.finalize().as_bytes())
+    }
+
+    /// A buffer from the pool, once the writer has returned one; checks on the way whether the
+    /// transfer should stop.
+    fn free_buffer(
+        &self,
+        pool: &flume::Receiver<Vec<u8>>,
+    ) -> std::result::Result<Vec<u8>, Interrupted> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Interrupted::Failed(Error::Timeout(
+                    "the transfer was cancelled".into(),
+                )));
+            }
+            if !self.answers.is_empty() {
+                return Err(Interrupted::Answered);
+            }
+            if self.outbox.state().close_info().is_some() {
+                return Err(Interrupted::Failed(self.outbox.state().closed_error()));
+            }
+            if let Ok(buf) = pool.recv_timeout(STOP_CHECK) {
+                return Ok(buf);
+            }
+        }
+    }
+}
+
+/// A chunk's buffer, which goes back to the pool once the writer has dropped the chunk.
+struct Pooled {
+    buf: Vec<u8>,
+    home: flume::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let _ = self.home.try_send(std::mem::take(&mut self.buf));
+    }
+}

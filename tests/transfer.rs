@@ -1,0 +1,561 @@
+//! File transfer between our client and server, and against a hand-written peer that breaks the
+//! rules: verified, atomic, resumable, and never writing outside the receiving folder.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use _socketcomm::frame::{Frame, TransferStatus};
+use _socketcomm::transfer::{Progress, PARTIAL_DIR};
+use _socketcomm::{Client, ClientConfig, Error, Event, Mode, Server, ServerConfig};
+use common::{client, next_event, server, server_with, HandPeer, LIMIT};
+
+/// Bytes that differ in every position, from a seed (xorshift).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// The entries of `dir` a user would see: everything but the folder of files in progress.
+fn visible(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != PARTIAL_DIR)
+        .collect();
+    names.sort();
+    names
+}
+
+fn partials(dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir.join(PARTIAL_DIR))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.metadata().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+fn uploading_server(upload_dir: &Path, max_file_size: Option<u64>) -> Server {
+    let defaults = ServerConfig::default();
+    server_with(ServerConfig {
+        upload_dir: Some(upload_dir.to_owned()),
+        max_file_size: max_file_size.unwrap_or(defaults.max_file_size),
+        ..defaults
+    })
+}
+
+async fn send(
+    client: &Client,
+    path: &Path,
+    name: Option<&str>,
+) -> Result<_socketcomm::transfer::SentFile, Error> {
+    let progress = Arc::new(Progress::default());
+    tokio::time::timeout(
+        LIMIT,
+        client.send_file(path, name.map(str::to_owned), &progress),
+    )
+    .await
+    .expect("the transfer ends in time")
+}
+
+async fn next_file(server: &Server) -> _socketcomm::transfer::ReceivedFile {
+    loop {
+        if let Event::FileReceived { file, .. } = next_event(server).await {
+            return file;
+        }
+    }
+}
+
+/// The status of a failed transfer.
+fn status_of(result: Result<impl std::fmt::Debug, Error>) -> (TransferStatus, String) {
+    match result {
+        Err(Error::Transfer { status, reason, .. }) => (status, reason),
+        other => panic!("expected a transfer error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_arrives_verified_and_in_place() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let data = pattern(3 * 1024 * 1024 + 17, 1);
+    let path = write_file(source.path(), "video.bin", &data);
+    let server = uploading_server(uploads.path(), None);
+    let client = client(&server).await;
+
+    let progress = Arc::new(Progress::default());
+    let sent = client.send_file(&path, None, &progress).await.unwrap();
+    let digest = *blake3::hash(&data).as_bytes();
+    assert_eq!(sent.digest, digest);
+    assert_eq!(sent.size, data.len() as u64);
+    assert_eq!(
+        (sent.name.as_str(), sent.saved_as.as_str()),
+        ("video.bin", "video.bin")
+    );
+    assert_eq!(sent.resumed_from, 0);
+    assert_eq!((progress.done(), progress.total()), (sent.size, sent.size));
+
+    let file = next_file(&server).await;
+    assert_eq!(file.digest, digest);
+    assert_eq!(
+        file.path,
+        uploads.path().canonicalize().unwrap().join("video.bin")
+    );
+    assert_eq!(std::fs::read(&file.path).unwrap(), data);
+    assert_eq!(file.peer, client.local_addr());
+    assert_eq!(visible(uploads.path()), ["video.bin"]);
+    assert!(partials(uploads.path()).is_empty());
+    assert_eq!(server.stats().files_received, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_file_is_a_file_too() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let path = write_file(source.path(), "empty.txt", b"");
+    let server = uploading_server(uploads.path(), None);
+    let client = client(&server).await;
+    let sent = send(&client, &path, None).await.unwrap();
+    assert_eq!(sent.digest, *blake3::hash(b"").as_bytes());
+    assert_eq!(
+        std::fs::read(uploads.path().join("empty.txt")).unwrap(),
+        b""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_without_upload_dir_refuses_files() {
+    let source = tempfile::tempdir().unwrap();
+    let path = write_file(source.path(), "a.txt", b"hello");
+    let server = server(Mode::Echo);
+    let client = client(&server).await;
+    let (status, reason) = status_of(send(&client, &path, None).await);
+    assert_eq!(status, TransferStatus::REFUSED);
+    assert!(reason.contains("upload_dir"), "{reason}");
+    // The connection still works for messages.
+    assert_eq!(
+        client.request(Bytes::from_static(b"hi")).await.unwrap(),
+        "hi"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_file_is_an_os_error_naming_it() {
+    let uploads = tempfile::tempdir().unwrap();
+    let server = uploading_server(uploads.path(), None);
+    let client = client(&server).await;
+    let missing = uploads.path().join("no-such-file");
+    let Err(Error::Io {
+        source, context, ..
+    }) = send(&client, &missing, None).await
+    else {
+        panic!("a missing file cannot be sent")
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+    assert!(context.contains("no-such-file"), "{context}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_names_never_leave_the_folder() {
+    let outer = tempfile::tempdir().unwrap();
+    let uploads = outer.path().join("uploads");
+    std::fs::create_dir(&uploads).unwrap();
+    let server = uploading_server(&uploads, None);
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+
+    let mut id = 0;
+    let mut offer = |name: &str| {
+        id += 1;
+        (
+            id,
+            Frame::FileOffer {
+                id,
+                size: 3,
+                resume: false,
+                name: name.to_owned(),
+            },
+        )
+    };
+    // Reduced to a base name inside the folder.
+    for hostile in ["../../escaped", "/tmp/absolute", "..\\..\\windows"] {
+        let (id, frame) = offer(hostile);
+        peer.send(&frame).await;
+        let Some(Frame::FileAccept { offset: 0, .. }) = peer.recv().await else {
+            panic!("{hostile:?} should be accepted under its base name")
+        };
+        peer.send(&Frame::FileChunk {
+            id,
+            data: Bytes::from_static(b"abc"),
+        })
+        .await;
+        let digest = *blake3::hash(b"abc").as_bytes();
+        peer.send(&Frame::FileEnd { id, digest }).await;
+        let Some(Frame::FileResult { status, text, .. }) = peer.recv().await else {
+            panic!("a verdict")
+        };
+        assert_eq!(status, TransferStatus::OK, "{text}");
+        assert!(!text.contains('/') && !text.contains('\\'), "{text}");
+    }
+    // Refused outright.
+    let long = "x".repeat(300);
+    for hostile in ["a\0b", "..", "...", "", "dir/", &long, PARTIAL_DIR] {
+        let (_, frame) = offer(hostile);
+        peer.send(&frame).await;
+        let Some(Frame::FileResult { status, text, .. }) = peer.recv().await else {
+            panic!("a refusal")
+        };
+        assert_eq!(status, TransferStatus::BAD_NAME, "{hostile:?}: {text}");
+    }
+    assert_eq!(visible(&uploads), ["absolute", "escaped", "windows"]);
+    assert_eq!(visible(outer.path()), ["uploads"]);
+    assert_eq!(server.stats().transfers_failed, 7);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_over_max_file_size_is_refused_before_a_byte_is_written() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let path = write_file(source.path(), "big.bin", &pattern(5000, 2));
+    let server = uploading_server(uploads.path(), Some(4096));
+    let client = client(&server).await;
+    let (status, reason) = status_of(send(&client, &path, None).await);
+    assert_eq!(status, TransferStatus::TOO_LARGE);
+    assert!(reason.contains("max_file_size"), "{reason}");
+    assert!(visible(uploads.path()).is_empty());
+    assert!(partials(uploads.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_larger_than_the_free_space_is_refused_before_a_byte_is_written() {
+    let uploads = tempfile::tempdir().unwrap();
+    let server = uploading_server(uploads.path(), Some(u64::MAX));
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    peer.send(&Frame::FileOffer {
+        id: 1,
+        size: u64::MAX / 2,
+        resume: true,
+        name: "huge.bin".into(),
+    })
+    .await;
+    let Some(Frame::FileResult { status, text, .. }) = peer.recv().await else {
+        panic!("a refusal")
+    };
+    assert_eq!(status, TransferStatus::NO_SPACE, "{text}");
+    assert!(partials(uploads.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_digest_mismatch_keeps_nothing() {
+    let uploads = tempfile::tempdir().unwrap();
+    let server = uploading_server(uploads.path(), None);
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    peer.send(&Frame::FileOffer {
+        id: 9,
+        size: 4,
+        resume: true,
+        name: "x.txt".into(),
+    })
+    .await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(Frame::FileAccept { id: 9, .. })
+    ));
+    peer.send(&Frame::FileChunk {
+        id: 9,
+        data: Bytes::from_static(b"data"),
+    })
+    .await;
+    peer.send(&Frame::FileEnd {
+        id: 9,
+        digest: *blake3::hash(b"DATA").as_bytes(),
+    })
+    .await;
+    let Some(Frame::FileResult { status, text, .. }) = peer.recv().await else {
+        panic!("a verdict")
+    };
+    assert_eq!(status, TransferStatus::DIGEST_MISMATCH);
+    assert!(text.contains("nothing was kept"), "{text}");
+    assert!(visible(uploads.path()).is_empty());
+    assert!(partials(uploads.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_or_fewer_bytes_than_offered_fail_the_transfer() {
+    let uploads = tempfile::tempdir().unwrap();
+    let server = uploading_server(uploads.path(), None);
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    for (id, sent) in [(1, &b"toolong"[..]), (2, &b"ab"[..])] {
+        peer.send(&Frame::FileOffer {
+            id,
+            size: 4,
+            resume: false,
+            name: "y".into(),
+        })
+        .await;
+        assert!(matches!(peer.recv().await, Some(Frame::FileAccept { .. })));
+        peer.send(&Frame::FileChunk {
+            id,
+            data: Bytes::copy_from_slice(sent),
+        })
+        .await;
+        peer.send(&Frame::FileEnd {
+            id,
+            digest: *blake3::hash(sent).as_bytes(),
+        })
+        .await;
+        let Some(Frame::FileResult { status, .. }) = peer.recv().await else {
+            panic!("a verdict")
+        };
+        assert_eq!(status, TransferStatus::BAD_TRANSFER);
+    }
+    assert!(visible(uploads.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_transfer_leaves_no_visible_file_and_resumes() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let data = pattern(1024 * 1024, 3);
+    let path = write_file(source.path(), "resume.bin", &data);
+    let server = uploading_server(uploads.path(), None);
+
+    // A sender that goes away after 300 KiB.
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    let size = data.len() as u64;
+    peer.send(&Frame::FileOffer {
+        id: 1,
+        size,
+        resume: true,
+        name: "resume.bin".into(),
+    })
+    .await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(Frame::FileAccept { offset: 0, .. })
+    ));
+    let held = 300 * 1024;
+    for part in data[..held].chunks(64 * 1024) {
+        peer.send(&Frame::FileChunk {
+            id: 1,
+            data: Bytes::copy_from_slice(part),
+        })
+        .await;
+    }
+    drop(peer);
+    // The server notices the end and keeps the partial file, out of sight.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while partials(uploads.path()).first().map(|(_, len)| *len) != Some(held as u64) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            partials(uploads.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(visible(uploads.path()).is_empty());
+
+    let client = client(&server).await;
+    let sent = send(&client, &path, None).await.unwrap();
+    assert_eq!(sent.resumed_from, held as u64);
+    assert_eq!(sent.digest, *blake3::hash(&data).as_bytes());
+    assert_eq!(
+        std::fs::read(uploads.path().join("resume.bin")).unwrap(),
+        data
+    );
+    assert!(partials(uploads.path()).is_empty());
+    let file = next_file(&server).await;
+    assert_eq!(file.resumed_from, held as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_file_with_other_content_is_not_resumed() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let data = pattern(200 * 1024, 4);
+    let path = write_file(source.path(), "same-name.bin", &data);
+    let server = uploading_server(uploads.path(), None);
+
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    let size = data.len() as u64;
+    peer.send(&Frame::FileOffer {
+        id: 1,
+        size,
+        resume: true,
+        name: "same-name.bin".into(),
+    })
+    .await;
+    assert!(matches!(peer.recv().await, Some(Frame::FileAccept { .. })));
+    peer.send(&Frame::FileChunk {
+        id: 1,
+        data: Bytes::from(vec![0u8; 50_000]),
+    })
+    .await;
+    drop(peer);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while partials(uploads.path()).first().map(|(_, len)| *len) != Some(50_000) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let client = client(&server).await;
+    let sent = send(&client, &path, None).await.unwrap();
+    assert_eq!(
+        sent.resumed_from, 0,
+        "the zeros held are not this file's start"
+    );
+    assert_eq!(
+        std::fs::read(uploads.path().join("same-name.bin")).unwrap(),
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_file_is_never_overwritten() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    std::fs::write(uploads.path().join("notes.txt"), b"mine").unwrap();
+    let server = uploading_server(uploads.path(), None);
+    let client = client(&server).await;
+    for (n, content) in [(1, &b"first"[..]), (2, &b"second"[..])] {
+        let path = write_file(source.path(), "notes.txt", content);
+        let sent = send(&client, &path, None).await.unwrap();
+        assert_eq!(sent.saved_as, format!("notes ({n}).txt"));
+    }
+    assert_eq!(
+        std::fs::read(uploads.path().join("notes.txt")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(
+        std::fs::read(uploads.path().join("notes (2).txt")).unwrap(),
+        b"second"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_sends_files_to_a_download_dir() {
+    let source = tempfile::tempdir().unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let data = pattern(700_000, 5);
+    let path = write_file(source.path(), "report.pdf", &data);
+    let server = server(Mode::Events);
+    let port = server.local_addr().port();
+    let config = ClientConfig {
+        download_dir: Some(downloads.path().to_owned()),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect("127.0.0.1", port, config).await.unwrap();
+    let Event::Connected(conn) = next_event(&server).await else {
+        panic!("a connection")
+    };
+    let progress = Arc::new(Progress::default());
+    let sent = server
+        .send_file(conn.id(), &path, Some("renamed.pdf".into()), &progress)
+        .await
+        .unwrap();
+    assert_eq!(sent.saved_as, "renamed.pdf");
+    let file = tokio::time::timeout(LIMIT, client.recv_file())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(file.digest, sent.digest);
+    assert_eq!(std::fs::read(&file.path).unwrap(), data);
+    assert_eq!(server.stats().files_sent, 1);
+
+    // A client without a download_dir refuses.
+    let plain = common::client(&server).await;
+    let Event::Connected(plain_conn) = next_event(&server).await else {
+        panic!("a connection")
+    };
+    let refused = server
+        .send_file(plain_conn.id(), &path, None, &progress)
+        .await;
+    assert_eq!(status_of(refused).0, TransferStatus::REFUSED);
+    drop(plain);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_keep_flowing_during_a_transfer_and_many_clients_upload_at_once() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        upload_dir: Some(uploads.path().to_owned()),
+        ..ServerConfig::default()
+    });
+    let mut tasks = Vec::new();
+    for n in 0..16u64 {
+        let data = pattern(512 * 1024 + n as usize, 10 + n);
+        let path = write_file(source.path(), &format!("file-{n}.bin"), &data);
+        let client = Arc::new(client(&server).await);
+        tasks.push(tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            let upload = {
+                let client = Arc::clone(&client);
+                let progress = Arc::clone(&progress);
+                tokio::spawn(async move { client.send_file(&path, None, &progress).await })
+            };
+            // The same connection answers requests while its file is in flight.
+            for i in 0..20u32 {
+                let body = Bytes::from(format!("{n}:{i}"));
+                assert_eq!(client.request(body.clone()).await.unwrap(), body);
+            }
+            let sent = upload.await.unwrap().unwrap();
+            assert_eq!(sent.digest, *blake3::hash(&data).as_bytes());
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(LIMIT, task).await.unwrap().unwrap();
+    }
+    assert_eq!(visible(uploads.path()).len(), 16);
+    assert_eq!(server.stats().files_received, 16);
+}
+
+#[test]
+fn a_missing_or_unwritable_upload_dir_fails_at_start_up() {
+    let outer = tempfile::tempdir().unwrap();
+    let missing = outer.path().join("missing");
+    let config = ServerConfig {
+        upload_dir: Some(missing.clone()),
+        ..ServerConfig::default()
+    };
+    let Err(error) = Server::bind("127.0.0.1:0".parse().unwrap(), config) else {
+        panic!("a missing folder cannot receive files")
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("upload_dir") && message.contains("missing"),
+        "{message}"
+    );
+
+    let file = write_file(outer.path(), "a-file", b"");
+    let config = ServerConfig {
+        upload_dir: Some(file),
+        ..ServerConfig::default()
+    };
+    let Err(error) = Server::bind("127.0.0.1:0".parse().unwrap(), config) else {
+        panic!("a file is not a folder")
+    };
+    assert!(error.to_string().contains("not a folder"), "{error}");
+}
