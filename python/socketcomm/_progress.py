@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from typing_extensions import Never
 
 
 class Reporter(Protocol):
@@ -35,27 +38,33 @@ class _Callback:
 
 
 class _Bar:
+    """A tqdm bar, drawn from the first report on (so a transfer that fails at once, say on a
+    missing file, draws nothing)."""
+
     def __init__(self, name: str) -> None:
-        self._bar = tqdm(
-            desc=name,
-            total=None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=True,
-        )
+        self._name = name
+        self._bar: tqdm[Never] | None = None
 
     def update(self, done: int, total: int) -> None:
-        if total and self._bar.total != total:
-            self._bar.total = total
+        if self._bar is None:
+            self._bar = tqdm(
+                desc=self._name,
+                total=total,
+                initial=done,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
+            return
         if done != self._bar.n:
-            self._bar.n = done
-            self._bar.refresh()
+            self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def reporter(progress: object, name: str) -> Reporter | None:

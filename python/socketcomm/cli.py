@@ -25,6 +25,7 @@ from socketcomm._socketcomm import (
     Client,
     Connected,
     Disconnected,
+    FileReceived,
     Message,
     Server,
     SocketCommError,
@@ -130,6 +131,8 @@ def run_server(args: argparse.Namespace) -> int:
         max_frame=settings["max_frame"],
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
+        upload_dir=settings["upload_dir"],
+        max_file_size=settings["max_file_size"],
         reuse_addr=settings["reuse_addr"],
         reuse_port=settings["reuse_port"] or workers > 1,
         backlog=settings["backlog"],
@@ -159,10 +162,11 @@ def run_server(args: argparse.Namespace) -> int:
     for event in server:
         _handle_event(event, args)
     stats = server.stats()
+    files = f", {stats['files_received']} files received" if settings["upload_dir"] else ""
     print(
         f"served {stats['connections_total']} connections, {stats['messages_in']} messages in "
         f"and {stats['messages_out']} out ({stats['bytes_in']} and {stats['bytes_out']} bytes)"
-        + _worker_tag(" by "),
+        f"{files}" + _worker_tag(" by "),
         file=sys.stderr,
     )
     return 0
@@ -215,9 +219,24 @@ def _handle_event(event: Event, args: argparse.Namespace) -> None:
     elif isinstance(event, Connected):
         print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
         log.info("connection %d from %s", event.conn_id, event.peer)
+    elif isinstance(event, FileReceived):
+        print(
+            f"received file {event.name!r} ({_size(event.size)}, blake3 {event.digest}) "
+            f"from {event.peer} into {event.path}",
+            flush=True,
+        )
     elif isinstance(event, Disconnected):
         print(f"Communication with {event.peer} ended!", flush=True)
         log.info("connection %d ended: %s", event.conn_id, event.reason)
+
+
+def _size(size: float) -> str:
+    """A byte count for people: ``1.5 MiB``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def _answer(message: Message, reply: str) -> None:
@@ -252,6 +271,15 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"send each line typed, print what arrives, until {QUIT}",
     )
+    parser.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        metavar="PATH",
+        help="send this file (repeat for more) with a progress bar, instead of a message; the "
+        "server needs --upload-dir. Each is verified by its BLAKE3 digest, and one that was cut "
+        "off resumes where it stopped",
+    )
     add_arguments(parser, CLIENT_SETTINGS)
     parser.add_argument("-q", "--quiet", action="store_true", help="log only errors")
     _add_verbosity(parser)
@@ -277,6 +305,8 @@ def run_client(args: argparse.Namespace) -> int:
         ) as client:
             if args.interactive:
                 return _chat(client)
+            if args.file:
+                return _send_files(client, args.file, progress=not args.quiet)
             if raw:
                 client.send(args.message)
                 answer = client.recv()
@@ -286,6 +316,20 @@ def run_client(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(answer.decode("utf-8", errors="replace"))
+    return 0
+
+
+def _send_files(client: Client, paths: list[str], progress: bool) -> int:
+    """Sends each file, printing a line per file with its size, rate and digest."""
+    for path in paths:
+        sent = client.send_file(path, progress=progress)
+        saved = f" (saved as {sent.saved_as!r})" if sent.saved_as != sent.name else ""
+        resumed = f", resumed after {_size(sent.resumed_from)}" if sent.resumed_from else ""
+        print(
+            f"sent {sent.name!r}{saved}: {_size(sent.size)} in {sent.seconds:.2f} s "
+            f"({_size(sent.rate)}/s{resumed}), blake3 {sent.digest}",
+            flush=True,
+        )
     return 0
 
 

@@ -33,7 +33,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
     import tomli as tomllib
 
-from socketcomm._socketcomm import ACK_REPLY, DEFAULT_HOST, DEFAULT_MAX_FRAME, DEFAULT_PORT
+from socketcomm._socketcomm import (
+    ACK_REPLY,
+    DEFAULT_HOST,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PORT,
+)
 
 ENV_PREFIX = "SOCKETCOMM_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -225,6 +231,20 @@ SERVER_SETTINGS = [
         False,
         "let several servers share the port (SO_REUSEPORT)",
         boolean=True,
+    ),
+    Setting(
+        "upload_dir",
+        _text,
+        None,
+        "receive files from clients into this folder (off unless set)",
+        "DIR",
+    ),
+    Setting(
+        "max_file_size",
+        _positive_integer,
+        DEFAULT_MAX_FILE_SIZE,
+        "largest file accepted into --upload-dir",
+        "BYTES",
     ),
     Setting("backlog", _positive_integer, 1024, "the listen backlog", "N"),
     Setting(

@@ -176,7 +176,11 @@ where
     let progress = Arc::new(Progress::default());
     let transfer = start(Arc::clone(&progress));
     let outcome = wait_reporting(py, transfer, timeout, |py| reporter.update(py, &progress));
-    let finished = reporter.update(py, &progress);
+    // A finished transfer shows its last figures; one that failed leaves what was shown.
+    let finished = match &outcome {
+        Ok(Some(Ok(_))) => reporter.update(py, &progress),
+        _ => Ok(()),
+    };
     reporter.close(py)?;
     finished?;
     match outcome? {
