@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
-use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox, Readiness};
+use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox, Readiness, SendFile};
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
 use crate::transfer::{
@@ -182,6 +182,7 @@ impl Client {
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let (reader, writer) = stream.into_split();
+        state.set_sends_files(SendFile::sends_files(&writer));
         let (queue, queued) = tokio::sync::mpsc::channel(config.outbound_queue);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
         let (finish, finished) = oneshot::channel();
@@ -606,7 +607,8 @@ async fn read_loop(
                 // A pong that finds the queue full is dropped: the peer will ping again.
                 let _ = outbox.try_send(Frame::Pong(token));
             }
-            Some(Ok(Frame::Pong(_))) => {}
+            // A FILE_RANGE is never decoded (it arrives as a FILE_CHUNK).
+            Some(Ok(Frame::Pong(_) | Frame::FileRange { .. })) => {}
             Some(Ok(Frame::Close { code, reason })) => {
                 let reason = if reason.is_empty() {
                     "the server closed the connection".to_owned()

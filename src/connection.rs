@@ -16,7 +16,7 @@ use tokio_util::codec::{BytesCodec, Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CloseInfo, Error, FrameError, Result};
-use crate::frame::{encode_frame, Frame, FrameCodec};
+use crate::frame::{encode_chunk_header, encode_frame, FileRange, Frame, FrameCodec};
 
 /// The writer gathers queued frames into one buffer up to this size before writing, so that many
 /// small messages cost one system call.
@@ -28,6 +28,9 @@ pub(crate) struct ConnState {
     peer_max_frame: AtomicU32,
     /// Set once the peer's hello arrived: the connection speaks the framed protocol.
     framed: AtomicBool,
+    /// Set when the writer sends file ranges itself (`sendfile`), so file data need not be
+    /// copied into frames.
+    sends_files: AtomicBool,
     closed: OnceLock<CloseInfo>,
 }
 
@@ -36,6 +39,7 @@ impl ConnState {
         Arc::new(ConnState {
             peer_max_frame: AtomicU32::new(peer_max_frame),
             framed: AtomicBool::new(false),
+            sends_files: AtomicBool::new(false),
             closed: OnceLock::new(),
         })
     }
@@ -48,6 +52,14 @@ impl ConnState {
 
     pub(crate) fn is_framed(&self) -> bool {
         self.framed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_sends_files(&self, sends_files: bool) {
+        self.sends_files.store(sends_files, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sends_files(&self) -> bool {
+        self.sends_files.load(Ordering::Relaxed)
     }
 
     /// Records why the connection ended; the first reason wins.
@@ -266,7 +278,7 @@ pub(crate) type Finish = oneshot::Sender<Option<Frame>>;
 ///
 /// # Errors
 /// The first write error; the connection is unusable after it.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_loop<W: SendFile>(
     mut io: W,
     mut queue: mpsc::Receiver<Frame>,
     mut finish: oneshot::Receiver<Option<Frame>>,
@@ -281,15 +293,17 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             () = abort.cancelled() => return Ok(()),
             frame = queue.recv(), if queue_open => match frame {
                 Some(frame) => {
-                    encode(&frame, raw, &mut buf);
-                    let _ = drain_into(&mut queue, raw, &mut buf, WRITE_BATCH);
-                    write_buffer(&mut io, &mut buf, &abort).await?;
+                    write_frames(&mut io, frame, &mut queue, raw, &mut buf, WRITE_BATCH, &abort)
+                        .await?;
                 }
                 // Every sender is gone; only `finish` (or `abort`) can end the loop now.
                 None => queue_open = false,
             },
             last = &mut finish => {
-                let _ = drain_into(&mut queue, raw, &mut buf, usize::MAX);
+                if let Ok(frame) = queue.try_recv() {
+                    write_frames(&mut io, frame, &mut queue, raw, &mut buf, usize::MAX, &abort)
+                        .await?;
+                }
                 if let Ok(Some(frame)) = last {
                     encode(&frame, raw, &mut buf);
                 }
@@ -297,6 +311,99 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                 return io.shutdown().await;
             }
         }
+    }
+}
+
+/// Writes `first` and what else is queued, gathered into `buf` up to `limit` bytes; file ranges
+/// go straight from the file when the transport can.
+async fn write_frames<W: SendFile>(
+    io: &mut W,
+    first: Frame,
+    queue: &mut mpsc::Receiver<Frame>,
+    raw: bool,
+    buf: &mut BytesMut,
+    limit: usize,
+    abort: &CancellationToken,
+) -> io::Result<()> {
+    let mut next = Some(first);
+    while let Some(frame) = next.take() {
+        match &frame {
+            Frame::FileRange { id, range } if io.sends_files() => {
+                encode_chunk_header(*id, range.len as usize, buf);
+                tokio::select! {
+                    () = abort.cancelled() => return Ok(()),
+                    sent = io.send_range(buf, range) => sent?,
+                }
+                buf.clear();
+            }
+            _ => encode(&frame, raw, buf),
+        }
+        if buf.len() < limit {
+            next = queue.try_recv().ok();
+        }
+    }
+    write_buffer(io, buf, abort).await
+}
+
+/// A connection's write half, which may write file ranges itself (zero-copy `sendfile`).
+pub(crate) trait SendFile: AsyncWrite + Unpin {
+    /// Whether [`SendFile::send_range`] works on this transport.
+    fn sends_files(&self) -> bool {
+        false
+    }
+
+    /// Writes `head` (buffered frames and the chunk's header), then the bytes of `range` from
+    /// the file, to the connection.
+    async fn send_range(&mut self, head: &[u8], range: &FileRange) -> io::Result<()> {
+        let _ = (head, range);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+impl SendFile for tokio::net::tcp::OwnedWriteHalf {
+    fn sends_files(&self) -> bool {
+        cfg!(target_os = "linux")
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn send_range(&mut self, mut head: &[u8], range: &FileRange) -> io::Result<()> {
+        let stream: &tokio::net::TcpStream = self.as_ref();
+        // NOTE: MSG_MORE holds the small header back until the file's bytes follow, so that
+        // header and data share segments instead of the header going out alone (NODELAY).
+        while !head.is_empty() {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                rustix::net::send(stream, head, rustix::net::SendFlags::MORE)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(n) => head = &head[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut offset = range.offset;
+        let end = range.offset + u64::from(range.len);
+        while offset < end {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let left = (end - offset) as usize;
+                rustix::fs::sendfile(stream, &*range.file, Some(&mut offset), left)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was being sent",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -226,6 +226,14 @@ pub enum Frame {
         id: u32,
         data: Bytes,
     },
+    /// A FILE_CHUNK whose data is `len` bytes of a file from `offset`, read when the frame is
+    /// written: with `sendfile` straight from the page cache to the socket on a plain TCP
+    /// connection (no copy through user space). Only ever sent; it decodes as a
+    /// [`Frame::FileChunk`].
+    FileRange {
+        id: u32,
+        range: FileRange,
+    },
     /// Every byte was sent; `digest` is the BLAKE3 digest of the whole file.
     FileEnd {
         id: u32,
@@ -256,6 +264,23 @@ pub enum Frame {
 
 /// A BLAKE3 digest.
 pub type Digest = [u8; 32];
+
+/// Bytes of an open file, for a [`Frame::FileRange`].
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    pub file: std::sync::Arc<std::fs::File>,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl PartialEq for FileRange {
+    fn eq(&self, other: &FileRange) -> bool {
+        std::sync::Arc::ptr_eq(&self.file, &other.file)
+            && (self.offset, self.len) == (other.offset, other.len)
+    }
+}
+
+impl Eq for FileRange {}
 
 /// The size of a [`Digest`] on the wire.
 pub const DIGEST_LEN: usize = 32;
@@ -329,6 +354,7 @@ impl Frame {
             Frame::FileOffer { name, .. } => 4 + 8 + 1 + name.len(),
             Frame::FileAccept { .. } => 4 + 8 + DIGEST_LEN,
             Frame::FileChunk { data, .. } => 4 + data.len(),
+            Frame::FileRange { range, .. } => 4 + range.len as usize,
             Frame::FileEnd { .. } => 4 + DIGEST_LEN,
             Frame::FileResult { text, .. } => 4 + 2 + DIGEST_LEN + text.len(),
             Frame::FileCancel { reason, .. } => 4 + reason.len(),
@@ -547,6 +573,25 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// Appends the length prefix, type byte and id of a FILE_CHUNK carrying `len` bytes of data.
+pub fn encode_chunk_header(id: u32, len: usize, dst: &mut BytesMut) {
+    dst.put_u32((FILE_CHUNK_OVERHEAD + len) as u32);
+    dst.put_u8(kind::FILE_CHUNK);
+    dst.put_u32(id);
+}
+
+fn read_range(range: &FileRange, into: &mut [u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(&*range.file, into, range.offset)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (range, into);
+        Err(std::io::Error::other("file ranges need a Unix system"))
+    }
+}
+
 /// Appends `frame` to `dst`, length prefix included. Checking the length against the peer's
 /// `max_frame` is the caller's job, done once when the message is accepted for sending.
 pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
@@ -590,6 +635,18 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u8(kind::FILE_CHUNK);
             dst.put_u32(*id);
             dst.extend_from_slice(data);
+        }
+        Frame::FileRange { id, range } => {
+            dst.put_u8(kind::FILE_CHUNK);
+            dst.put_u32(*id);
+            // NOTE: the fallback for writers that cannot `sendfile` (the data is read here, on
+            // the writing task); a sender only makes these frames for connections that can.
+            let start = dst.len();
+            dst.resize(start + range.len as usize, 0);
+            if let Err(e) = read_range(range, &mut dst[start..]) {
+                // The receiver's digest check will fail the transfer.
+                log::error!("cannot read a file being sent: {e}");
+            }
         }
         Frame::FileEnd { id, digest } => {
             dst.put_u8(kind::FILE_END);

@@ -273,6 +273,23 @@ fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
         &mut close,
     );
     assert_eq!(&close[..7], &[0, 0, 0, 0x10, 0x30, 0x03, 0xE8]);
+    let mut offer = BytesMut::new();
+    frame::encode_frame(
+        &Frame::FileOffer {
+            id: 1,
+            size: 5,
+            resume: true,
+            name: "a.txt".into(),
+        },
+        &mut offer,
+    );
+    assert_eq!(
+        &offer[..],
+        &[
+            0, 0, 0, 0x13, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5, 1, b'a', b'.', b't', b'x',
+            b't'
+        ]
+    );
 }
 
 #[test]
@@ -305,4 +322,30 @@ fn file_frames_shorter_than_their_fields_are_malformed() {
     buf.put_slice(&[0xff, 0xfe]);
     let error = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
     assert!(error.to_string().contains("UTF-8"), "{error}");
+}
+
+#[test]
+fn a_file_range_is_written_as_the_file_chunk_it_decodes_to() {
+    use std::io::Write;
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(b"0123456789").unwrap();
+    let range = Frame::FileRange {
+        id: 5,
+        range: frame::FileRange {
+            file: std::sync::Arc::new(file),
+            offset: 2,
+            len: 6,
+        },
+    };
+    let mut wire = BytesMut::new();
+    frame::encode_frame(&range, &mut wire);
+    assert_eq!(wire.len(), 4 + range.encoded_len());
+    let decoded = FrameCodec::new(1024).decode(&mut wire).unwrap();
+    assert_eq!(
+        decoded,
+        Some(Frame::FileChunk {
+            id: 5,
+            data: Bytes::from_static(b"234567"),
+        })
+    );
 }

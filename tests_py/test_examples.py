@@ -96,3 +96,14 @@ def test_asyncio_example() -> None:
         "echo: hello 1",
         "echo: hello 2",
     ]
+
+
+def test_file_transfer_example() -> None:
+    result = run([sys.executable, str(ROOT / "examples" / "file_transfer.py")])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("uploaded example.bin: 4194304 bytes, blake3 ")
+    assert lines[1] == "the server saved example.bin (4194304 bytes)"
+    digest = lines[0].rsplit(" ", 1)[1]
+    assert lines[2] == f"downloaded copy-example.bin, blake3 {digest}"
+    assert "100%" in result.stderr  # the progress bar

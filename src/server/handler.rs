@@ -430,7 +430,7 @@ impl Driver<'_> {
                 }
                 return None;
             }
-            Frame::Pong(_) | Frame::Reply { .. } => {
+            Frame::Pong(_) | Frame::Reply { .. } | Frame::FileRange { .. } => {
                 log::debug!(
                     "connection {}: ignored a frame the server did not ask for",
                     self.conn.id

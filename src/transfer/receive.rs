@@ -315,7 +315,7 @@ impl Job {
     fn run(self, mut ops: mpsc::Receiver<Op>) {
         let mut claim = None;
         let outcome = self.receive(&mut ops, &mut claim);
-        let answer = match outcome {
+        let (answer, received) = match outcome {
             Ok(file) => {
                 log::info!(
                     "received {:?} ({} bytes, blake3 {}) from {}",
@@ -330,10 +330,7 @@ impl Job {
                     digest: file.digest,
                     text: file.name.clone(),
                 };
-                // The application hears of the file before the sender does, so a sender that
-                // got its answer can count on the file being known.
-                self.delivery.received(file);
-                answer
+                (answer, Some(file))
             }
             Err(Stop::Failed(failure)) => {
                 if let Some(claim) = &claim {
@@ -347,16 +344,20 @@ impl Job {
                 );
                 self.delivery
                     .failed(&self.offered, failure.status, &failure.reason);
-                Frame::FileResult {
+                let answer = Frame::FileResult {
                     id: self.id,
                     status: failure.status,
                     digest: [0; 32],
                     text: failure.reason,
-                }
+                };
+                (answer, None)
             }
             Err(Stop::Interrupted(why)) => {
-                if let Some(claim) = claim.as_ref().filter(|claim| !claim.resumable) {
-                    let _ = fs::remove_file(&claim.path);
+                if let Some(claim) = claim.as_ref() {
+                    let empty = fs::metadata(&claim.path).is_ok_and(|meta| meta.len() == 0);
+                    if !claim.resumable || empty {
+                        let _ = fs::remove_file(&claim.path);
+                    }
                 }
                 log::info!(
                     "file {:?} from {} interrupted: {why}",
@@ -366,11 +367,17 @@ impl Job {
                 return;
             }
         };
+        // NOTE: the verdict is queued before the application hears of the file, so that an
+        // application that closes its server on `FileReceived` still lets the sender learn
+        // that its file arrived (a graceful close writes what is queued).
         if self.outbox.blocking_send(answer).is_err() {
             log::debug!(
                 "the connection ended before the verdict on {:?}",
                 self.offered
             );
+        }
+        if let Some(file) = received {
+            self.delivery.received(file);
         }
     }
 
