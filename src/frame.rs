@@ -266,11 +266,22 @@ pub enum Frame {
 pub type Digest = [u8; 32];
 
 /// Bytes of an open file, for a [`Frame::FileRange`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FileRange {
     pub file: std::sync::Arc<std::fs::File>,
     pub offset: u64,
     pub len: u32,
+    /// Held until the frame is written and dropped: how a sender bounds the data it has queued.
+    pub guard: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for FileRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRange")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PartialEq for FileRange {

@@ -335,6 +335,7 @@ fn a_file_range_is_written_as_the_file_chunk_it_decodes_to() {
             file: std::sync::Arc::new(file),
             offset: 2,
             len: 6,
+            guard: None,
         },
     };
     let mut wire = BytesMut::new();

@@ -318,3 +318,28 @@ def test_upload_dir_from_the_environment_and_a_missing_one_at_start_up(tmp_path:
     assert "Traceback" not in missing.stderr
     shown = run([sys.executable, "server.py", "--print-config"], 20, SOCKETCOMM_UPLOAD_DIR="/srv")
     assert 'upload_dir = "/srv"  # environment $SOCKETCOMM_UPLOAD_DIR' in shown.stdout
+
+
+def test_messages_are_not_held_up_behind_a_large_file(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "large.bin", 512 << 20)
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    reports: list[int] = []
+    with socketcomm.Server(upload_dir=uploads, on_message=lambda conn, data: data) as server:
+        server.start()
+        with socketcomm.Client(*server.address, timeout=20) as client:
+            upload = threading.Thread(
+                target=client.send_file,
+                args=(source,),
+                kwargs={"progress": lambda done, total: reports.append(done)},
+            )
+            upload.start()
+            while not reports or reports[-1] == 0:
+                time.sleep(0.001)
+            # The file is flowing: a request on the same connection is answered before it ends.
+            answers = [client.request(f"ping {n}") for n in range(5)]
+            still_uploading = upload.is_alive()
+            upload.join(timeout=60)
+    assert answers == [f"ping {n}".encode() for n in range(5)]
+    assert still_uploading, "the file finished first; the test proves nothing"
+    assert digest(uploads / "large.bin") == digest(source)

@@ -1,7 +1,7 @@
 //! The sending side: offer a file, check the prefix the receiver already holds, then read, hash
 //! and queue it chunk by chunk on a blocking thread, and wait for the receiver's verdict.
 //!
-//! Memory is bounded by a pool of [`CHUNKS_IN_FLIGHT`] buffers: a chunk's buffer returns to the
+//! Memory is bounded by a pool of buffers ([`BYTES_IN_FLIGHT`] in all): a chunk's buffer returns to the
 //! pool when the connection's writer has copied it out, and reading waits for a free one, so a
 //! file of any size costs a few megabytes however slow the receiver is.
 
@@ -29,8 +29,9 @@ const CHUNK: usize = 256 * 1024;
 /// than copying; in 1 MiB ranges it is as fast, with no file data held in memory.
 const RANGE_CHUNK: usize = 1024 * 1024;
 
-/// Chunks read ahead of the connection's writer: the memory one transfer may hold.
-const CHUNKS_IN_FLIGHT: usize = 16;
+/// File bytes queued ahead of the connection's writer: what one transfer may hold in memory,
+/// and at most what a message sent meanwhile waits behind (besides the socket's buffer).
+const BYTES_IN_FLIGHT: usize = 4 * 1024 * 1024;
 
 /// How often a sender blocked on a full pipe checks whether it should stop.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -292,8 +293,9 @@ struct Streaming {
 
 impl Streaming {
     fn run(mut self) -> std::result::Result<Digest, Interrupted> {
-        let (home, pool) = flume::bounded(CHUNKS_IN_FLIGHT);
-        for _ in 0..CHUNKS_IN_FLIGHT {
+        let in_flight = (BYTES_IN_FLIGHT / self.chunk).max(2);
+        let (home, pool) = flume::bounded(in_flight);
+        for _ in 0..in_flight {
             home.send(Vec::new()).expect("the pool has room");
         }
         let mut pos = self.offset;
@@ -312,14 +314,20 @@ impl Streaming {
             self.hasher.update(&buf);
             let frame = if self.outbox.state().sends_files() {
                 // NOTE: zero-copy: the writer sends these bytes from the page cache with
-                // `sendfile`; the buffer was only needed for the digest and is reused at once.
+                // `sendfile`; the buffer was only needed for the digest. An empty one stands
+                // in for it in the pool until the range is written.
                 let _ = home.try_send(buf);
+                let slot = pool.recv().expect("the buffer just returned");
                 Frame::FileRange {
                     id: self.id,
                     range: FileRange {
                         file: Arc::clone(&self.file),
                         offset: pos,
                         len: n as u32,
+                        guard: Some(Arc::new(Pooled {
+                            buf: slot,
+                            home: home.clone(),
+                        })),
                     },
                 }
             } else {
