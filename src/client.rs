@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
-use crate::connection::{write_loop, ConnState, Finish, Inbound, Outbox, Readiness, SendFile};
+use crate::connection::{
+    write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
+};
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
 use crate::transfer::{
@@ -31,6 +32,7 @@ pub struct Client {
     local: SocketAddr,
     #[cfg(unix)]
     fd: std::os::fd::RawFd,
+    tls: bool,
     raw: bool,
     outbox: Outbox,
     inbound: flume::Receiver<Bytes>,
@@ -41,6 +43,15 @@ pub struct Client {
     closed_locally: AtomicBool,
     writer: Mutex<Option<JoinHandle<io::Result<()>>>>,
     abort: CancellationToken,
+}
+
+/// Facts about the TCP connection, kept when TLS wraps it.
+struct Link {
+    peer: SocketAddr,
+    local: SocketAddr,
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
+    tls: bool,
 }
 
 /// What the client and its reader task share.
@@ -118,7 +129,7 @@ impl Client {
         let mut last_error = None;
         for addr in addrs {
             match connect_from(addr, config).await {
-                Ok(stream) => return Self::handshake(stream, config, download_dir).await,
+                Ok(stream) => return Self::handshake(host, stream, config, download_dir).await,
                 Err(e) => last_error = Some((addr, e)),
             }
         }
@@ -141,7 +152,8 @@ impl Client {
     }
 
     async fn handshake(
-        mut stream: TcpStream,
+        host: &str,
+        stream: TcpStream,
         config: &ClientConfig,
         download_dir: Option<Arc<FileDir>>,
     ) -> Result<Client> {
@@ -155,15 +167,41 @@ impl Client {
             .socket
             .apply(socket2::SockRef::from(&stream))
             .map_err(|e| Error::io("cannot set the socket options", e))?;
+        let link = Link {
+            peer,
+            local,
+            #[cfg(unix)]
+            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+            tls: config.tls.is_some(),
+        };
+        let Some(tls) = &config.tls else {
+            return Self::start(stream, link, config, download_dir).await;
+        };
+        let name = tls.server_name(host)?;
+        let stream = tls
+            .connector()
+            .connect(name, stream)
+            .await
+            .map_err(|e| Error::Tls(crate::tls::handshake_error(&e, false)))?;
+        Self::start(stream, link, config, download_dir).await
+    }
+
+    /// Exchanges hellos (unless raw) and starts the connection's tasks.
+    async fn start<S: IntoHalves>(
+        mut stream: S,
+        link: Link,
+        config: &ClientConfig,
+        download_dir: Option<Arc<FileDir>>,
+    ) -> Result<Client> {
         let state = ConnState::new(u32::MAX);
         let mut buffered = BytesMut::new();
         if !config.raw {
-            let hello = read_hello(&mut stream, peer, config.max_frame, &mut buffered).await?;
+            let hello = read_hello(&mut stream, link.peer, config.max_frame, &mut buffered).await?;
             state.set_peer_max_frame(hello.max_frame);
         }
         Ok(Client::spawn(
             stream,
-            (peer, local),
+            link,
             config,
             state,
             buffered,
@@ -171,17 +209,22 @@ impl Client {
         ))
     }
 
-    fn spawn(
-        stream: TcpStream,
-        (peer, local): (SocketAddr, SocketAddr),
+    fn spawn<S: IntoHalves>(
+        stream: S,
+        link: Link,
         config: &ClientConfig,
         state: Arc<ConnState>,
         buffered: BytesMut,
         download_dir: Option<Arc<FileDir>>,
     ) -> Client {
-        #[cfg(unix)]
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let (reader, writer) = stream.into_split();
+        let Link {
+            peer,
+            local,
+            #[cfg(unix)]
+            fd,
+            tls,
+        } = link;
+        let (reader, writer) = stream.into_halves();
         state.set_sends_files(SendFile::sends_files(&writer));
         let (queue, queued) = tokio::sync::mpsc::channel(config.outbound_queue);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
@@ -222,6 +265,7 @@ impl Client {
             local,
             #[cfg(unix)]
             fd,
+            tls,
             raw: config.raw,
             outbox,
             inbound,
@@ -250,6 +294,11 @@ impl Client {
 
     pub fn is_raw(&self) -> bool {
         self.raw
+    }
+
+    /// Whether the connection is encrypted with TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Whether the connection has ended, or [`Client::close`] was called.
@@ -457,8 +506,8 @@ impl Drop for ForgetOnDrop<'_> {
 
 /// Reads the server's hello, telling a socketcomm server from anything else at the first byte
 /// that differs.
-async fn read_hello(
-    stream: &mut TcpStream,
+async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     peer: SocketAddr,
     max_frame: u32,
     buffered: &mut BytesMut,
@@ -479,10 +528,15 @@ async fn read_hello(
             }
             Sniff::NeedMore => {}
         }
-        let read = stream
-            .read_buf(buffered)
-            .await
-            .map_err(|e| Error::io(format!("the hello from {peer} failed"), e))?;
+        let read = stream.read_buf(buffered).await.map_err(|e| {
+            // With TLS 1.3 the server judges the client's certificate after the client's side
+            // of the handshake: its refusal arrives here.
+            if crate::tls::is_tls_failure(&e) {
+                Error::Tls(crate::tls::handshake_error(&e, false))
+            } else {
+                Error::io(format!("the hello from {peer} failed"), e)
+            }
+        })?;
         if read == 0 {
             return Err(Error::Protocol(format!(
                 "{peer} closed the connection instead of answering the hello; is it a \
@@ -502,6 +556,9 @@ async fn read_hello(
     match read_close_frame(stream, buffered).await {
         // Refused for a reason that is not the protocol's (the server is full): the connection
         // is closed, as it would be later for the same reason.
+        Some((CloseCode::TLS_REQUIRED, reason)) => Err(Error::Tls(format!(
+            "{peer} refused the connection: {reason}"
+        ))),
         Some((code, reason))
             if code != CloseCode::PROTOCOL_ERROR && code != CloseCode::UNSUPPORTED_VERSION =>
         {
@@ -520,8 +577,8 @@ async fn read_hello(
     }
 }
 
-async fn read_close_frame(
-    stream: &mut TcpStream,
+async fn read_close_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buffered: &mut BytesMut,
 ) -> Option<(CloseCode, String)> {
     use tokio_util::codec::Decoder;
@@ -547,8 +604,8 @@ impl Delivery for Downloads {
     fn failed(&self, _offered_name: &str, _status: frame::TransferStatus, _reason: &str) {}
 }
 
-async fn read_loop(
-    mut inbound: Inbound<OwnedReadHalf>,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut inbound: Inbound<R>,
     mut receiving: Receiving,
     to_app: flume::Sender<Bytes>,
     shared: Arc<Shared>,

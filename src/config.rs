@@ -227,6 +227,10 @@ pub struct ServerConfig {
     pub upload_dir: Option<PathBuf>,
     /// The largest file accepted into `upload_dir`, in bytes.
     pub max_file_size: u64,
+    /// Serve TLS only (plaintext clients are told so and closed).
+    pub tls: Option<crate::tls::ServerTls>,
+    /// How long a client may take to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -247,6 +251,8 @@ impl Default for ServerConfig {
             slow_reader: SlowReader::Disconnect,
             upload_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -271,6 +277,9 @@ impl ServerConfig {
         }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::invalid("workers", "must be between 1 and 256"));
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return Err(Error::invalid("tls_handshake_timeout", "must be positive"));
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::invalid(
@@ -303,6 +312,8 @@ pub struct ClientConfig {
     pub download_dir: Option<PathBuf>,
     /// The largest file accepted into `download_dir`, in bytes.
     pub max_file_size: u64,
+    /// Connect with TLS.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -317,6 +328,7 @@ impl Default for ClientConfig {
             local_addr: None,
             download_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            tls: None,
         }
     }
 }

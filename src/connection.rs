@@ -345,6 +345,66 @@ async fn write_frames<W: SendFile>(
     write_buffer(io, buf, abort).await
 }
 
+/// A client's connected stream, split into halves that two tasks own.
+pub(crate) trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Writer: SendFile + Send + 'static;
+    fn into_halves(self) -> (Self::Reader, Self::Writer);
+}
+
+impl IntoHalves for tokio::net::TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+type ClientTlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl IntoHalves for ClientTlsStream {
+    type Reader = tokio::io::ReadHalf<ClientTlsStream>;
+    type Writer = tokio::io::WriteHalf<ClientTlsStream>;
+
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        tokio::io::split(self)
+    }
+}
+
+/// A server's connected stream, whose halves one task drives at once.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    type Reader<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    type Writer<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+}
+
+impl Transport for tokio::net::TcpStream {
+    type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        // NOTE: borrowed halves of a TCP stream cost nothing; `tokio::io::split` takes a lock on
+        // every read and write, which only TLS (one state for both directions) needs.
+        self.split()
+    }
+}
+
+pub(crate) type ServerTlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+impl Transport for ServerTlsStream {
+    type Reader<'a> = tokio::io::ReadHalf<&'a mut ServerTlsStream>;
+    type Writer<'a> = tokio::io::WriteHalf<&'a mut ServerTlsStream>;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// A connection's write half, which may write file ranges itself (zero-copy `sendfile`).
 pub(crate) trait SendFile: AsyncWrite + Unpin {
     /// Whether [`SendFile::send_range`] works on this transport.
@@ -354,11 +414,18 @@ pub(crate) trait SendFile: AsyncWrite + Unpin {
 
     /// Writes `head` (buffered frames and the chunk's header), then the bytes of `range` from
     /// the file, to the connection.
-    async fn send_range(&mut self, head: &[u8], range: &FileRange) -> io::Result<()> {
+    fn send_range<'a>(
+        &'a mut self,
+        head: &'a [u8],
+        range: &'a FileRange,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send + 'a {
         let _ = (head, range);
-        Err(io::Error::from(io::ErrorKind::Unsupported))
+        std::future::ready(Err(io::Error::from(io::ErrorKind::Unsupported)))
     }
 }
+
+// TLS encrypts in user space: file data goes through the connection's buffer.
+impl SendFile for tokio::io::WriteHalf<ClientTlsStream> {}
 
 impl SendFile for tokio::net::tcp::OwnedWriteHalf {
     fn sends_files(&self) -> bool {

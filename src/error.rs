@@ -93,6 +93,9 @@ pub enum Error {
         max: u32,
         hint: &'static str,
     },
+    /// The TLS configuration is unusable, or a handshake failed (the message says which check).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A file transfer was refused or failed its verification; `status` says which.
     #[error("file transfer of {name:?} failed ({}): {reason}", status.name())]
     Transfer {

@@ -150,6 +150,12 @@ pub fn sniff(received: &[u8]) -> Sniff {
     }
 }
 
+/// Whether the first bytes from a client are a TLS record carrying a handshake (a ClientHello):
+/// a TLS client that came to a plaintext port.
+pub fn looks_like_tls(received: &[u8]) -> bool {
+    matches!(received, [0x16, 0x03, ..])
+}
+
 /// Why a connection was closed, carried by a [`Frame::Close`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CloseCode(pub u16);
@@ -171,6 +177,8 @@ impl CloseCode {
     pub const IDLE_TIMEOUT: CloseCode = CloseCode(1006);
     /// The client did not read fast enough to keep up with a broadcast.
     pub const SLOW_READER: CloseCode = CloseCode(1007);
+    /// The server serves TLS only, and the client spoke plaintext.
+    pub const TLS_REQUIRED: CloseCode = CloseCode(1008);
 }
 
 /// Frame type bytes. 0x10..=0x1F belong to file transfer, 0x40..=0x7F are reserved for later

@@ -10,6 +10,7 @@
 //! | [`server`] | binding, the accept loop, limits, broadcast; `server/handler.rs`: one connection's loop |
 //! | [`client`] | connecting, the hello, request/reply matching by correlation id |
 //! | [`transfer`] | sending and receiving files: streamed, verified, atomic, resumable |
+//! | [`tls`] | TLS with rustls: certificates, pinning, client certificates, handshake errors |
 //! | [`config`] | settings and their defaults, validated at construction |
 //! | [`error`] | the error types |
 
@@ -19,6 +20,7 @@ pub(crate) mod connection;
 pub mod error;
 pub mod frame;
 pub mod server;
+pub mod tls;
 pub mod transfer;
 
 #[cfg(feature = "python")]

@@ -23,6 +23,7 @@ __all__ = [
     "AbortOnCancel",
     "AsyncMessage",
     "Client",
+    "ClientTls",
     "Connected",
     "ConnectionClosedError",
     "Disconnected",
@@ -30,9 +31,11 @@ __all__ = [
     "FileSent",
     "FrameTooLargeError",
     "Message",
+    "PeerIdentity",
     "ProtocolError",
     "Ready",
     "Server",
+    "ServerTls",
     "SocketCommError",
     "TlsError",
     "TransferError",
@@ -89,7 +92,79 @@ class FrameTooLargeError(ProtocolError, ValueError):
     """
 
 class TlsError(SocketCommError, ConnectionError):
-    """A TLS handshake or certificate check failed."""
+    """A TLS handshake or certificate check failed (the message names the check: unknown
+    issuer, not valid for the name, expired, fingerprint mismatch, a client certificate
+    required, plaintext against TLS or the other way round), or TLS settings are unusable."""
+
+@final
+class ServerTls:
+    """A server's TLS settings: a certificate chain and key from PEM files.
+
+    TLS 1.3 only by default; ``min_version="1.2"`` allows TLS 1.2 too. With ``client_ca`` (a
+    PEM file of CA certificates) clients must present a certificate that one of them signed
+    (mutual TLS); events then carry its ``peer_identity``. Files are read here: a missing one
+    raises ``FileNotFoundError`` naming it, unusable contents ``TlsError``.
+    """
+
+    def __new__(
+        cls,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        *,
+        client_ca: str | os.PathLike[str] | None = None,
+        min_version: str = "1.3",
+    ) -> Self: ...
+    @staticmethod
+    def self_signed(
+        names: list[str] = ...,
+        *,
+        client_ca: str | os.PathLike[str] | None = None,
+        min_version: str = "1.3",
+    ) -> ServerTls:
+        """A certificate made in memory for ``names`` (default: localhost, 127.0.0.1, ::1),
+        for development: clients trust it by pinning its ``fingerprint``."""
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 fingerprint of the certificate, ``sha256:`` and 64 hex digits."""
+    @property
+    def mutual(self) -> bool:
+        """Whether clients must present a certificate."""
+
+@final
+class ClientTls:
+    """A client's TLS settings.
+
+    The server's certificate is trusted when ``ca`` (a PEM file) signed it, or, without ``ca``,
+    when one of the system's trusted roots did; with ``fingerprint`` (``sha256:...``, as
+    `ServerTls.fingerprint` or ``openssl x509 -fingerprint -sha256`` print it) exactly that
+    certificate is trusted, whoever signed it and whatever its names. The certificate must be
+    valid for the host connected to, or for ``server_name``. ``cert`` and ``key`` (PEM) are the
+    client's own certificate for servers that require one. TLS 1.3 only by default.
+    """
+
+    def __new__(
+        cls,
+        *,
+        ca: str | os.PathLike[str] | None = None,
+        fingerprint: str | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        min_version: str = "1.3",
+    ) -> Self: ...
+
+@final
+class PeerIdentity:
+    """Who a client is, from the certificate it presented to a mutual-TLS server."""
+
+    @property
+    def subject(self) -> str:
+        """The certificate's subject, as ``CN=alice, O=Example``."""
+    @property
+    def names(self) -> list[str]:
+        """Its subject alternative names (DNS names, IP addresses, e-mail addresses, URIs)."""
+    @property
+    def fingerprint(self) -> str: ...
 
 class TransferError(SocketCommError):
     """A file transfer was refused or failed its verification; nothing was saved.
@@ -156,6 +231,9 @@ class FileReceived:
     @property
     def resumed_from(self) -> int:
         """Bytes kept from an earlier, interrupted transfer of the same file."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The sender's verified certificate, on a mutual-TLS server."""
 
 @final
 class TransferProgress:
@@ -176,6 +254,9 @@ class Connected:
     @property
     def peer(self) -> tuple[str, int]:
         """The client's ``(host, port)``."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client's verified certificate, on a mutual-TLS server."""
 
 @final
 class Message:
@@ -193,6 +274,9 @@ class Message:
     @property
     def text(self) -> str:
         """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client's verified certificate, on a mutual-TLS server."""
     @property
     def request_id(self) -> int | None:
         """The correlation id when the client sent a request and waits for the reply."""
@@ -221,6 +305,9 @@ class AsyncMessage:
     @property
     def text(self) -> str:
         """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client's verified certificate, on a mutual-TLS server."""
     @property
     def request_id(self) -> int | None:
         """The correlation id when the client sent a request and waits for the reply."""
@@ -254,6 +341,7 @@ def _connect(
     connect_timeout: float = 10.0,
     raw: bool = False,
     max_frame: int = ...,
+    tls: ClientTls | None = None,
     download_dir: str | os.PathLike[str] | None = None,
     max_file_size: int = ...,
     local_address: tuple[str, int] | None = None,
@@ -283,6 +371,9 @@ class Disconnected:
     @property
     def code(self) -> int | None:
         """The close code, when a close frame was exchanged."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client's verified certificate, on a mutual-TLS server."""
 
 _Event: TypeAlias = Connected | Message | FileReceived | Disconnected
 
@@ -315,6 +406,11 @@ class Server:
     one stalled reader never holds up the others for long; ``slow_reader="wait"`` waits for it
     however long it takes.
     ``backlog`` is the listen backlog.
+
+    TLS: with ``tls=ServerTls(...)`` the server speaks TLS only. A plaintext client is told
+    that TLS is required (a close frame with code 1008, or a line of text) and closed; a client
+    that does not complete its handshake within ``tls_handshake_timeout`` seconds is dropped.
+    A plaintext server closes a client that begins a TLS handshake, with a reason in the log.
 
     Files: with ``upload_dir`` set (receiving files is off without it), clients may send files
     with ``Client.send_file``. Each is written to a hidden folder inside ``upload_dir`` while it
@@ -353,6 +449,8 @@ class Server:
         on_file: Callable[[int, FileReceived], object] | None = None,
         upload_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,
+        tls: ServerTls | None = None,
+        tls_handshake_timeout: float = 10.0,
         max_frame: int = ...,
         max_connections: int = 10000,
         idle_timeout: float | None = None,
@@ -371,6 +469,9 @@ class Server:
         event_queue: int = 4096,
         outbound_queue: int = 1024,
     ) -> Self: ...
+    @property
+    def tls_fingerprint(self) -> str | None:
+        """The SHA-256 fingerprint of the TLS certificate served; None without TLS."""
     def fileno(self) -> int:
         """The listening socket's descriptor, to inspect it (``os.dup`` it first; do not
         close it)."""
@@ -420,8 +521,9 @@ class Server:
         """Counters of what the server has done: ``connections`` (open now),
         ``connections_total``, ``messages_in``, ``messages_out``, ``bytes_in``, ``bytes_out``,
         ``refused_full``, ``protocol_errors``, ``idle_timeouts``, ``slow_readers``,
-        ``connection_errors``, ``files_received``, ``files_sent`` and ``transfers_failed``
-        (refused or failed, either way; interrupted ones are not counted)."""
+        ``connection_errors``, ``files_received``, ``files_sent``, ``transfers_failed``
+        (refused or failed, either way; interrupted ones are not counted) and ``tls_failures``
+        (handshakes that failed or timed out, and plaintext clients of a TLS server)."""
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
@@ -484,9 +586,10 @@ class Client:
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
     the server is not a socketcomm server (connect with ``raw=True`` to plain TCP servers).
     ``local_address`` binds the local end before connecting. The socket options are those of
-    `Server`. ``download_dir`` lets the server send files (`Server.send_file`), received as a
-    server's ``upload_dir`` receives them and read with ``recv_file()``; without it they are
-    refused. ``max_file_size`` bounds them.
+    `Server`. ``tls=ClientTls(...)`` connects with TLS (``TlsError`` when the handshake or
+    the certificate check fails). ``download_dir`` lets the server send files
+    (`Server.send_file`), received as a server's ``upload_dir`` receives them and read with
+    ``recv_file()``; without it they are refused. ``max_file_size`` bounds them.
     """
 
     def __new__(
@@ -498,6 +601,7 @@ class Client:
         connect_timeout: float = 10.0,
         raw: bool = False,
         max_frame: int = ...,
+        tls: ClientTls | None = None,
         download_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,
         local_address: tuple[str, int] | None = None,
@@ -523,6 +627,9 @@ class Client:
     @property
     def raw(self) -> bool:
         """Whether this client speaks raw bytes (no hello, no framing)."""
+    @property
+    def encrypted(self) -> bool:
+        """Whether the connection is encrypted with TLS."""
     @property
     def closed(self) -> bool:
         """Whether the connection has ended or ``close()`` was called."""

@@ -31,6 +31,7 @@ use super::exit::with_python;
 use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
+use super::tls::PyClientTls;
 use super::transfer::{FileReceived, FileSent, TransferProgress};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use crate::error::Error;
@@ -219,6 +220,7 @@ impl<'py> IntoPyObject<'py> for Payload {
     connect_timeout = 10.0,
     raw = false,
     max_frame = crate::frame::DEFAULT_MAX_FRAME,
+    tls = None,
     download_dir = None,
     max_file_size = DEFAULT_MAX_FILE_SIZE,
     local_address = None,
@@ -231,14 +233,15 @@ impl<'py> IntoPyObject<'py> for Payload {
     linger = None,
 ))]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn _connect(
-    py: Python<'_>,
+pub(crate) fn _connect<'py>(
+    py: Python<'py>,
     host: String,
     port: u16,
     timeout: Option<f64>,
     connect_timeout: f64,
     raw: bool,
     max_frame: u32,
+    tls: Option<PyRef<'_, PyClientTls>>,
     download_dir: Option<PathBuf>,
     max_file_size: u64,
     local_address: Option<(String, u16)>,
@@ -249,7 +252,7 @@ pub(crate) fn _connect(
     recv_buffer: Option<usize>,
     send_buffer: Option<usize>,
     linger: Option<f64>,
-) -> PyResult<Bound<'_, PyAny>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let timeout = timeout_from_secs("timeout", timeout)?;
     let socket = socket_options(
         nodelay,
@@ -260,7 +263,7 @@ pub(crate) fn _connect(
         send_buffer,
         linger,
     )?;
-    let config = client_config(
+    let mut config = client_config(
         connect_timeout,
         raw,
         max_frame,
@@ -269,6 +272,7 @@ pub(crate) fn _connect(
         download_dir,
         max_file_size,
     )?;
+    config.tls = tls.map(|tls| tls.core.clone());
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;
         Ok(PyClient::new_connected(core, timeout))
@@ -341,7 +345,7 @@ impl PyClient {
         spawn_awaitable(py, async move {
             core.recv_file()
                 .await
-                .map(|file| FileReceived::new(0, file))
+                .map(|file| FileReceived::new(0, file, None))
         })
     }
 

@@ -15,6 +15,7 @@ use std::net::ToSocketAddrs;
 use pyo3::exceptions::PyValueError;
 
 use super::options::socket_options;
+use super::tls::PyClientTls;
 use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
 use crate::config::{ClientConfig, SocketOptions};
 use crate::error::Error;
@@ -77,6 +78,7 @@ impl PyClient {
         connect_timeout = 10.0,
         raw = false,
         max_frame = DEFAULT_MAX_FRAME,
+        tls = None,
         download_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
         local_address = None,
@@ -98,6 +100,7 @@ impl PyClient {
         connect_timeout: f64,
         raw: bool,
         max_frame: u32,
+        tls: Option<PyRef<'_, PyClientTls>>,
         download_dir: Option<PathBuf>,
         max_file_size: u64,
         local_address: Option<(String, u16)>,
@@ -119,7 +122,7 @@ impl PyClient {
             send_buffer,
             linger,
         )?;
-        let config = client_config(
+        let mut config = client_config(
             connect_timeout,
             raw,
             max_frame,
@@ -128,6 +131,7 @@ impl PyClient {
             download_dir,
             max_file_size,
         )?;
+        config.tls = tls.map(|tls| tls.core.clone());
         let core = wait(
             py,
             async move { Client::connect(&host, port, config).await },
@@ -163,6 +167,12 @@ impl PyClient {
     #[getter]
     fn raw(&self) -> bool {
         self.core.is_raw()
+    }
+
+    /// Whether the connection is encrypted with TLS.
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.core.is_tls()
     }
 
     /// Whether the connection has ended or `close()` was called.
@@ -236,7 +246,7 @@ impl PyClient {
         let core = &self.core;
         let file =
             wait(py, core.recv_file(), limit)?.ok_or_else(|| self.timed_out("file", limit))??;
-        Ok(FileReceived::new(0, file))
+        Ok(FileReceived::new(0, file, None))
     }
 
     /// Flushes what was sent, says goodbye to the server and closes. Idempotent.

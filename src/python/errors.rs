@@ -87,7 +87,8 @@ pub(crate) fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
         let tls = new_exception(
             py,
             "TlsError",
-            "A TLS handshake or certificate check failed.",
+            "A TLS handshake or certificate check failed, or the TLS settings are unusable; \
+             the message says which check and what to do.",
             &[&base_type, &connection_error],
             false,
         )?;
@@ -188,6 +189,7 @@ impl From<Error> for PyErr {
                     let _ = error.value(py).setattr("status", status.name());
                     error
                 }
+                Error::Tls(_) => raise(py, &all.tls, message, None),
                 Error::Timeout(_) => PyTimeoutError::new_err(message),
                 Error::InvalidOption { .. } => PyValueError::new_err(message),
             }

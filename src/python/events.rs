@@ -10,9 +10,11 @@ use pyo3::types::{PyBytes, PyString};
 use super::aio::{ready, spawn_awaitable};
 use super::convert::{address, payload};
 use super::runtime::wait;
+use super::tls::{identity_of, PyPeerIdentity};
 use super::transfer::FileReceived;
 use crate::error::CloseInfo;
 use crate::server::{self as core, Event};
+use crate::tls::PeerIdentity;
 
 /// A client connected.
 #[pyclass(frozen, module = "socketcomm._socketcomm")]
@@ -21,10 +23,17 @@ pub(crate) struct Connected {
     conn_id: u64,
     #[pyo3(get)]
     peer: (String, u16),
+    identity: Option<PeerIdentity>,
 }
 
 #[pymethods]
 impl Connected {
+    /// The client's verified certificate, on a mutual-TLS server.
+    #[getter]
+    fn peer_identity(&self) -> Option<PyPeerIdentity> {
+        self.identity.as_ref().map(PyPeerIdentity::from)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Connected(conn_id={}, peer={})",
@@ -101,6 +110,12 @@ macro_rules! message_attributes {
                 self.fields.data.clone_ref(py)
             }
 
+            /// The client's verified certificate, on a mutual-TLS server.
+            #[getter]
+            fn peer_identity(&self) -> Option<PyPeerIdentity> {
+                identity_of(&self.fields.inner.conn)
+            }
+
             /// The correlation id when the client sent a request (and waits for the reply).
             #[getter]
             fn request_id(&self) -> Option<u32> {
@@ -160,10 +175,17 @@ pub(crate) struct Disconnected {
     reason: String,
     #[pyo3(get)]
     code: Option<u16>,
+    identity: Option<PeerIdentity>,
 }
 
 #[pymethods]
 impl Disconnected {
+    /// The client's verified certificate, on a mutual-TLS server.
+    #[getter]
+    fn peer_identity(&self) -> Option<PyPeerIdentity> {
+        self.identity.as_ref().map(PyPeerIdentity::from)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Disconnected(conn_id={}, peer={}, reason={:?})",
@@ -191,6 +213,7 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
         Event::Connected(conn) => Connected {
             conn_id: conn.id(),
             peer: address(conn.peer()),
+            identity: conn.peer_identity().cloned(),
         }
         .into_pyobject(py)?
         .into_any()
@@ -205,10 +228,12 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
                     .unbind(),
             }
         }
-        Event::FileReceived { conn, file } => FileReceived::new(conn.id(), file)
-            .into_pyobject(py)?
-            .into_any()
-            .unbind(),
+        Event::FileReceived { conn, file } => {
+            FileReceived::new(conn.id(), file, conn.peer_identity().cloned())
+                .into_pyobject(py)?
+                .into_any()
+                .unbind()
+        }
         Event::Disconnected { conn, reason } => {
             let CloseInfo { code, reason } = reason;
             Disconnected {
@@ -216,6 +241,7 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
                 peer: address(conn.peer()),
                 reason,
                 code: code.map(|code| code.0),
+                identity: conn.peer_identity().cloned(),
             }
             .into_pyobject(py)?
             .into_any()

@@ -11,6 +11,7 @@ mod logging;
 mod options;
 mod runtime;
 mod server;
+mod tls;
 mod transfer;
 
 use pyo3::prelude::*;
@@ -41,6 +42,9 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<events::AsyncMessage>()?;
     m.add_class::<events::Disconnected>()?;
     m.add_class::<transfer::FileReceived>()?;
+    m.add_class::<tls::PyServerTls>()?;
+    m.add_class::<tls::PyClientTls>()?;
+    m.add_class::<tls::PyPeerIdentity>()?;
     m.add_class::<transfer::FileSent>()?;
     m.add_class::<transfer::TransferProgress>()?;
     m.add_class::<aio::Ready>()?;

@@ -18,6 +18,7 @@ use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
+use super::tls::PyServerTls;
 use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -88,7 +89,8 @@ impl Handlers {
                     })
             }),
             Event::FileReceived { conn, file } => self.on_file.as_ref().map(|h| {
-                let file = FileReceived::new(conn.id(), file.clone());
+                let file =
+                    FileReceived::new(conn.id(), file.clone(), conn.peer_identity().cloned());
                 h.call1(py, (conn.id(), file)).map(drop)
             }),
             Event::Disconnected { conn, reason } => self
@@ -183,6 +185,8 @@ impl PyServer {
         on_file = None,
         upload_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
+        tls = None,
+        tls_handshake_timeout = 10.0,
         max_frame = DEFAULT_MAX_FRAME,
         max_connections = 10_000,
         idle_timeout = None,
@@ -215,6 +219,8 @@ impl PyServer {
         on_file: Option<Py<PyAny>>,
         upload_dir: Option<PathBuf>,
         max_file_size: u64,
+        tls: Option<PyRef<'_, PyServerTls>>,
+        tls_handshake_timeout: f64,
         max_frame: u32,
         max_connections: usize,
         idle_timeout: Option<f64>,
@@ -266,6 +272,12 @@ impl PyServer {
             slow_reader: SlowReader::parse(slow_reader)?,
             upload_dir,
             max_file_size,
+            tls: tls.map(|tls| tls.core.clone()),
+            tls_handshake_timeout: timeout_from_secs(
+                "tls_handshake_timeout",
+                Some(tls_handshake_timeout),
+            )?
+            .unwrap_or_default(),
         };
         let addr = resolve(py, host, port)?;
         let core = py.detach(|| core::Server::bind(addr, config))?;
@@ -294,6 +306,16 @@ impl PyServer {
     #[getter]
     fn mode(&self) -> &'static str {
         self.core.config().mode.name()
+    }
+
+    /// The SHA-256 fingerprint of the server's TLS certificate; None without TLS.
+    #[getter]
+    fn tls_fingerprint(&self) -> Option<String> {
+        self.core
+            .config()
+            .tls
+            .as_ref()
+            .map(|tls| tls.fingerprint().to_owned())
     }
 
     /// Whether `close()` was called.
@@ -505,6 +527,7 @@ impl PyServer {
             ("files_received", stats.files_received),
             ("files_sent", stats.files_sent),
             ("transfers_failed", stats.transfers_failed),
+            ("tls_failures", stats.tls_failures),
         ] {
             all.set_item(name, value)?;
         }

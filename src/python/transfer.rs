@@ -12,7 +12,9 @@ use pyo3::prelude::*;
 
 use super::convert::address;
 use super::runtime::wait_reporting;
+use super::tls::PyPeerIdentity;
 use crate::error::Error;
+use crate::tls::PeerIdentity;
 use crate::transfer::{hex, Progress, ReceivedFile, SentFile};
 
 /// The outcome of a verified `send_file`.
@@ -81,13 +83,20 @@ pub(crate) struct FileReceived {
     digest: String,
     #[pyo3(get)]
     resumed_from: u64,
+    identity: Option<PeerIdentity>,
 }
 
 impl FileReceived {
-    /// `conn_id` is the server's id of the sending connection, 0 for a file a client received.
-    pub(crate) fn new(conn_id: u64, file: ReceivedFile) -> FileReceived {
+    /// `conn_id` is the server's id of the sending connection, 0 for a file a client received;
+    /// `identity` the sender's verified certificate, on a mutual-TLS server.
+    pub(crate) fn new(
+        conn_id: u64,
+        file: ReceivedFile,
+        identity: Option<PeerIdentity>,
+    ) -> FileReceived {
         FileReceived {
             conn_id,
+            identity,
             peer: address(file.peer),
             digest: hex(&file.digest),
             name: file.name,
@@ -101,6 +110,12 @@ impl FileReceived {
 
 #[pymethods]
 impl FileReceived {
+    /// The sender's verified certificate, on a mutual-TLS server.
+    #[getter]
+    fn peer_identity(&self) -> Option<PyPeerIdentity> {
+        self.identity.as_ref().map(PyPeerIdentity::from)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "FileReceived(conn_id={}, name={:?}, size={}, digest='{}', path='{}')",

@@ -17,11 +17,12 @@ use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
 use crate::config::Mode;
-use crate::connection::{drain_into, encode, ConnState, Outbox};
+use crate::connection::{drain_into, encode, ConnState, Outbox, ServerTlsStream, Transport};
 use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
     self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, LENGTH_PREFIX,
 };
+use crate::tls::{handshake_error, PeerIdentity, ServerTls};
 use crate::transfer::{Delivery, ReceivedFile, Receiving};
 
 /// How long the writer may take to flush what is queued once the connection is closing, before
@@ -32,13 +33,104 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// speaks, and then to take the answer.
 const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one connection to its end.
+/// Serves one connection to its end (after the TLS handshake, on a TLS server).
 pub(super) async fn serve(
     hub: Arc<Hub>,
     id: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     events: EventSender,
+) {
+    let Some(tls) = hub.config.tls.clone() else {
+        return serve_on(hub, id, stream, peer, events, None).await;
+    };
+    if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
+        serve_on(hub, id, stream, peer, events, identity).await;
+    }
+}
+
+/// The first byte of a TLS record that carries a handshake message (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The TLS handshake, within `tls_handshake_timeout` and until the server stops. A client that
+/// speaks plaintext is told that TLS is required, in its own protocol.
+async fn secure(
+    hub: &Hub,
+    tls: &ServerTls,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(ServerTlsStream, Option<Arc<PeerIdentity>>)> {
+    let limit = hub.config.tls_handshake_timeout;
+    let handshake = async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the connection before the TLS handshake",
+            ));
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            refuse_plaintext(hub, stream, peer, first[0]).await;
+            return Ok(None);
+        }
+        let secured = tls.acceptor().accept(stream).await?;
+        let identity = secured
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|cert| Arc::new(PeerIdentity::from_der(cert)));
+        Ok(Some((secured, identity)))
+    };
+    let outcome = tokio::select! {
+        () = hub.stop.cancelled() => return None,
+        outcome = tokio::time::timeout(limit, handshake) => outcome,
+    };
+    let failure = match outcome {
+        Ok(Ok(secured)) => return secured,
+        Ok(Err(e)) => format!("the TLS handshake failed: {}", handshake_error(&e, true)),
+        Err(_) => format!("no TLS handshake within {limit:?} (tls_handshake_timeout); dropped"),
+    };
+    hub.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+    log::info!("{peer}: {failure}");
+    None
+}
+
+/// Tells a client that spoke plaintext to a TLS server that TLS is required: a refusing hello
+/// and a close frame (code 1008) to a socketcomm client, a line of text to a plain socket.
+async fn refuse_plaintext(hub: &Hub, mut stream: TcpStream, peer: SocketAddr, first: u8) {
+    hub.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+    log::info!("{peer} spoke plaintext to this TLS server; told it that TLS is required");
+    let reason = "this server requires TLS: connect with tls=socketcomm.ClientTls(...) (on the \
+                  command line --tls, --tls-ca or --tls-fingerprint)";
+    let mut out = BytesMut::new();
+    if first == frame::MAGIC[0] {
+        out.extend_from_slice(&Hello::refusal(hub.config.max_frame).encode());
+        frame::encode_frame(&Frame::close(CloseCode::TLS_REQUIRED, reason), &mut out);
+    } else {
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    let _ = tokio::time::timeout(REFUSAL_WAIT, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes: closing with unread bytes would reset the
+        // connection, and the client might lose the answer.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
+}
+
+/// Serves one connection, plaintext or already secured, to its end.
+async fn serve_on<S: Transport>(
+    hub: Arc<Hub>,
+    id: ConnId,
+    stream: S,
+    peer: SocketAddr,
+    events: EventSender,
+    identity: Option<Arc<PeerIdentity>>,
 ) {
     let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
@@ -52,6 +144,7 @@ pub(super) async fn serve(
             abort: hub.abort.child_token(),
         }),
         outgoing: Arc::default(),
+        identity,
     };
     lock(&hub.connections).insert(id, conn.clone());
     // A shutdown that began before the insert did not see this connection: catch up.
@@ -130,9 +223,9 @@ fn count_ending(hub: &Hub, reason: &CloseInfo) {
 /// Why the read loop stopped, and the close frame to send a framed client, if any.
 type Ending = (CloseInfo, Option<Frame>);
 
-async fn run(
+async fn run<S: Transport>(
     hub: &Hub,
-    mut stream: TcpStream,
+    mut stream: S,
     conn: &Connection,
     queued: &mut mpsc::Receiver<Frame>,
     events: &EventSender,
@@ -141,6 +234,13 @@ async fn run(
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     let mut buffered = BytesMut::with_capacity(READ_CHUNK);
     let raw = loop {
+        if frame::looks_like_tls(&buffered) {
+            hub.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            let reason = "the client began a TLS handshake, but this server serves plaintext \
+                          (start it with tls=... to serve TLS)";
+            log::info!("connection {} from {}: {reason}", conn.id, conn.peer);
+            return CloseInfo::new(None, reason);
+        }
         match frame::sniff(&buffered) {
             Sniff::Raw => break true,
             Sniff::Framed => break false,
@@ -172,7 +272,7 @@ async fn run(
         }
     }
 
-    let (mut reader, mut writer) = stream.split();
+    let (mut reader, mut writer) = stream.halves();
     let mut driver = Driver {
         hub,
         conn,
@@ -558,9 +658,9 @@ impl IdleTimer {
     }
 }
 
-async fn answer_hello(
+async fn answer_hello<S: AsyncWrite + Unpin>(
     hub: &Hub,
-    stream: &mut TcpStream,
+    stream: &mut S,
     conn: &Connection,
     hello_bytes: &[u8; HELLO_LEN],
 ) -> Result<(), CloseInfo> {

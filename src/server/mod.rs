@@ -28,6 +28,7 @@ use crate::config::{ServerConfig, SlowReader};
 use crate::connection::{Outbox, Readiness};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
+use crate::tls::PeerIdentity;
 use crate::transfer::{self, FileDir, Outgoing, Progress, ReceivedFile, SentFile};
 
 /// Identifies a connection for the lifetime of its server; never reused.
@@ -42,6 +43,8 @@ pub struct Connection {
     control: Arc<Control>,
     /// Files the server is sending on this connection, waiting for the client's answers.
     outgoing: Arc<Outgoing>,
+    /// The client's verified certificate, on a TLS server that asks for one.
+    identity: Option<Arc<PeerIdentity>>,
 }
 
 /// How the owner ends one connection from outside its task.
@@ -62,6 +65,11 @@ impl Connection {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Who the client is, from the certificate it presented (mutual TLS only).
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.identity.as_deref()
     }
 
     /// Queues `data` as one message to this client (raw clients get the bare bytes), waiting
@@ -283,6 +291,7 @@ struct Counters {
     files_received: AtomicU64,
     files_sent: AtomicU64,
     transfers_failed: AtomicU64,
+    tls_failures: AtomicU64,
 }
 
 /// A snapshot of a server's counters.
@@ -312,6 +321,8 @@ pub struct Stats {
     /// Transfers in either direction that were refused or failed (interrupted ones, which
     /// may resume, are not counted).
     pub transfers_failed: u64,
+    /// TLS handshakes that failed or timed out, and plaintext clients of a TLS server.
+    pub tls_failures: u64,
 }
 
 /// How long a broadcast waits for room in a full outbound queue before it disconnects that
@@ -472,6 +483,7 @@ impl Server {
             files_received: load(&c.files_received),
             files_sent: load(&c.files_sent),
             transfers_failed: load(&c.transfers_failed),
+            tls_failures: load(&c.tls_failures),
         }
     }
 

@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -23,6 +23,10 @@ use super::{hex, lock, ReceivedFile};
 use crate::connection::Outbox;
 use crate::error::{Error, Result};
 use crate::frame::{Digest, Frame, TransferStatus};
+
+/// How long an offer waits for an earlier transfer of the same file to let go of it (see
+/// [`FileDir::claim`]).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Chunks that may wait for a file's worker before the connection stops reading (each at most
 /// one frame): the disk pushes back on the sender through TCP.
@@ -36,6 +40,8 @@ pub struct FileDir {
     max_file_size: u64,
     /// Keys of the partial files that a transfer is writing now.
     busy: Mutex<HashSet<String>>,
+    /// Notified when a key is released.
+    released: Condvar,
 }
 
 impl FileDir {
@@ -71,6 +77,7 @@ impl FileDir {
             partial,
             max_file_size,
             busy: Mutex::new(HashSet::new()),
+            released: Condvar::new(),
         })
     }
 
@@ -84,6 +91,10 @@ impl FileDir {
 
     /// Reserves the partial file of `name` with `size` bytes. A second transfer of the same
     /// file while the first runs gets a file of its own, which is not kept for resuming.
+    ///
+    /// NOTE: a sender that reconnects after losing its connection often offers the file again
+    /// before this side has noticed the loss and released the first transfer's file, so a busy
+    /// key is waited for up to [`RELEASE_WAIT`] before another file is taken.
     fn claim(self: &Arc<FileDir>, name: &str, size: u64) -> Claim {
         let key = {
             let mut hasher = blake3::Hasher::new();
@@ -92,7 +103,10 @@ impl FileDir {
             hasher.update(&size.to_be_bytes());
             hex(hasher.finalize().as_bytes())[..32].to_owned()
         };
-        let mut busy = lock(&self.busy);
+        let (mut busy, _) = self
+            .released
+            .wait_timeout_while(lock(&self.busy), RELEASE_WAIT, |busy| busy.contains(&key))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (key, resumable) = if busy.contains(&key) {
             let unique = (1..)
                 .map(|n| format!("{key}-{n}"))
@@ -166,6 +180,7 @@ struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         lock(&self.dir.busy).remove(&self.key);
+        self.dir.released.notify_all();
     }
 }
 
