@@ -23,11 +23,13 @@ from typing import Any
 from socketcomm import Event
 from socketcomm._socketcomm import (
     Client,
+    ClientTls,
     Connected,
     Disconnected,
     FileReceived,
     Message,
     Server,
+    ServerTls,
     SocketCommError,
 )
 from socketcomm.config import (
@@ -69,6 +71,47 @@ def _setup_logging(args: argparse.Namespace, settings: Resolved) -> None:
 
 def _socket_options(settings: Resolved) -> dict[str, Any]:
     return {name: settings[name] for name in ("nodelay", "keepalive", "recv_buffer", "send_buffer")}
+
+
+def _server_tls(settings: Resolved) -> ServerTls | None:
+    """The server's TLS from --tls-cert/--tls-key or --tls-self-signed; None for plaintext."""
+    version = settings["tls_min_version"]
+    if settings["tls_self_signed"]:
+        if settings["tls_cert"] or settings["tls_key"]:
+            raise ConfigError(
+                "--tls-self-signed makes its own certificate: drop --tls-cert/--tls-key"
+            )
+        return ServerTls.self_signed(client_ca=settings["tls_client_ca"], min_version=version)
+    if settings["tls_cert"] or settings["tls_key"]:
+        if not (settings["tls_cert"] and settings["tls_key"]):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        return ServerTls(
+            settings["tls_cert"],
+            settings["tls_key"],
+            client_ca=settings["tls_client_ca"],
+            min_version=version,
+        )
+    if settings["tls_client_ca"]:
+        raise ConfigError("--tls-client-ca needs TLS: add --tls-cert and --tls-key")
+    return None
+
+
+def _client_tls(settings: Resolved) -> ClientTls | None:
+    """The client's TLS from the --tls* flags; None for plaintext."""
+    wanted = [
+        settings[name]
+        for name in ("tls", "tls_ca", "tls_fingerprint", "tls_client_cert", "tls_server_name")
+    ]
+    if not any(wanted):
+        return None
+    return ClientTls(
+        ca=settings["tls_ca"],
+        fingerprint=settings["tls_fingerprint"],
+        cert=settings["tls_client_cert"],
+        key=settings["tls_client_key"],
+        server_name=settings["tls_server_name"],
+        min_version=settings["tls_min_version"],
+    )
 
 
 SERVER_DESCRIPTION = """\
@@ -123,6 +166,12 @@ def run_server(args: argparse.Namespace) -> int:
     args.reply = settings["reply"]
     native = settings["mode"] != "reply"
     workers = settings["workers"]
+    if workers > 1 and settings["tls_self_signed"]:
+        raise ConfigError(
+            "--tls-self-signed makes a certificate per process, so clients could not pin one "
+            "fingerprint; with --workers, use --tls-cert and --tls-key"
+        )
+    tls = _server_tls(settings)
     server = Server(
         settings["host"],
         settings["port"],
@@ -133,6 +182,7 @@ def run_server(args: argparse.Namespace) -> int:
         idle_timeout=settings["idle_timeout"],
         upload_dir=settings["upload_dir"],
         max_file_size=settings["max_file_size"],
+        tls=tls,
         reuse_addr=settings["reuse_addr"],
         reuse_port=settings["reuse_port"] or workers > 1,
         backlog=settings["backlog"],
@@ -148,6 +198,15 @@ def run_server(args: argparse.Namespace) -> int:
         f"{_worker_tag(', ')}); Ctrl-C stops",
         file=sys.stderr,
     )
+    if tls is not None:
+        kind = "self-signed certificate" if settings["tls_self_signed"] else "certificate"
+        mutual = "; clients must present a certificate" if tls.mutual else ""
+        print(f"serving TLS, {kind} {tls.fingerprint}{mutual}", file=sys.stderr)
+        if settings["tls_self_signed"]:
+            print(
+                f"clients connect with: python client.py --tls-fingerprint {tls.fingerprint}",
+                file=sys.stderr,
+            )
     sys.stderr.flush()
     children = _start_workers(args, settings, bound_port) if workers > 1 else []
     try:
@@ -301,6 +360,7 @@ def run_client(args: argparse.Namespace) -> int:
             connect_timeout=settings["timeout"],
             raw=raw,
             local_address=settings["local_address"],
+            tls=_client_tls(settings),
             **_socket_options(settings),
         ) as client:
             if args.interactive:

@@ -187,6 +187,63 @@ _SOCKET = [
 
 SOCKET_OPTION_NAMES = [setting.name for setting in _SOCKET]
 
+_TLS_VERSION = Setting(
+    "tls_min_version",
+    _choice(("1.2", "1.3")),
+    "1.3",
+    "the lowest TLS version accepted",
+    "VERSION",
+)
+
+_SERVER_TLS = [
+    Setting("tls_cert", _text, None, "serve TLS with this certificate chain (PEM)", "FILE"),
+    Setting("tls_key", _text, None, "the private key of --tls-cert (PEM)", "FILE"),
+    Setting(
+        "tls_self_signed",
+        _boolean,
+        False,
+        "serve TLS with a certificate made at start-up; its fingerprint is printed for clients "
+        "to pin with --tls-fingerprint (development only)",
+        boolean=True,
+    ),
+    Setting(
+        "tls_client_ca",
+        _text,
+        None,
+        "require client certificates signed by this CA (PEM): mutual TLS",
+        "FILE",
+    ),
+    _TLS_VERSION,
+]
+
+_CLIENT_TLS = [
+    Setting(
+        "tls",
+        _boolean,
+        False,
+        "connect with TLS, trusting the system's root certificates",
+        boolean=True,
+    ),
+    Setting("tls_ca", _text, None, "connect with TLS, trusting this CA (PEM)", "FILE"),
+    Setting(
+        "tls_fingerprint",
+        _text,
+        None,
+        "connect with TLS, trusting exactly the certificate with this SHA-256 fingerprint",
+        "sha256:HEX",
+    ),
+    Setting("tls_client_cert", _text, None, "present this certificate (PEM) to the server", "FILE"),
+    Setting("tls_client_key", _text, None, "the private key of --tls-client-cert", "FILE"),
+    Setting(
+        "tls_server_name",
+        _text,
+        None,
+        "the name the server's certificate must be valid for (default: --host)",
+        "NAME",
+    ),
+    _TLS_VERSION,
+]
+
 _LOGGING = [
     Setting("log_level", _choice(LOG_LEVELS), "warning", "how much to log", "LEVEL"),
 ]
@@ -246,6 +303,7 @@ SERVER_SETTINGS = [
         "largest file accepted into --upload-dir",
         "BYTES",
     ),
+    *_SERVER_TLS,
     Setting("backlog", _positive_integer, 1024, "the listen backlog", "N"),
     Setting(
         "workers",
@@ -281,6 +339,7 @@ CLIENT_SETTINGS = [
         "the local HOST:PORT to connect from",
         "HOST:PORT",
     ),
+    *_CLIENT_TLS,
     *_SOCKET,
     *_LOGGING,
 ]
