@@ -15,6 +15,10 @@ load generator drives them all. KIND is one of:
   threaded-echo          socketserver.ThreadingTCPServer, one thread per connection
   cli-workers-N          `python -m socketcomm server --workers N` in reply mode (a Python
                          loop per process answers each message), to compare N processes
+  socketcomm-tls-echo    Server(mode="echo", tls=ServerTls(cert, key)): native echo over TLS
+  protocol-echo-ssl      asyncio Protocol echo over asyncio's ssl (add -uvloop)
+
+The TLS peers read the certificate and key (PEM) from the folder in $SOCKETCOMM_BENCH_TLS.
 
 """
 
@@ -92,9 +96,21 @@ class HandlerProtocol(FramedProtocol):
     run_handler = True
 
 
-async def serve_protocol(protocol: type[FramedProtocol]) -> None:
+def tls_files() -> tuple[str, str]:
+    folder = os.environ["SOCKETCOMM_BENCH_TLS"]
+    return os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+
+
+async def serve_protocol(protocol: type[FramedProtocol], tls: bool = False) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=1024)
+    context = None
+    if tls:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(*tls_files())
+    server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=1024, ssl=context)
     ready(server.sockets[0].getsockname()[1])
     await serve_until_term(server)
 
@@ -154,6 +170,9 @@ def serve_socketcomm(kind: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     if kind == "socketcomm-echo":
         server = socketcomm.Server("127.0.0.1", 0, mode="echo")
+    elif kind == "socketcomm-tls-echo":
+        tls = socketcomm.ServerTls(*tls_files())
+        server = socketcomm.Server("127.0.0.1", 0, mode="echo", tls=tls)
     elif kind == "socketcomm-handler":
         server = socketcomm.Server("127.0.0.1", 0, on_message=handler)
     else:
@@ -240,6 +259,8 @@ def main() -> None:
         uvloop.install()
     if base == "protocol-echo":
         asyncio.run(serve_protocol(FramedProtocol))
+    elif base == "protocol-echo-ssl":
+        asyncio.run(serve_protocol(FramedProtocol, tls=True))
     elif base == "protocol-handler":
         asyncio.run(serve_protocol(HandlerProtocol))
     elif base == "streams-echo":

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,12 @@ ECHO_PEERS = [
     ("streams-echo-uvloop", "asyncio streams echo on uvloop"),
     ("streams-echo", "asyncio streams echo, standard loop"),
     ("threaded-echo", "stdlib ThreadingTCPServer echo"),
+]
+TLS_PEERS = [
+    ("socketcomm-tls-echo", "socketcomm Server(mode='echo', tls=...), TLS 1.3"),
+    ("socketcomm-echo", "the same server in plaintext"),
+    ("protocol-echo-ssl", "asyncio Protocol echo over asyncio ssl, TLS 1.3"),
+    ("protocol-echo-ssl-uvloop", "asyncio Protocol echo over ssl on uvloop, TLS 1.3"),
 ]
 HANDLER_PEERS = [
     ("socketcomm-handler", "socketcomm on_message handler"),
@@ -132,12 +139,45 @@ class Result:
         return self.loadgen_cpu > 0.9
 
 
+def make_tls_files() -> Path:
+    """A certificate and key (ECDSA P-256, PEM) for the TLS peers, made with openssl."""
+    folder = Path(tempfile.mkdtemp(prefix="socketcomm-bench-tls-"))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(folder / "key.pem"),
+            "-out",
+            str(folder / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    os.environ["SOCKETCOMM_BENCH_TLS"] = str(folder)
+    return folder
+
+
 def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
     peer = Peer(kind)
+    tls = ["--tls"] if "tls" in kind or "ssl" in kind else []
     try:
         completed = subprocess.run(
             [
                 str(RELEASE / "loadgen"),
+                *tls,
                 "--port",
                 str(peer.port),
                 "--server-pid",
@@ -243,6 +283,15 @@ def main() -> None:
     for kind, label in HANDLER_PEERS:
         say(f"handler: {label}")
         handlers.append(run_load(kind, label, args))
+    secure = []
+    if shutil.which("openssl"):
+        tls_folder = make_tls_files()
+        for kind, label in TLS_PEERS:
+            say(f"TLS: {label}")
+            secure.append(run_load(kind, label, args))
+        shutil.rmtree(tls_folder)
+    else:
+        say("openssl is missing (apt-get install openssl): no TLS rows")
 
     file_mib = 256 if args.quick else 1024
     say(f"file transfer: {file_mib} MiB, socketcomm / stdlib sendfile + hashlib / iperf3")
@@ -270,6 +319,8 @@ def main() -> None:
         sink_peer.stop()
 
     by_kind = {r.kind: r for r in echo + handlers}
+    tls_throughput = {r.kind: r.msgs_per_s for r in secure}
+    tls_cpu = {r.kind: r.server_cpu_us_per_msg for r in secure}
     throughput = {kind: r.msgs_per_s for kind, r in by_kind.items()}
     cpu = {kind: r.server_cpu_us_per_msg for kind, r in by_kind.items()}
     # (what, measured ratio, goal, whether higher is better), as DESIGN.md section 5 states them.
@@ -378,6 +429,34 @@ def main() -> None:
             True,
         ),
     ]
+    # TLS (DESIGN.md section 5, row 8), measured in the same run: the same server in plaintext,
+    # and asyncio's ssl (standard loop); CPU per message shows what encryption costs.
+    goals += [
+        (
+            "TLS echo throughput / the same server in plaintext",
+            tls_throughput,
+            "socketcomm-tls-echo",
+            "socketcomm-echo",
+            0.8,
+            True,
+        ),
+        (
+            "TLS echo throughput / asyncio + ssl",
+            tls_throughput,
+            "socketcomm-tls-echo",
+            "protocol-echo-ssl",
+            2.0,
+            True,
+        ),
+        (
+            "TLS echo CPU per message / asyncio + ssl on uvloop",
+            tls_cpu,
+            "socketcomm-tls-echo",
+            "protocol-echo-ssl-uvloop",
+            1.0,
+            False,
+        ),
+    ]
     report = [
         f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {args.conns} connections x "
         f"{args.size} B, one message in flight per connection, {args.duration:.0f} s windows "
@@ -401,6 +480,11 @@ def main() -> None:
         "### A Python handler per message",
         "",
         *table(handlers),
+        "",
+        "### TLS (50 connections, TLS 1.3, ECDSA P-256 certificate; the load generator uses "
+        "rustls)",
+        "",
+        *(table(secure) if secure else ["(openssl missing: no TLS rows)"]),
         "",
         f"### File transfer ({file_mib} MiB over loopback, best of 3, timed at the sender "
         "until the receiver verified and renamed it)",

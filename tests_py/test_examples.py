@@ -107,3 +107,11 @@ def test_file_transfer_example() -> None:
     digest = lines[0].rsplit(" ", 1)[1]
     assert lines[2] == f"downloaded copy-example.bin, blake3 {digest}"
     assert "100%" in result.stderr  # the progress bar
+
+
+def test_tls_example() -> None:
+    assert run_example("tls_echo.py").splitlines() == [
+        "self-signed: hello",
+        "CA-signed: hello",
+        "mutual: 'hello from alice' from CN=alice ['alice@example.org']",
+    ]

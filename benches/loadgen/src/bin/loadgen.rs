@@ -4,7 +4,8 @@
 //! the CPU time of this process and, with `--server-pid`, of the server over the same window.
 //!
 //! It runs on one thread, so that on a 2-core machine the server keeps the other core; its own
-//! CPU use says when it, not the server, was the limit.
+//! CPU use says when it, not the server, was the limit. With `--tls` every connection speaks
+//! TLS 1.3 (any certificate is accepted: the peers are on loopback, made for the benchmark).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socketcomm_bench::{cpu_time, hello, DATA, MAGIC};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 struct Options {
@@ -23,6 +24,7 @@ struct Options {
     warmup: Duration,
     duration: Duration,
     raw: bool,
+    tls: bool,
     server_pid: Option<String>,
 }
 
@@ -42,6 +44,7 @@ fn options() -> Options {
         warmup: Duration::from_secs_f64(number("--warmup", 1.0)),
         duration: Duration::from_secs_f64(number("--duration", 5.0)),
         raw: args.iter().any(|a| a == "--raw"),
+        tls: args.iter().any(|a| a == "--tls"),
         server_pid: value("--server-pid"),
     }
 }
@@ -65,17 +68,25 @@ async fn run(options: Arc<Options>) {
     let measuring = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut tasks = Vec::new();
+    let connector = options.tls.then(socketcomm_bench::tls_connector);
     for _ in 0..options.conns {
         let stream = TcpStream::connect(("127.0.0.1", options.port))
             .await
             .expect("connect");
         stream.set_nodelay(true).unwrap();
-        tasks.push(tokio::spawn(drive(
-            stream,
+        let (options, measuring, tally) = (
             Arc::clone(&options),
             Arc::clone(&measuring),
             Arc::clone(&tally),
-        )));
+        );
+        tasks.push(match &connector {
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let stream = connector.connect(name, stream).await.expect("TLS handshake");
+                tokio::spawn(drive(stream, options, measuring, tally))
+            }
+            None => tokio::spawn(drive(stream, options, measuring, tally)),
+        });
     }
     tokio::time::sleep(options.warmup).await;
     let server_pids: Vec<&str> = options
@@ -131,8 +142,8 @@ async fn run(options: Arc<Options>) {
 
 /// Keeps `depth` messages in flight on one connection; echoes come back in order, so the send
 /// times wait in a queue.
-async fn drive(
-    mut stream: TcpStream,
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     options: Arc<Options>,
     measuring: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
