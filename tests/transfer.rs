@@ -559,3 +559,62 @@ fn a_missing_or_unwritable_upload_dir_fails_at_start_up() {
     };
     assert!(error.to_string().contains("not a folder"), "{error}");
 }
+
+/// A "server" that accepts a file and then reports that its digest did not match.
+async fn mismatching_receiver() -> u16 {
+    use _socketcomm::frame::{encode_frame, FrameCodec, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Decoder;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; 12];
+        stream.read_exact(&mut hello).await.unwrap();
+        stream
+            .write_all(&Hello::client(1 << 24).encode())
+            .await
+            .unwrap();
+        let mut codec = FrameCodec::new(1 << 24);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                let answer = match frame {
+                    Frame::FileOffer { id, .. } => Frame::FileAccept {
+                        id,
+                        offset: 0,
+                        prefix: [0; 32],
+                    },
+                    Frame::FileEnd { id, .. } => Frame::FileResult {
+                        id,
+                        status: TransferStatus::DIGEST_MISMATCH,
+                        digest: [1; 32],
+                        text: "the data that arrived has another digest; nothing was kept".into(),
+                    },
+                    _ => continue,
+                };
+                let mut out = bytes::BytesMut::new();
+                encode_frame(&answer, &mut out);
+                stream.write_all(&out).await.unwrap();
+            }
+            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sender_learns_of_a_digest_mismatch_as_a_transfer_error() {
+    let source = tempfile::tempdir().unwrap();
+    let path = write_file(source.path(), "a.bin", &pattern(100_000, 9));
+    let port = mismatching_receiver().await;
+    let client = Client::connect("127.0.0.1", port, ClientConfig::default())
+        .await
+        .unwrap();
+    let (status, reason) = status_of(send(&client, &path, None).await);
+    assert_eq!(status, TransferStatus::DIGEST_MISMATCH);
+    assert!(reason.contains("nothing was kept"), "{reason}");
+}

@@ -369,3 +369,18 @@ def test_the_command_line_with_a_ca_and_client_certificates(pki: Pki) -> None:
         server.stop()
     missing = run([sys.executable, "server.py", "--port", "0", "--tls-cert", str(cert)], 20)
     assert missing.returncode == 2 and "--tls-key" in missing.stderr
+
+
+def test_asyncio_client_over_tls(pki: Pki, tls_server: socketcomm.Server) -> None:
+    import asyncio
+
+    import socketcomm.aio
+
+    async def main() -> bytes:
+        trust = socketcomm.ClientTls(ca=pki.ca_file)
+        async with socketcomm.aio.Client(*tls_server.address, tls=trust, timeout=10) as client:
+            return await client.request("async over TLS")
+
+    assert asyncio.run(main()) == socketcomm.ACK_REPLY
+    with pytest.raises(socketcomm.TlsError, match="requires TLS"):
+        asyncio.run(socketcomm.aio.connect(*tls_server.address, timeout=10))
