@@ -219,7 +219,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Connections served at once; one more is told "server full" and closed.
     pub max_connections: usize,
-    /// Close a connection after this long without a byte from the client.
+    /// Close a connection after this long without a whole message from the client (the bytes
+    /// of an unfinished frame do not count, so a slowloris is dropped too).
     pub idle_timeout: Option<Duration>,
     /// What a broadcast does with a client that stopped reading.
     pub slow_reader: SlowReader,

@@ -389,6 +389,47 @@ async fn an_idle_client_is_closed_with_the_idle_code() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_trickles_a_frame_is_dropped_while_a_busy_one_is_kept() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        idle_timeout: Some(Duration::from_millis(400)),
+        ..ServerConfig::default()
+    });
+    // A slowloris: a frame header announcing 100 bytes, then one byte every 50 ms, so that
+    // bytes keep arriving but no frame is ever whole.
+    let (mut slow, _) = HandPeer::connect(&server, 1 << 20).await;
+    slow.stream.write_all(&[0, 0, 0, 100, 1]).await.unwrap();
+    let busy = client(&server).await;
+    let started = std::time::Instant::now();
+    let mut dropped = None;
+    for n in 0..60u32 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let body = Bytes::from(n.to_string());
+        assert_eq!(busy.request(body.clone()).await.unwrap(), body);
+        if slow.stream.write_all(b"x").await.is_err() {
+            dropped = Some(started.elapsed());
+            break;
+        }
+        if dropped.is_none() && server.stats().idle_timeouts == 1 {
+            dropped = Some(started.elapsed());
+            break;
+        }
+    }
+    let dropped = dropped.expect("the trickling client was never dropped");
+    assert!(dropped >= Duration::from_millis(350), "{dropped:?}");
+    assert!(dropped < Duration::from_secs(2), "{dropped:?}");
+    let Some(Frame::Close { code, .. }) = slow.recv().await else {
+        panic!("a close frame with the reason")
+    };
+    assert_eq!(code, CloseCode::IDLE_TIMEOUT);
+    // The busy client, whose messages keep completing, was never idle.
+    assert_eq!(
+        busy.request(Bytes::from_static(b"still")).await.unwrap(),
+        "still"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_application_can_close_one_connection_with_a_reason() {
     let server = server(Mode::Events);
     let client = client(&server).await;

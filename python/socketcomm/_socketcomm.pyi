@@ -397,8 +397,9 @@ class Server:
     Options: ``max_frame`` bounds a frame from a client (bytes). ``max_connections`` bounds the
     clients served at once: one more is accepted, told "server full" (close code 1005, or a
     line of text for a plain socket) and closed, so it fails at once instead of waiting in the
-    backlog. ``idle_timeout`` (seconds) closes a connection that sent nothing for that long
-    (code 1006). ``event_queue`` and ``outbound_queue`` bound the events waiting for Python and
+    backlog. ``idle_timeout`` (seconds) closes a connection that completed no message for
+    that long (code 1006): the bytes of an unfinished frame do not count, so a client that
+    trickles a frame byte by byte (slowloris) is dropped too. ``event_queue`` and ``outbound_queue`` bound the events waiting for Python and
     the messages waiting to be written to one client: when either is full the connection waits
     (backpressure, never unbounded memory). A broadcast that finds a client's queue full waits
     for room; with ``slow_reader="disconnect"`` (the default) it waits at most one second, then

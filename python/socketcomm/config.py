@@ -272,7 +272,7 @@ SERVER_SETTINGS = [
         "idle_timeout",
         _positive_float,
         None,
-        "close a connection that sends nothing for this long (seconds)",
+        "close a connection that completes no message for this long (seconds)",
         "SECONDS",
     ),
     Setting(

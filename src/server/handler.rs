@@ -251,7 +251,7 @@ async fn run<S: Transport>(
             () = idle.expired() => return idle.reason(),
             read = stream.read_buf(&mut buffered) => read,
         };
-        idle.touch();
+        // The bytes of an unfinished hello are not activity (see `handle_buffered`).
         match read {
             Ok(0) if buffered.is_empty() => {
                 return CloseInfo::new(None, "the client closed the connection without sending");
@@ -388,7 +388,6 @@ impl Driver<'_> {
                         return (CloseInfo::new(None, format!("the client left: {e}")), None);
                     }
                     Ok(n) => {
-                        self.idle.touch();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => return (io_ending(self.hub, &e), None),
@@ -398,7 +397,19 @@ impl Driver<'_> {
     }
 
     /// Handles every whole frame in the read buffer (in raw mode, everything buffered).
+    ///
+    /// NOTE: only whole frames count as activity for the idle timer, so a client that trickles
+    /// the bytes of a frame it never finishes (slowloris) is dropped like an idle one.
     async fn handle_buffered(&mut self) -> Option<Ending> {
+        let before = self.read_buf.len();
+        let ending = self.handle_frames().await;
+        if self.read_buf.len() != before {
+            self.idle.touch();
+        }
+        ending
+    }
+
+    async fn handle_frames(&mut self) -> Option<Ending> {
         loop {
             if self.hub.config.mode.answers_in_place() {
                 match self.answer_in_place() {
