@@ -372,9 +372,29 @@ impl IntoHalves for ClientTlsStream {
     }
 }
 
+/// A read half that can say when data is ready without reading it, so that an idle connection
+/// needs no read buffer.
+pub(crate) trait WaitReadable {
+    /// Completes when a read would find data or the end (at once where that cannot be known).
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_;
+}
+
+impl WaitReadable for tokio::net::tcp::ReadHalf<'_> {
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        self.readable()
+    }
+}
+
+impl<T> WaitReadable for tokio::io::ReadHalf<T> {
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        // TLS keeps buffers of its own per connection anyway.
+        std::future::ready(Ok(()))
+    }
+}
+
 /// A server's connected stream, whose halves one task drives at once.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
-    type Reader<'a>: AsyncRead + Unpin + Send
+    type Reader<'a>: AsyncRead + WaitReadable + Unpin + Send
     where
         Self: 'a;
     type Writer<'a>: AsyncWrite + Unpin + Send

@@ -17,7 +17,9 @@ use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
 use crate::config::Mode;
-use crate::connection::{drain_into, encode, ConnState, Outbox, ServerTlsStream, Transport};
+use crate::connection::{
+    drain_into, encode, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
+};
 use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
     self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, LENGTH_PREFIX,
@@ -44,9 +46,14 @@ pub(super) async fn serve(
     let Some(tls) = hub.config.tls.clone() else {
         return serve_on(hub, id, stream, peer, events, None).await;
     };
-    if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
-        serve_on(hub, id, stream, peer, events, identity).await;
-    }
+    // NOTE: boxed, so that the TLS states (rustls' connection is large) do not make every
+    // plaintext connection's task that much bigger: a task holds its future inline.
+    Box::pin(async move {
+        if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
+            serve_on(hub, id, stream, peer, events, identity).await;
+        }
+    })
+    .await;
 }
 
 /// The first byte of a TLS record that carries a handshake message (a ClientHello).
@@ -187,11 +194,14 @@ struct Uploads {
 }
 
 impl Delivery for Uploads {
-    fn received(&self, file: ReceivedFile) {
+    fn arrived(&self, _file: &ReceivedFile) {
         self.hub
             .counters
             .files_received
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn received(&self, file: ReceivedFile) {
         let event = Event::FileReceived {
             conn: self.conn.clone(),
             file,
@@ -232,7 +242,8 @@ async fn run<S: Transport>(
     receiving: Receiving,
 ) -> CloseInfo {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
-    let mut buffered = BytesMut::with_capacity(READ_CHUNK);
+    // Room for the hello; a raw client's first message grows it as needed.
+    let mut buffered = BytesMut::with_capacity(2 * HELLO_LEN);
     let raw = loop {
         if frame::looks_like_tls(&buffered) {
             hub.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -269,6 +280,10 @@ async fn run<S: Transport>(
             .expect("sniff saw a whole hello");
         if let Err(reason) = answer_hello(hub, &mut stream, conn, &hello_bytes).await {
             return reason;
+        }
+        if buffered.is_empty() {
+            // Allocated again once the client sends more (see `read_lazily`).
+            buffered = BytesMut::new();
         }
     }
 
@@ -341,7 +356,7 @@ impl Driver<'_> {
         queued: &mut mpsc::Receiver<Frame>,
     ) -> Ending
     where
-        R: AsyncRead + Unpin,
+        R: AsyncRead + WaitReadable + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut queue_open = true;
@@ -352,7 +367,8 @@ impl Driver<'_> {
             self.flush_counts();
             let writing = !self.write_buf.is_empty();
             let reading = self.write_buf.len() < HIGH_WATER;
-            if reading && self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
+            let capacity = self.read_buf.capacity();
+            if reading && capacity > 0 && capacity - self.read_buf.len() < READ_CHUNK / 2 {
                 self.read_buf.reserve(READ_CHUNK);
             }
             tokio::select! {
@@ -379,7 +395,7 @@ impl Driver<'_> {
                     }
                     None => queue_open = false,
                 },
-                read = reader.read_buf(&mut self.read_buf), if reading => match read {
+                read = read_lazily(reader, &mut self.read_buf), if reading => match read {
                     Ok(0) if self.read_buf.is_empty() => {
                         return (CloseInfo::new(None, "closed by the client"), None);
                     }
@@ -604,6 +620,22 @@ impl Driver<'_> {
             ),
         }
     }
+}
+
+/// Reads into `buf`; a buffer with no capacity (a connection that has been idle since its
+/// hello) is allocated only once data is ready.
+///
+/// NOTE: this is what keeps an idle connection small: 10,000 of them would otherwise hold
+/// 80 MiB of empty read buffers.
+async fn read_lazily<R: AsyncRead + WaitReadable + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    if buf.capacity() == 0 {
+        reader.wait_readable().await?;
+        buf.reserve(READ_CHUNK);
+    }
+    reader.read_buf(buf).await
 }
 
 /// What [`Driver::answer_in_place`] did with the next buffered bytes.

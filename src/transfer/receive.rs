@@ -187,7 +187,12 @@ impl Drop for Claim {
 /// Who hears about received files: the server turns them into events, the client queues them
 /// for `recv_file`. Called on a blocking thread; may block.
 pub trait Delivery: Send + Sync + 'static {
-    /// A file arrived whole and verified; it is in its folder under `file.name`.
+    /// A file arrived whole and verified and is in place; called before the sender is told
+    /// (to count it, so that a sender that got its answer finds it counted). Must not block.
+    fn arrived(&self, file: &ReceivedFile) {
+        let _ = file;
+    }
+    /// The same file, after the sender was told; it is in its folder under `file.name`.
     fn received(&self, file: ReceivedFile);
     /// A transfer failed (the sender was told why).
     fn failed(&self, offered_name: &str, status: TransferStatus, reason: &str);
@@ -345,6 +350,7 @@ impl Job {
                     digest: file.digest,
                     text: file.name.clone(),
                 };
+                self.delivery.arrived(&file);
                 (answer, Some(file))
             }
             Err(Stop::Failed(failure)) => {
