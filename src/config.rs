@@ -315,6 +315,10 @@ pub struct ClientConfig {
     pub max_file_size: u64,
     /// Connect with TLS.
     pub tls: Option<crate::tls::ClientTls>,
+    /// How many times to try again when connecting fails, and to replace a lost connection.
+    pub retries: u32,
+    /// The first wait before trying again; it doubles with each attempt (up to 5 s).
+    pub backoff: Duration,
 }
 
 impl Default for ClientConfig {
@@ -330,6 +334,8 @@ impl Default for ClientConfig {
             download_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             tls: None,
+            retries: 0,
+            backoff: Duration::from_millis(200),
         }
     }
 }
@@ -342,6 +348,12 @@ impl ClientConfig {
         self.socket.validate()?;
         if self.connect_timeout.is_zero() {
             return Err(Error::invalid("connect_timeout", "must be positive"));
+        }
+        if self.backoff.is_zero() && self.retries > 0 {
+            return Err(Error::invalid(
+                "backoff",
+                "must be positive when retries are set",
+            ));
         }
         if self.inbound_queue == 0 {
             return Err(Error::invalid("inbound_queue", "must be at least 1"));

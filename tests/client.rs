@@ -256,3 +256,76 @@ async fn pings_are_answered_natively() {
     peer.send(&Frame::Ping(99)).await;
     assert_eq!(peer.recv().await, Some(Frame::Pong(99)));
 }
+
+fn retrying(retries: u32) -> ClientConfig {
+    ClientConfig {
+        retries,
+        backoff: Duration::from_millis(50),
+        ..ClientConfig::default()
+    }
+}
+
+fn echo_on(port: u16) -> _socketcomm::Server {
+    common::server_with_addr(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        ServerConfig {
+            mode: Mode::Echo,
+            ..ServerConfig::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_with_retries_outlives_a_server_restart() {
+    let first = echo_on(0);
+    let port = first.local_addr().port();
+    let client = Client::connect("127.0.0.1", port, retrying(10))
+        .await
+        .unwrap();
+    assert_eq!(client.request(Bytes::from_static(b"one")).await.unwrap(), "one");
+    let before = client.local_addr();
+
+    first.shutdown();
+    first.wait_closed(LIMIT).await;
+    drop(first);
+    // The server comes back a little later, on the same port.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = echo_on(port);
+        tokio::time::sleep(LIMIT).await;
+        drop(second);
+    });
+    let answer = tokio::time::timeout(LIMIT, client.request(Bytes::from_static(b"two")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "two");
+    assert_ne!(client.local_addr(), before, "a new connection");
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_retries_a_lost_connection_stays_lost_and_retries_run_out() {
+    let server = echo_on(0);
+    let port = server.local_addr().port();
+    let client = Client::connect("127.0.0.1", port, ClientConfig::default())
+        .await
+        .unwrap();
+    server.shutdown();
+    server.wait_closed(LIMIT).await;
+    let Err(Error::Closed(info)) = client.request(Bytes::from_static(b"x")).await else {
+        panic!("the connection is gone")
+    };
+    assert_eq!(info.code, Some(CloseCode::GOING_AWAY));
+    assert!(client.is_closed());
+
+    // Nothing listens there now: three retries, then the OS error.
+    let started = std::time::Instant::now();
+    let Err(Error::Io { source, .. }) = Client::connect("127.0.0.1", port, retrying(3)).await
+    else {
+        panic!("nobody listens")
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
+    // 50 + 100 + 200 ms of backoff.
+    assert!(started.elapsed() >= Duration::from_millis(350));
+}

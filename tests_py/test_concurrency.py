@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import socketcomm
+
+from conftest import script_env
 
 
 def rss_bytes() -> int:
@@ -284,3 +290,52 @@ def test_connection_churn_leaks_no_descriptors_and_little_memory() -> None:
         grown = rss_bytes() - memory
         assert grown < 16 * 1024 * 1024, f"RSS grew by {grown} bytes over 3000 connections"
         assert server.stats()["connections_total"] == 3200
+
+
+RESTARTABLE_SERVER = """
+import sys, socketcomm
+server = socketcomm.Server("127.0.0.1", int(sys.argv[1]), mode="echo")
+print(server.address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_client_with_retries_reconnects_after_a_server_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def start(port: int) -> tuple[subprocess.Popen[str], int]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", RESTARTABLE_SERVER, str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=script_env(),
+        )
+        assert process.stdout is not None
+        return process, int(process.stdout.readline())
+
+    caplog.set_level(logging.WARNING, logger="socketcomm")
+    first, port = start(0)
+    second = None
+    try:
+        client = socketcomm.Client("127.0.0.1", port, timeout=10, retries=8, backoff=0.05)
+        assert client.request("before") == b"before"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        restarter = threading.Timer(0.4, lambda: started.append(start(port)[0]))
+        started: list[subprocess.Popen[str]] = []
+        restarter.start()
+        assert client.request("after the restart") == b"after the restart"
+        restarter.join()
+        second = started[0]
+        client.close()
+    finally:
+        for process in (first, second):
+            if process is not None:
+                process.kill()
+                process.wait(10)
+                assert process.stdout is not None
+                process.stdout.close()
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("lost" in line and "reconnecting" in line for line in logged), logged
+    assert any("retrying in" in line for line in logged), logged
+    assert any("connected to" in line and "again" in line for line in logged), logged

@@ -342,6 +342,8 @@ def _connect(
     raw: bool = False,
     max_frame: int = ...,
     tls: ClientTls | None = None,
+    retries: int = 0,
+    backoff: float = 0.2,
     download_dir: str | os.PathLike[str] | None = None,
     max_file_size: int = ...,
     local_address: tuple[str, int] | None = None,
@@ -399,8 +401,9 @@ class Server:
     line of text for a plain socket) and closed, so it fails at once instead of waiting in the
     backlog. ``idle_timeout`` (seconds) closes a connection that completed no message for
     that long (code 1006): the bytes of an unfinished frame do not count, so a client that
-    trickles a frame byte by byte (slowloris) is dropped too. ``event_queue`` and ``outbound_queue`` bound the events waiting for Python and
-    the messages waiting to be written to one client: when either is full the connection waits
+    trickles a frame byte by byte (slowloris) is dropped too. ``event_queue`` and
+    ``outbound_queue`` bound the events waiting for Python and the messages waiting to be
+    written to one client: when either is full the connection waits
     (backpressure, never unbounded memory). A broadcast that finds a client's queue full waits
     for room; with ``slow_reader="disconnect"`` (the default) it waits at most one second, then
     drops that client and what is queued for it (its ``Disconnected`` event has code 1007), so
@@ -587,7 +590,13 @@ class Client:
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
     the server is not a socketcomm server (connect with ``raw=True`` to plain TCP servers).
     ``local_address`` binds the local end before connecting. The socket options are those of
-    `Server`. ``tls=ClientTls(...)`` connects with TLS (``TlsError`` when the handshake or
+    `Server`. With ``retries``, connecting tries again that many times when the server cannot be
+    reached, waiting ``backoff`` seconds and twice as long after each failure (at most 5 s); and
+    when the connection is lost later (the server restarted, say), the next call reconnects the
+    same way and carries on, logging each attempt at WARNING on ``socketcomm``. What was queued
+    but not yet written when the connection was lost is lost with it, and a request whose
+    connection ended before its reply is sent once more (at least once, not exactly once).
+    ``tls=ClientTls(...)`` connects with TLS (``TlsError`` when the handshake or
     the certificate check fails). ``download_dir`` lets the server send files
     (`Server.send_file`), received as a server's ``upload_dir`` receives them and read with
     ``recv_file()``; without it they are refused. ``max_file_size`` bounds them.
@@ -603,6 +612,8 @@ class Client:
         raw: bool = False,
         max_frame: int = ...,
         tls: ClientTls | None = None,
+        retries: int = 0,
+        backoff: float = 0.2,
         download_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,
         local_address: tuple[str, int] | None = None,

@@ -361,6 +361,8 @@ def run_client(args: argparse.Namespace) -> int:
             raw=raw,
             local_address=settings["local_address"],
             tls=_client_tls(settings),
+            retries=settings["retries"],
+            backoff=settings["backoff"],
             **_socket_options(settings),
         ) as client:
             if args.interactive:

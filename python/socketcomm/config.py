@@ -66,6 +66,13 @@ def _integer(text: str) -> int:
         raise ValueError(f"{text!r} is not a whole number") from None
 
 
+def _non_negative_integer(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError(f"{value} must be 0 or more")
+    return value
+
+
 def _positive_integer(text: str) -> int:
     value = _integer(text)
     if value < 1:
@@ -338,6 +345,20 @@ CLIENT_SETTINGS = [
         None,
         "the local HOST:PORT to connect from",
         "HOST:PORT",
+    ),
+    Setting(
+        "retries",
+        _non_negative_integer,
+        0,
+        "try again this many times when the server cannot be reached, with backoff",
+        "N",
+    ),
+    Setting(
+        "backoff",
+        _positive_float,
+        0.2,
+        "seconds before the first retry; doubled after each (at most 5)",
+        "SECONDS",
     ),
     *_CLIENT_TLS,
     *_SOCKET,

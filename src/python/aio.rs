@@ -221,6 +221,8 @@ impl<'py> IntoPyObject<'py> for Payload {
     raw = false,
     max_frame = crate::frame::DEFAULT_MAX_FRAME,
     tls = None,
+    retries = 0,
+    backoff = 0.2,
     download_dir = None,
     max_file_size = DEFAULT_MAX_FILE_SIZE,
     local_address = None,
@@ -242,6 +244,8 @@ pub(crate) fn _connect<'py>(
     raw: bool,
     max_frame: u32,
     tls: Option<PyRef<'_, PyClientTls>>,
+    retries: u32,
+    backoff: f64,
     download_dir: Option<PathBuf>,
     max_file_size: u64,
     local_address: Option<(String, u16)>,
@@ -273,6 +277,8 @@ pub(crate) fn _connect<'py>(
         max_file_size,
     )?;
     config.tls = tls.map(|tls| tls.core.clone());
+    config.retries = retries;
+    config.backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;
         Ok(PyClient::new_connected(core, timeout))

@@ -79,6 +79,8 @@ impl PyClient {
         raw = false,
         max_frame = DEFAULT_MAX_FRAME,
         tls = None,
+        retries = 0,
+        backoff = 0.2,
         download_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
         local_address = None,
@@ -101,6 +103,8 @@ impl PyClient {
         raw: bool,
         max_frame: u32,
         tls: Option<PyRef<'_, PyClientTls>>,
+        retries: u32,
+        backoff: f64,
         download_dir: Option<PathBuf>,
         max_file_size: u64,
         local_address: Option<(String, u16)>,
@@ -132,6 +136,8 @@ impl PyClient {
             max_file_size,
         )?;
         config.tls = tls.map(|tls| tls.core.clone());
+        config.retries = retries;
+        config.backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
         let core = wait(
             py,
             async move { Client::connect(&host, port, config).await },

@@ -24,7 +24,11 @@ pub fn server(mode: Mode) -> Server {
 }
 
 pub fn server_with(config: ServerConfig) -> Server {
-    let server = Server::bind("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    server_with_addr("127.0.0.1:0".parse().unwrap(), config)
+}
+
+pub fn server_with_addr(addr: std::net::SocketAddr, config: ServerConfig) -> Server {
+    let server = Server::bind(addr, config).unwrap();
     assert!(server.start(&Handle::current()));
     server
 }

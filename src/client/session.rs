@@ -1,6 +1,7 @@
-//! The client: connects (with a timeout), exchanges hellos, then a reader task routes replies to
-//! the requests waiting for them by correlation id and queues every other message for `recv`, so
-//! one client can be shared by many threads or tasks without their messages getting mixed up.
+//! One connection of a client: connects (with a timeout), exchanges hellos, then a reader task
+//! routes replies to the requests waiting for them by correlation id and queues every other
+//! message for `recv`, so one client can be shared by many threads or tasks without their
+//! messages getting mixed up. (`mod.rs` reconnects when the connection is lost.)
 
 use std::collections::HashMap;
 use std::io;
@@ -26,8 +27,8 @@ use crate::transfer::{
     self, Delivery, FileDir, Outgoing, Progress, ReceivedFile, Receiving, SentFile,
 };
 
-/// A connection to a server. Every method takes `&self`: share it behind an `Arc`.
-pub struct Client {
+/// One connection to a server. Every method takes `&self`.
+pub(crate) struct Session {
     peer: SocketAddr,
     local: SocketAddr,
     #[cfg(unix)]
@@ -36,7 +37,7 @@ pub struct Client {
     raw: bool,
     outbox: Outbox,
     inbound: flume::Receiver<Bytes>,
-    /// Files received into `download_dir`, verified, for [`Client::recv_file`].
+    /// Files received into `download_dir`, verified, for [`Session::recv_file`].
     downloads: flume::Receiver<ReceivedFile>,
     shared: Arc<Shared>,
     next_id: AtomicU32,
@@ -61,7 +62,7 @@ struct Shared {
     pending: Mutex<Option<HashMap<u32, oneshot::Sender<Bytes>>>>,
     finish: Mutex<Option<Finish>>,
     /// Notified when a message arrives for `recv` and when the connection ends, for callers that
-    /// wait for a message without taking it ([`Client::readable`]).
+    /// wait for a message without taking it ([`Session::readable`]).
     readable: Readiness,
     /// Files this client is sending, waiting for the server's answers.
     outgoing: Outgoing,
@@ -80,7 +81,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Client {
+impl Session {
     /// Connects to `host:port`, trying each address the name resolves to.
     ///
     /// # Errors
@@ -90,21 +91,16 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing outlives a cancelled connect.
-    pub async fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client> {
-        config.validate()?;
-        // A folder that cannot take files is reported before connecting, not at the first file.
-        let download_dir = match &config.download_dir {
-            Some(dir) => Some(Arc::new(FileDir::open(
-                "download_dir",
-                dir,
-                config.max_file_size,
-            )?)),
-            None => None,
-        };
+    pub(crate) async fn connect(
+        host: &str,
+        port: u16,
+        config: &ClientConfig,
+        download_dir: Option<Arc<FileDir>>,
+    ) -> Result<Session> {
         let target = format!("{host}:{port}");
         tokio::time::timeout(
             config.connect_timeout,
-            Self::connect_inner(host, port, &config, download_dir),
+            Self::connect_inner(host, port, config, download_dir),
         )
         .await
         .map_err(|_| {
@@ -121,7 +117,7 @@ impl Client {
         port: u16,
         config: &ClientConfig,
         download_dir: Option<Arc<FileDir>>,
-    ) -> Result<Client> {
+    ) -> Result<Session> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| Error::io(format!("cannot resolve host {host:?}"), e))?
@@ -156,7 +152,7 @@ impl Client {
         stream: TcpStream,
         config: &ClientConfig,
         download_dir: Option<Arc<FileDir>>,
-    ) -> Result<Client> {
+    ) -> Result<Session> {
         let peer = stream
             .peer_addr()
             .map_err(|e| Error::io("cannot read the peer address", e))?;
@@ -192,14 +188,14 @@ impl Client {
         link: Link,
         config: &ClientConfig,
         download_dir: Option<Arc<FileDir>>,
-    ) -> Result<Client> {
+    ) -> Result<Session> {
         let state = ConnState::new(u32::MAX);
         let mut buffered = BytesMut::new();
         if !config.raw {
             let hello = read_hello(&mut stream, link.peer, config.max_frame, &mut buffered).await?;
             state.set_peer_max_frame(hello.max_frame);
         }
-        Ok(Client::spawn(
+        Ok(Session::spawn(
             stream,
             link,
             config,
@@ -216,7 +212,7 @@ impl Client {
         state: Arc<ConnState>,
         buffered: BytesMut,
         download_dir: Option<Arc<FileDir>>,
-    ) -> Client {
+    ) -> Session {
         let Link {
             peer,
             local,
@@ -260,7 +256,7 @@ impl Client {
             outbox.clone(),
             abort.clone(),
         ));
-        Client {
+        Session {
             peer,
             local,
             #[cfg(unix)]
@@ -278,31 +274,41 @@ impl Client {
         }
     }
 
-    pub fn peer_addr(&self) -> SocketAddr {
+    pub(crate) fn peer_addr(&self) -> SocketAddr {
         self.peer
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
     /// The socket's descriptor, for inspecting it (valid until the connection ends).
     #[cfg(unix)]
-    pub fn fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
         self.fd
     }
 
-    pub fn is_raw(&self) -> bool {
+    pub(crate) fn is_raw(&self) -> bool {
         self.raw
     }
 
     /// Whether the connection is encrypted with TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.tls
     }
 
-    /// Whether the connection has ended, or [`Client::close`] was called.
-    pub fn is_closed(&self) -> bool {
+    /// Why the connection ended, once it has.
+    pub(crate) fn close_info(&self) -> Option<CloseInfo> {
+        self.outbox.state().close_info().cloned()
+    }
+
+    /// Whether the connection ended by itself (not by [`Session::close`]).
+    pub(crate) fn is_lost(&self) -> bool {
+        !self.closed_locally.load(Ordering::Relaxed) && self.outbox.state().close_info().is_some()
+    }
+
+    /// Whether the connection has ended, or [`Session::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed_locally.load(Ordering::Relaxed) || self.outbox.state().close_info().is_some()
     }
 
@@ -324,7 +330,7 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancel safe: a cancelled send queued the whole message or nothing.
-    pub async fn send(&self, data: Bytes) -> Result<()> {
+    pub(crate) async fn send(&self, data: Bytes) -> Result<()> {
         self.check_open()?;
         self.outbox.send(Frame::Data(data)).await
     }
@@ -337,7 +343,7 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancel safe: a cancelled receive takes no message.
-    pub async fn recv(&self) -> Result<Bytes> {
+    pub(crate) async fn recv(&self) -> Result<Bytes> {
         self.check_open()?;
         self.inbound
             .recv_async()
@@ -348,8 +354,8 @@ impl Client {
     /// Queues one message if there is room: `Ok(false)` when the queue is full (nothing queued).
     ///
     /// # Errors
-    /// As [`Client::send`].
-    pub fn try_send(&self, data: Bytes) -> Result<bool> {
+    /// As [`Session::send`].
+    pub(crate) fn try_send(&self, data: Bytes) -> Result<bool> {
         self.check_open()?;
         self.outbox.try_send(Frame::Data(data))
     }
@@ -357,8 +363,8 @@ impl Client {
     /// The next message if one is waiting: `None` when none is.
     ///
     /// # Errors
-    /// As [`Client::recv`], once the connection has ended and every message was read.
-    pub fn try_recv(&self) -> Result<Option<Bytes>> {
+    /// As [`Session::recv`], once the connection has ended and every message was read.
+    pub(crate) fn try_recv(&self) -> Result<Option<Bytes>> {
         self.check_open()?;
         match self.inbound.try_recv() {
             Ok(message) => Ok(Some(message)),
@@ -367,13 +373,13 @@ impl Client {
         }
     }
 
-    /// Waits until [`Client::try_recv`] has something to say (a message, or the end), without
+    /// Waits until [`Session::try_recv`] has something to say (a message, or the end), without
     /// taking the message: a caller that is cancelled while waiting loses nothing, which is how
     /// the asyncio API keeps `recv` lossless under cancellation.
     ///
     /// # Cancel safety
     /// Cancel safe.
-    pub async fn readable(&self) {
+    pub(crate) async fn readable(&self) {
         self.shared
             .readable
             .wait_until(|| {
@@ -388,12 +394,12 @@ impl Client {
     /// no correlation ids: the reply is the next bytes that arrive.
     ///
     /// # Errors
-    /// As [`Client::send`], and [`Error::Closed`] if the connection ends before the reply.
+    /// As [`Session::send`], and [`Error::Closed`] if the connection ends before the reply.
     ///
     /// # Cancel safety
     /// Not cancel safe in the sense that the request may already be sent; a reply that arrives
     /// after cancellation is discarded.
-    pub async fn request(&self, data: Bytes) -> Result<Bytes> {
+    pub(crate) async fn request(&self, data: Bytes) -> Result<Bytes> {
         self.check_open()?;
         if self.raw {
             self.send(data).await?;
@@ -423,7 +429,7 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancelling stops the transfer; the server keeps what arrived, for a resume.
-    pub async fn send_file(
+    pub(crate) async fn send_file(
         &self,
         path: &std::path::Path,
         name: Option<String>,
@@ -440,7 +446,7 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancel safe.
-    pub async fn recv_file(&self) -> Result<ReceivedFile> {
+    pub(crate) async fn recv_file(&self) -> Result<ReceivedFile> {
         self.downloads
             .recv_async()
             .await
@@ -452,7 +458,7 @@ impl Client {
     ///
     /// # Cancel safety
     /// Cancel safe; the connection is closed either way.
-    pub async fn close(&self, grace: Duration) {
+    pub(crate) async fn close(&self, grace: Duration) {
         if self.closed_locally.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -467,7 +473,7 @@ impl Client {
     }
 }
 
-impl Drop for Client {
+impl Drop for Session {
     fn drop(&mut self) {
         // Flush what is queued and say goodbye; the reader ends when the server hangs up.
         let last = (!self.raw && !self.closed_locally.load(Ordering::Relaxed))
@@ -593,7 +599,7 @@ async fn read_close_frame<S: AsyncRead + Unpin>(
     }
 }
 
-/// Hands files received into `download_dir` to [`Client::recv_file`].
+/// Hands files received into `download_dir` to [`Session::recv_file`].
 struct Downloads(flume::Sender<ReceivedFile>);
 
 impl Delivery for Downloads {
@@ -708,5 +714,5 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared.readable.notify();
 }
 
-/// How long [`Client::close`] waits for queued messages by default.
+/// How long [`Session::close`] waits for queued messages by default.
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(5);
