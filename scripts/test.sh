@@ -19,6 +19,8 @@ python -m mypy python/socketcomm examples tests_py benches
 
 step "Rust tests"
 cargo test --quiet
+# A panic injected into one connection's task (the feature exists for this test only).
+cargo test --quiet --features fault-injection --test faults
 
 step "type stub against the installed module"
 python -m mypy.stubtest socketcomm._socketcomm

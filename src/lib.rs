@@ -26,6 +26,12 @@ pub mod transfer;
 #[cfg(feature = "python")]
 mod python;
 
+/// With the `fault-injection` feature (tests only), a server connection that receives this
+/// message panics, to show that a bug in one connection ends that connection alone.
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub const FAULT_PANIC: &[u8] = b"\xffsocketcomm: panic here";
+
 pub use client::Client;
 pub use config::{ClientConfig, Mode, ServerConfig};
 pub use error::{CloseInfo, Error, FrameError};

@@ -282,7 +282,10 @@ async fn a_client_with_retries_outlives_a_server_restart() {
     let client = Client::connect("127.0.0.1", port, retrying(10))
         .await
         .unwrap();
-    assert_eq!(client.request(Bytes::from_static(b"one")).await.unwrap(), "one");
+    assert_eq!(
+        client.request(Bytes::from_static(b"one")).await.unwrap(),
+        "one"
+    );
     let before = client.local_addr();
 
     first.shutdown();

@@ -362,3 +362,33 @@ def test_stats_count_connections_messages_and_endings() -> None:
         stats = server.stats()
         assert stats["connections_total"] == 3
         assert stats["idle_timeouts"] == 1
+
+
+def test_a_blocking_handler_is_named_in_a_warning_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import time
+
+    caplog.set_level(logging.WARNING, logger="socketcomm")
+
+    def on_message(conn_id: int, data: bytes) -> bytes:
+        if data == b"block":
+            time.sleep(1.0)
+        return data
+
+    server = socketcomm.Server(on_message=on_message, slow_handler=0.3)
+    server.start()
+    try:
+        with socketcomm.Client(*server.address, timeout=10) as slow:
+            with socketcomm.Client(*server.address, timeout=10) as other:
+                slow.send("block")
+                time.sleep(0.1)
+                # Answered once the blocking handler returns; nothing is lost.
+                assert other.request("after") == b"after"
+                assert slow.recv() == b"block"
+    finally:
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if "slow_handler" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "on_message handler for connection 1 has run for" in warnings[0]

@@ -13,6 +13,7 @@ mod runtime;
 mod server;
 mod tls;
 mod transfer;
+mod watchdog;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;

@@ -20,6 +20,7 @@ use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
 use super::tls::PyServerTls;
 use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
+use super::watchdog::{watch, HandlerClock, HANDLER_NAMES};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
@@ -40,6 +41,7 @@ struct Handlers {
     on_connect: Option<Py<PyAny>>,
     on_disconnect: Option<Py<PyAny>>,
     on_file: Option<Py<PyAny>>,
+    clock: Arc<HandlerClock>,
 }
 
 impl Handlers {
@@ -57,6 +59,7 @@ impl Handlers {
             on_connect: copy(&self.on_connect),
             on_disconnect: copy(&self.on_disconnect),
             on_file: copy(&self.on_file),
+            clock: Arc::clone(&self.clock),
         }
     }
 
@@ -66,6 +69,7 @@ impl Handlers {
     /// # Errors
     /// The `KeyboardInterrupt` a callback raised.
     fn handle(&self, py: Python<'_>, event: Event) -> PyResult<()> {
+        let _running = self.clock.enter(handler_index(&event), event_conn(&event));
         let outcome = match &event {
             Event::Connected(conn) => self
                 .on_connect
@@ -108,13 +112,26 @@ impl Handlers {
     }
 }
 
+/// Which handler an event goes to, as an index into [`HANDLER_NAMES`].
+fn handler_index(event: &Event) -> usize {
+    match event {
+        Event::Connected(_) => 0,
+        Event::Message(_) => 1,
+        Event::FileReceived { .. } => 2,
+        Event::Disconnected { .. } => 3,
+    }
+}
+
+fn event_conn(event: &Event) -> u64 {
+    match event {
+        Event::Connected(conn) | Event::FileReceived { conn, .. } => conn.id(),
+        Event::Disconnected { conn, .. } => conn.id(),
+        Event::Message(message) => message.conn.id(),
+    }
+}
+
 fn log_handler_error(py: Python<'_>, event: &Event, error: PyErr) {
-    let which = match event {
-        Event::Connected(_) => "on_connect",
-        Event::Message(_) => "on_message",
-        Event::FileReceived { .. } => "on_file",
-        Event::Disconnected { .. } => "on_disconnect",
-    };
+    let which = HANDLER_NAMES[handler_index(event)];
     let logged = (|| -> PyResult<()> {
         let logger = py
             .import("logging")?
@@ -183,6 +200,7 @@ impl PyServer {
         on_connect = None,
         on_disconnect = None,
         on_file = None,
+        slow_handler = 5.0,
         upload_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
         tls = None,
@@ -217,6 +235,7 @@ impl PyServer {
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
         on_file: Option<Py<PyAny>>,
+        slow_handler: f64,
         upload_dir: Option<PathBuf>,
         max_file_size: u64,
         tls: Option<PyRef<'_, PyServerTls>>,
@@ -244,7 +263,11 @@ impl PyServer {
             on_connect,
             on_disconnect,
             on_file,
+            clock: Arc::default(),
         };
+        let slow_handler = timeout_from_secs("slow_handler", Some(slow_handler))?
+            .filter(|limit| !limit.is_zero())
+            .ok_or_else(|| PyValueError::new_err("invalid slow_handler: must be positive"))?;
         let config = ServerConfig {
             mode: parse_mode(mode, &handlers)?,
             ack_reply: match reply {
@@ -284,6 +307,13 @@ impl PyServer {
         // Serve at once: a client connecting right after construction must get its hello
         // answered, whether or not anyone reads the events yet (they queue, bounded).
         core.start(runtime().handle());
+        if handlers.any() {
+            watch(
+                Arc::clone(&handlers.clock),
+                core.events().clone(),
+                slow_handler,
+            );
+        }
         Ok(PyServer {
             core: Arc::new(core),
             handlers,

@@ -4,11 +4,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -172,7 +174,14 @@ async fn serve_on<S: Transport>(
         }),
         peer,
     );
-    let reason = run(&hub, stream, &conn, &mut queued, &events, receiving).await;
+    // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
+    // here, so that the connection is still unregistered, its slot freed and its Disconnected
+    // event sent, and the server goes on serving the others.
+    let running = run(&hub, stream, &conn, &mut queued, &events, receiving);
+    let reason = match AssertUnwindSafe(running).catch_unwind().await {
+        Ok(reason) => reason,
+        Err(panic) => internal_error(&hub, &conn, panic.as_ref()),
+    };
     count_ending(&hub, &reason);
 
     conn.outbox.state().mark_closed(reason.clone());
@@ -183,6 +192,26 @@ async fn serve_on<S: Transport>(
     log::debug!("connection {id} from {peer} ended: {reason}");
     hub.emit(&events, Event::Disconnected { conn, reason })
         .await;
+}
+
+/// The ending of a connection whose loop panicked: logged as an error, counted as a connection
+/// error.
+fn internal_error(hub: &Hub, conn: &Connection, panic: &(dyn std::any::Any + Send)) -> CloseInfo {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    log::error!(
+        "connection {} from {}: internal error ({what}); this connection was dropped and the \
+         server goes on. This is a bug in socketcomm: please report it",
+        conn.id,
+        conn.peer
+    );
+    hub.counters
+        .connection_errors
+        .fetch_add(1, Ordering::Relaxed);
+    CloseInfo::new(None, "internal error in the server (a bug; see its log)")
 }
 
 /// Turns files received into `upload_dir` into events, and counts transfers.
@@ -417,6 +446,14 @@ impl Driver<'_> {
     /// NOTE: only whole frames count as activity for the idle timer, so a client that trickles
     /// the bytes of a frame it never finishes (slowloris) is dropped like an idle one.
     async fn handle_buffered(&mut self) -> Option<Ending> {
+        #[cfg(feature = "fault-injection")]
+        if self
+            .read_buf
+            .windows(crate::FAULT_PANIC.len())
+            .any(|window| window == crate::FAULT_PANIC)
+        {
+            panic!("fault injection: a panic inside a connection's task");
+        }
         let before = self.read_buf.len();
         let ending = self.handle_frames().await;
         if self.read_buf.len() != before {
