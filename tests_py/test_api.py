@@ -384,9 +384,15 @@ def test_a_blocking_handler_is_named_in_a_warning_and_the_server_goes_on(
             with socketcomm.Client(*server.address, timeout=10) as other:
                 slow.send("block")
                 time.sleep(0.1)
-                # Answered once the blocking handler returns; nothing is lost.
-                assert other.request("after") == b"after"
+                # Another dispatcher thread answers the other connection meanwhile.
+                started = time.monotonic()
+                for n in range(5):
+                    assert other.request(f"meanwhile {n}") == f"meanwhile {n}".encode()
+                assert time.monotonic() - started < 0.5
+                # The blocked connection's own messages wait for it, in order.
+                slow.send("next")
                 assert slow.recv() == b"block"
+                assert slow.recv() == b"next"
     finally:
         server.close()
     warnings = [r.getMessage() for r in caplog.records if "slow_handler" in r.getMessage()]

@@ -409,11 +409,13 @@ class Server:
     drops that client and what is queued for it (its ``Disconnected`` event has code 1007), so
     one stalled reader never holds up the others for long; ``slow_reader="wait"`` waits for it
     however long it takes.
-    ``backlog`` is the listen backlog. The ``on_*`` handlers run one at a time on one
-    dispatcher thread (in order per connection), so a handler that blocks holds up every
-    connection's events (the network loop goes on, and events wait in ``event_queue``): a
-    warning on the ``socketcomm`` logger names the handler and the connection once one has run
-    for ``slow_handler`` seconds.
+    ``backlog`` is the listen backlog. The ``on_*`` handlers run on ``handler_threads``
+    dispatcher threads that take one connection at a time: a connection's events are handled
+    in order, one after another, and a handler that blocks (on I/O, a lock, a sleep) holds up
+    its own connection while the other threads serve the rest (the GIL still runs one handler's
+    Python at a time). A warning on the ``socketcomm`` logger names a handler and its
+    connection once it has run for ``slow_handler`` seconds; when every thread is blocked, all
+    events wait (in ``event_queue``, bounded).
 
     TLS: with ``tls=ServerTls(...)`` the server speaks TLS only. A plaintext client is told
     that TLS is required (a close frame with code 1008, or a line of text) and closed; a client
@@ -455,6 +457,7 @@ class Server:
         on_connect: Callable[[int, tuple[str, int]], object] | None = None,
         on_disconnect: Callable[[int, str], object] | None = None,
         on_file: Callable[[int, FileReceived], object] | None = None,
+        handler_threads: int = 4,
         slow_handler: float = 5.0,
         upload_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,

@@ -4,6 +4,7 @@
 mod aio;
 mod client;
 mod convert;
+mod dispatch;
 mod errors;
 mod events;
 mod exit;

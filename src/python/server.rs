@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::convert::{address, payload, resolve};
+use super::dispatch::{dispatch, Scheduler};
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
@@ -20,16 +21,12 @@ use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
 use super::tls::PyServerTls;
 use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
-use super::watchdog::{watch, HandlerClock, HANDLER_NAMES};
+use super::watchdog::{watch, Clocks, HandlerClock, HANDLER_NAMES};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 use std::path::PathBuf;
-
-/// A dispatcher handles at most this many queued events per GIL acquisition, so that a flood of
-/// events cannot starve other Python threads.
-const DISPATCH_BATCH: usize = 256;
 
 /// The default time `close()` gives connections to flush what is queued for them (also written
 /// as a literal in `close`'s signature, where Python shows it).
@@ -41,7 +38,9 @@ struct Handlers {
     on_connect: Option<Py<PyAny>>,
     on_disconnect: Option<Py<PyAny>>,
     on_file: Option<Py<PyAny>>,
+    /// This dispatcher thread's clock, and every thread's (for the copies `clone_ref` makes).
     clock: Arc<HandlerClock>,
+    clocks: Arc<Clocks>,
 }
 
 impl Handlers {
@@ -59,7 +58,8 @@ impl Handlers {
             on_connect: copy(&self.on_connect),
             on_disconnect: copy(&self.on_disconnect),
             on_file: copy(&self.on_file),
-            clock: Arc::clone(&self.clock),
+            clock: self.clocks.add(),
+            clocks: Arc::clone(&self.clocks),
         }
     }
 
@@ -68,7 +68,7 @@ impl Handlers {
     ///
     /// # Errors
     /// The `KeyboardInterrupt` a callback raised.
-    fn handle(&self, py: Python<'_>, event: Event) -> PyResult<()> {
+    pub(super) fn handle(&self, py: Python<'_>, event: Event) -> PyResult<()> {
         let _running = self.clock.enter(handler_index(&event), event_conn(&event));
         let outcome = match &event {
             Event::Connected(conn) => self
@@ -122,7 +122,7 @@ fn handler_index(event: &Event) -> usize {
     }
 }
 
-fn event_conn(event: &Event) -> u64 {
+pub(super) fn event_conn(event: &Event) -> u64 {
     match event {
         Event::Connected(conn) | Event::FileReceived { conn, .. } => conn.id(),
         Event::Disconnected { conn, .. } => conn.id(),
@@ -150,29 +150,15 @@ fn log_handler_error(py: Python<'_>, event: &Event, error: PyErr) {
     }
 }
 
-/// Handles events until the server has shut down and its queue is drained, taking the GIL once
-/// per batch.
-fn dispatch(py: Python<'_>, events: &flume::Receiver<Event>, handlers: &Handlers) -> PyResult<()> {
-    loop {
-        let receiver = events.clone();
-        let Ok(first) = wait(py, async move { receiver.recv_async().await }, None)?
-            .expect("waits without a timeout")
-        else {
-            return Ok(());
-        };
-        handlers.handle(py, first)?;
-        for event in events.try_iter().take(DISPATCH_BATCH - 1) {
-            handlers.handle(py, event)?;
-        }
-    }
-}
-
 /// A TCP server; see the stub for the full description.
 #[pyclass(frozen, module = "socketcomm._socketcomm", name = "Server")]
 pub(crate) struct PyServer {
     core: Arc<core::Server>,
     handlers: Handlers,
-    dispatcher: Mutex<Option<JoinHandle<()>>>,
+    /// How many dispatcher threads run the handlers, and what they share.
+    handler_threads: usize,
+    scheduler: Arc<Scheduler>,
+    dispatchers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
@@ -200,6 +186,7 @@ impl PyServer {
         on_connect = None,
         on_disconnect = None,
         on_file = None,
+        handler_threads = 4,
         slow_handler = 5.0,
         upload_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
@@ -235,6 +222,7 @@ impl PyServer {
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
         on_file: Option<Py<PyAny>>,
+        handler_threads: usize,
         slow_handler: f64,
         upload_dir: Option<PathBuf>,
         max_file_size: u64,
@@ -264,7 +252,13 @@ impl PyServer {
             on_disconnect,
             on_file,
             clock: Arc::default(),
+            clocks: Arc::default(),
         };
+        if !(1..=64).contains(&handler_threads) {
+            return Err(PyValueError::new_err(
+                "invalid handler_threads: must be between 1 and 64",
+            ));
+        }
         let slow_handler = timeout_from_secs("slow_handler", Some(slow_handler))?
             .filter(|limit| !limit.is_zero())
             .ok_or_else(|| PyValueError::new_err("invalid slow_handler: must be positive"))?;
@@ -309,15 +303,18 @@ impl PyServer {
         core.start(runtime().handle());
         if handlers.any() {
             watch(
-                Arc::clone(&handlers.clock),
+                Arc::clone(&handlers.clocks),
                 core.events().clone(),
                 slow_handler,
             );
         }
+        let scheduler = Arc::new(Scheduler::new(core.events().clone(), handler_threads));
         Ok(PyServer {
             core: Arc::new(core),
             handlers,
-            dispatcher: Mutex::new(None),
+            handler_threads,
+            scheduler,
+            dispatchers: Mutex::new(Vec::new()),
         })
     }
 
@@ -354,37 +351,12 @@ impl PyServer {
         self.core.is_shutting_down()
     }
 
-    /// Starts serving in the background and returns. With `on_*` handlers, a dispatcher thread
-    /// runs them. Idempotent.
+    /// Starts serving in the background and returns. With `on_*` handlers, `handler_threads`
+    /// dispatcher threads run them. Idempotent.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.start_accepting(py)?;
-        let mut dispatcher = lock(&self.dispatcher);
-        if self.handlers.any() && dispatcher.is_none() {
-            let events = self.core.events().clone();
-            let handlers = self.handlers.clone_ref(py);
-            let (running, ended) = std::sync::mpsc::channel::<()>();
-            let thread = std::thread::Builder::new()
-                .name("socketcomm-dispatch".into())
-                .spawn(move || {
-                    // `running` is dropped when this thread ends, which is what exit waits for.
-                    let _running = running;
-                    with_python(|py| {
-                        if let Err(e) = dispatch(py, &events, &handlers) {
-                            e.print(py);
-                        }
-                    });
-                })
-                .map_err(|e| {
-                    PyRuntimeError::new_err(format!("cannot start the dispatcher: {e}"))
-                })?;
-            // A server still serving when the interpreter exits: stop it so the dispatcher
-            // leaves Python before the interpreter goes away.
-            let core = Arc::clone(&self.core);
-            stop_at_exit(Box::new(move || {
-                core.shutdown();
-                let _ = ended.recv();
-            }));
-            *dispatcher = Some(thread);
+        if self.handlers.any() {
+            self.spawn_dispatchers(py, 0)?;
         }
         Ok(())
     }
@@ -400,11 +372,14 @@ impl PyServer {
         self.start_accepting(py)?;
         let events = self.core.events().clone();
         if self.handlers.any() {
-            if lock(&self.dispatcher).is_none() {
-                // Be the dispatcher on this thread rather than start one.
-                return dispatch(py, &events, &self.handlers);
+            if self.spawn_dispatchers(py, 1)? {
+                // Be dispatcher 0 on this thread (with a clock of its own).
+                let handlers = self.handlers.clone_ref(py);
+                return dispatch(py, &self.scheduler, 0, |py, event| {
+                    handlers.handle(py, event)
+                });
             }
-            // start() already runs a dispatcher; wait for the server to end.
+            // start() already runs the dispatchers; wait for the server to end.
             while !(events.is_disconnected() && events.is_empty()) {
                 wait(py, tokio::time::sleep(Duration::from_millis(100)), None)?;
             }
@@ -425,14 +400,14 @@ impl PyServer {
         let grace = timeout_from_secs("timeout", Some(timeout))?.unwrap_or_default();
         self.core.shutdown();
         wait(py, self.core.wait_closed(grace), None)?;
-        let dispatcher = lock(&self.dispatcher).take();
-        if let Some(thread) = dispatcher {
+        let dispatchers = std::mem::take(&mut *lock(&self.dispatchers));
+        for thread in dispatchers {
             if thread.thread().id() == std::thread::current().id() {
-                // close() called from a handler: the dispatcher ends by itself.
-                return Ok(());
+                // close() called from a handler: this dispatcher ends by itself.
+                continue;
             }
             py.detach(|| thread.join())
-                .map_err(|_| PyRuntimeError::new_err("the dispatcher thread panicked"))?;
+                .map_err(|_| PyRuntimeError::new_err("a dispatcher thread panicked"))?;
         }
         Ok(())
     }
@@ -647,6 +622,44 @@ pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64
 impl PyServer {
     pub(crate) fn core(&self) -> &Arc<core::Server> {
         &self.core
+    }
+
+    /// Starts the dispatcher threads from number `first` on (the caller is dispatcher 0 when
+    /// `first` is 1), unless they were started already; returns whether it did. At exit, a
+    /// server still serving is stopped so that they leave Python before the interpreter goes
+    /// away.
+    fn spawn_dispatchers(&self, py: Python<'_>, first: usize) -> PyResult<bool> {
+        let mut dispatchers = lock(&self.dispatchers);
+        if !dispatchers.is_empty() {
+            return Ok(false);
+        }
+        let (running, ended) = std::sync::mpsc::channel::<()>();
+        for n in first..self.handler_threads {
+            let scheduler = Arc::clone(&self.scheduler);
+            let handlers = self.handlers.clone_ref(py);
+            let running = running.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("socketcomm-dispatch-{n}"))
+                .spawn(move || {
+                    // Dropped when this thread ends, which is what exit waits for.
+                    let _running = running;
+                    with_python(|py| {
+                        let handle = |py: Python<'_>, event| handlers.handle(py, event);
+                        if let Err(e) = dispatch(py, &scheduler, n, handle) {
+                            e.print(py);
+                        }
+                    });
+                })
+                .map_err(|e| PyRuntimeError::new_err(format!("cannot start a dispatcher: {e}")))?;
+            dispatchers.push(thread);
+        }
+        drop(running);
+        let core = Arc::clone(&self.core);
+        stop_at_exit(Box::new(move || {
+            core.shutdown();
+            let _ = ended.recv();
+        }));
+        Ok(true)
     }
 
     /// Starts the accept loop unless it runs; refuses a closed server.

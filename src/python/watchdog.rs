@@ -1,7 +1,8 @@
-//! Says so when a Python handler runs for long. Handlers share one dispatcher thread, so a
-//! handler that blocks holds up the events of every connection (the network loop goes on, and
-//! events wait in the bounded queue); a watchdog task on the runtime, which needs no GIL, logs
-//! a warning naming the handler and the connection once it has run for `slow_handler`.
+//! Says so when a Python handler runs for long: a handler that blocks holds up its connection,
+//! and its dispatcher thread (when every thread is blocked, every connection waits). Each
+//! dispatcher thread has a clock; a watchdog task on the runtime, which needs no GIL, reads them
+//! and logs a warning naming the handler and the connection once one has run for
+//! `slow_handler`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub(crate) struct HandlerClock {
     which: AtomicUsize,
     /// How many handler calls have started: tells one long call from the next.
     calls: AtomicU64,
+    /// The call the watchdog last warned about, plus one.
+    warned: AtomicU64,
 }
 
 impl Default for HandlerClock {
@@ -33,6 +36,7 @@ impl Default for HandlerClock {
             conn: AtomicU64::new(0),
             which: AtomicUsize::new(0),
             calls: AtomicU64::new(0),
+            warned: AtomicU64::new(0),
         }
     }
 }
@@ -59,40 +63,70 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Watches `clock` until the server's event queue ends, warning once per call that runs for
+/// The clocks of a server's dispatcher threads.
+#[derive(Debug, Default)]
+pub(crate) struct Clocks(std::sync::Mutex<Vec<Arc<HandlerClock>>>);
+
+impl Clocks {
+    /// A clock for one more dispatcher thread.
+    pub(crate) fn add(&self) -> Arc<HandlerClock> {
+        let clock = Arc::new(HandlerClock::default());
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&clock));
+        clock
+    }
+
+    fn all(&self) -> Vec<Arc<HandlerClock>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Watches the clocks until the server's event queue ends, warning once per call that runs for
 /// longer than `limit`.
-pub(crate) fn watch(clock: Arc<HandlerClock>, events: flume::Receiver<Event>, limit: Duration) {
+pub(crate) fn watch(clocks: Arc<Clocks>, events: flume::Receiver<Event>, limit: Duration) {
     super::runtime::runtime().spawn(async move {
         let tick = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let mut warned_call = None;
         loop {
             tokio::time::sleep(tick).await;
-            let started = clock.started.load(Ordering::Acquire);
-            if started == 0 {
-                if events.is_disconnected() {
-                    return;
-                }
-                continue;
+            let clocks = clocks.all();
+            let idle = clocks
+                .iter()
+                .all(|clock| clock.started.load(Ordering::Acquire) == 0);
+            if idle && events.is_disconnected() {
+                return;
             }
-            let call = clock.calls.load(Ordering::Relaxed);
-            let running = clock
-                .base
-                .elapsed()
-                .saturating_sub(Duration::from_millis(started - 1));
-            if running < limit || warned_call == Some(call) {
-                continue;
+            for clock in clocks {
+                warn_if_slow(&clock, limit, events.len());
             }
-            warned_call = Some(call);
-            let which = HANDLER_NAMES[clock.which.load(Ordering::Relaxed) % HANDLER_NAMES.len()];
-            log::warn!(
-                "the {which} handler for connection {} has run for {:.1} s (slow_handler is {:.1} \
-                 s); every connection's events wait for it ({} queued). Handlers must not \
-                 block: move slow work to a thread, or use socketcomm.aio",
-                clock.conn.load(Ordering::Relaxed),
-                running.as_secs_f64(),
-                limit.as_secs_f64(),
-                events.len()
-            );
         }
     });
+}
+
+fn warn_if_slow(clock: &HandlerClock, limit: Duration, queued: usize) {
+    let started = clock.started.load(Ordering::Acquire);
+    if started == 0 {
+        return;
+    }
+    let call = clock.calls.load(Ordering::Relaxed) + 1;
+    let running = clock
+        .base
+        .elapsed()
+        .saturating_sub(Duration::from_millis(started - 1));
+    if running < limit || clock.warned.swap(call, Ordering::Relaxed) == call {
+        return;
+    }
+    let which = HANDLER_NAMES[clock.which.load(Ordering::Relaxed) % HANDLER_NAMES.len()];
+    log::warn!(
+        "the {which} handler for connection {} has run for {:.1} s (slow_handler is {:.1} s); \
+         its connection's events wait for it ({queued} events queued in all). Handlers should \
+         not block: move slow work to a thread, or use socketcomm.aio",
+        clock.conn.load(Ordering::Relaxed),
+        running.as_secs_f64(),
+        limit.as_secs_f64(),
+    );
 }

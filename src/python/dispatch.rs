@@ -1,0 +1,219 @@
+//! Runs the `on_*` handlers on `handler_threads` dispatcher threads that share the server's
+//! events one connection at a time: a connection's events are handled in order, one after
+//! another, and a handler that blocks holds up its own connection only, while another thread
+//! serves the rest. A thread keeps the GIL across the events of several connections, up to a
+//! batch, so the GIL is taken once per batch, not once per event.
+//!
+//! NOTE: the threads do not all work at once. Threads taking turns at the GIL cost about a
+//! third more CPU per message than one thread (measured with benches/run.py), so thread 0 does
+//! the work, and thread `n` joins in only while threads `0..n` are each stuck in a handler for
+//! more than [`STUCK`]: a blocked handler gets help within milliseconds, and a server whose
+//! handlers do not block runs as one dispatcher.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+use crate::server::Event;
+
+/// A dispatcher handles at most this many events per GIL acquisition, so that a flood of
+/// events cannot starve other Python threads.
+const DISPATCH_BATCH: usize = 256;
+
+/// How long a dispatcher waits without the GIL before it checks for signals.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// How long a thread's current connection must have taken before the next thread helps.
+const STUCK: Duration = Duration::from_millis(20);
+
+/// The server's events, sorted by connection for the dispatcher threads.
+pub(super) struct Scheduler {
+    events: flume::Receiver<Event>,
+    state: Mutex<State>,
+    /// Notified when a connection becomes ready again.
+    ready_again: Condvar,
+    base: Instant,
+    /// Per thread: milliseconds since `base` (plus one) at which it started its current
+    /// connection's events; 0 while it waits.
+    busy_since: Vec<AtomicU64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Events waiting, by connection.
+    pending: HashMap<u64, VecDeque<Event>>,
+    /// Connections with pending events that no thread is handling, oldest first.
+    ready: VecDeque<u64>,
+    /// Connections a thread is handling now.
+    running: HashSet<u64>,
+}
+
+impl Scheduler {
+    pub(super) fn new(events: flume::Receiver<Event>, threads: usize) -> Scheduler {
+        Scheduler {
+            events,
+            state: Mutex::new(State::default()),
+            ready_again: Condvar::new(),
+            base: Instant::now(),
+            busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether thread `index` may take work: thread 0 always, thread `n` while every thread
+    /// before it is stuck in a connection's events.
+    fn may_work(&self, index: usize) -> bool {
+        let now = self.now_ms();
+        self.busy_since[..index].iter().all(|since| {
+            let since = since.load(Ordering::Acquire);
+            since != 0 && now.saturating_sub(since) > STUCK.as_millis() as u64
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(state: &mut State, event: Event) {
+        let conn = super::server::event_conn(&event);
+        let queue = state.pending.entry(conn).or_default();
+        let was_idle = queue.is_empty() && !state.running.contains(&conn);
+        queue.push_back(event);
+        if was_idle {
+            state.ready.push_back(conn);
+        }
+    }
+
+    /// Moves what the server has queued into the per-connection queues.
+    fn sort_queued(&self, state: &mut State) {
+        for event in self.events.try_iter().take(DISPATCH_BATCH) {
+            Self::add(state, event);
+        }
+    }
+
+    /// Moves the events of the next ready connection into `batch` and marks it as running.
+    ///
+    /// NOTE: the connection's queue keeps its memory (drained, not removed) until its
+    /// `Disconnected` event, so steady traffic allocates nothing here.
+    fn take(&self, batch: &mut Vec<Event>) -> Option<u64> {
+        let mut state = self.lock();
+        self.sort_queued(&mut state);
+        let conn = state.ready.pop_front()?;
+        let queue = state.pending.get_mut(&conn)?;
+        batch.extend(queue.drain(..));
+        if matches!(batch.last(), Some(Event::Disconnected { .. })) {
+            state.pending.remove(&conn);
+        }
+        state.running.insert(conn);
+        Some(conn)
+    }
+
+    /// A thread is done with `conn`: ready again if more events came meanwhile.
+    fn finish(&self, conn: u64) {
+        let mut state = self.lock();
+        state.running.remove(&conn);
+        if state
+            .pending
+            .get(&conn)
+            .is_some_and(|queue| !queue.is_empty())
+        {
+            state.ready.push_back(conn);
+            self.ready_again.notify_one();
+        }
+    }
+
+    /// Waits, without the GIL and answering signals, until a connection is ready; `false`
+    /// once the server has ended and every event was handled.
+    fn wait_ready(&self, py: Python<'_>, index: usize) -> PyResult<bool> {
+        loop {
+            {
+                let mut state = self.lock();
+                let ended = self.events.is_disconnected() && self.events.is_empty();
+                if ended
+                    && state.running.is_empty()
+                    && state.pending.values().all(VecDeque::is_empty)
+                {
+                    return Ok(false);
+                }
+                if self.may_work(index) {
+                    self.sort_queued(&mut state);
+                    if !state.ready.is_empty() {
+                        return Ok(true);
+                    }
+                }
+            }
+            let arrived = py.detach(|| {
+                if index > 0 {
+                    // A helper: look again soon, in case the threads before it get stuck.
+                    let state = self.lock();
+                    let _ = self.ready_again.wait_timeout(state, STUCK);
+                    None
+                } else if self.events.is_disconnected() {
+                    // Only events of connections that another thread is handling remain.
+                    let state = self.lock();
+                    let _ = self.ready_again.wait_timeout(state, WAIT_SLICE);
+                    None
+                } else {
+                    self.events.recv_timeout(WAIT_SLICE).ok()
+                }
+            });
+            if let Some(event) = arrived {
+                Self::add(&mut self.lock(), event);
+            }
+            py.check_signals()?;
+        }
+    }
+}
+
+/// Releases a connection when its events are handled, even if a handler raised.
+struct Finish<'a> {
+    scheduler: &'a Scheduler,
+    conn: u64,
+    index: usize,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.scheduler.busy_since[self.index].store(0, Ordering::Release);
+        self.scheduler.finish(self.conn);
+    }
+}
+
+/// Dispatcher thread `index`'s loop: handles events until the server has shut down and every
+/// event is handled.
+///
+/// # Errors
+/// The `KeyboardInterrupt` a handler or a signal raised.
+pub(super) fn dispatch(
+    py: Python<'_>,
+    scheduler: &Scheduler,
+    index: usize,
+    handle: impl Fn(Python<'_>, Event) -> PyResult<()>,
+) -> PyResult<()> {
+    let mut batch = Vec::new();
+    while scheduler.wait_ready(py, index)? {
+        let mut handled = 0;
+        while handled < DISPATCH_BATCH && scheduler.may_work(index) {
+            let Some(conn) = scheduler.take(&mut batch) else {
+                break;
+            };
+            scheduler.busy_since[index].store(scheduler.now_ms(), Ordering::Release);
+            let _finish = Finish {
+                scheduler,
+                conn,
+                index,
+            };
+            for event in batch.drain(..) {
+                handled += 1;
+                handle(py, event)?;
+            }
+        }
+    }
+    Ok(())
+}
