@@ -512,24 +512,33 @@ async fn write_buffer<W: AsyncWrite + Unpin>(
 }
 
 /// Encodes queued frames into `buf` until the queue is empty or `buf` holds `limit` bytes;
-/// returns how many it encoded.
+/// returns how many of them were messages (see [`is_message`]).
 pub(crate) fn drain_into(
     queue: &mut mpsc::Receiver<Frame>,
     raw: bool,
     buf: &mut BytesMut,
     limit: usize,
 ) -> u64 {
-    let mut drained = 0;
+    let mut messages = 0;
     while buf.len() < limit {
         match queue.try_recv() {
             Ok(frame) => {
                 encode(&frame, raw, buf);
-                drained += 1;
+                messages += u64::from(is_message(&frame));
             }
             Err(_) => break,
         }
     }
-    drained
+    messages
+}
+
+/// Whether a frame carries an application message (what `messages_in`/`messages_out` count),
+/// rather than a control or file-transfer frame.
+pub(crate) fn is_message(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::Data(_) | Frame::Request { .. } | Frame::Reply { .. }
+    )
 }
 
 /// Appends `frame` as it goes on the wire: framed, or in raw mode the bare payload (control

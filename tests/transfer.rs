@@ -127,7 +127,11 @@ async fn a_file_arrives_verified_and_in_place() {
     assert_eq!(file.peer, client.local_addr());
     assert_eq!(visible(uploads.path()), ["video.bin"]);
     assert!(partials(uploads.path()).is_empty());
-    assert_eq!(server.stats().files_received, 1);
+    let stats = server.stats();
+    assert_eq!(stats.files_received, 1);
+    // File frames are not messages: none went either way.
+    assert_eq!((stats.messages_in, stats.messages_out), (0, 0));
+    assert!(stats.bytes_in > data.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread")]

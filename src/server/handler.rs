@@ -20,7 +20,7 @@ use tokio_util::codec::Decoder;
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
 use crate::config::Mode;
 use crate::connection::{
-    drain_into, encode, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
+    drain_into, encode, is_message, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
 };
 use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
@@ -419,8 +419,8 @@ impl Driver<'_> {
                 frame = queued.recv(), if queue_open && reading => match frame {
                     Some(frame) => {
                         encode(&frame, self.raw, &mut self.write_buf);
-                        self.messages_out +=
-                            1 + drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
+                        self.messages_out += u64::from(is_message(&frame))
+                            + drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
                     }
                     None => queue_open = false,
                 },
