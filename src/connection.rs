@@ -155,11 +155,26 @@ impl Outbox {
     /// # Cancel safety
     /// Cancel safe: a cancelled send queued either the whole frame or nothing.
     pub(crate) async fn send(&self, frame: Frame) -> Result<()> {
-        self.check_size(&frame)?;
+        self.send_or_return(frame).await.map_err(|(e, _)| e)
+    }
+
+    /// As [`Outbox::send`], handing back the frame that an ended connection did not take, so
+    /// that the caller can send it on a new connection without having kept a copy.
+    ///
+    /// # Errors
+    /// As [`Outbox::send`], with the frame when it was not queued for being too large or the
+    /// connection's end.
+    ///
+    /// # Cancel safety
+    /// As [`Outbox::send`].
+    pub(crate) async fn send_or_return(&self, frame: Frame) -> Result<(), (Error, Option<Frame>)> {
+        if let Err(e) = self.check_size(&frame) {
+            return Err((e, Some(frame)));
+        }
         self.queue
             .send(frame)
             .await
-            .map_err(|_| self.state.closed_error())
+            .map_err(|unsent| (self.state.closed_error(), Some(unsent.0)))
     }
 
     /// Queues `frame` from a thread outside the runtime, blocking while the queue is full.

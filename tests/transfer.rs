@@ -337,6 +337,38 @@ async fn more_or_fewer_bytes_than_offered_fail_the_transfer() {
     assert!(visible(uploads.path()).is_empty());
 }
 
+/// A sender that offers `name` (of `size` bytes), sends `sent`, and goes away; returns once the
+/// server has noticed and holds those bytes as a partial file, out of sight.
+async fn abandoned_upload(server: &Server, uploads: &Path, name: &str, size: u64, sent: &[u8]) {
+    let (mut peer, _) = HandPeer::connect(server, 1 << 20).await;
+    peer.send(&Frame::FileOffer {
+        id: 1,
+        size,
+        resume: true,
+        name: name.into(),
+    })
+    .await;
+    assert!(matches!(peer.recv().await, Some(Frame::FileAccept { .. })));
+    for part in sent.chunks(64 * 1024) {
+        peer.send(&Frame::FileChunk {
+            id: 1,
+            data: Bytes::copy_from_slice(part),
+        })
+        .await;
+    }
+    drop(peer);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while partials(uploads).first().map(|(_, len)| *len) != Some(sent.len() as u64) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            partials(uploads)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(visible(uploads).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_transfer_leaves_no_visible_file_and_resumes() {
     let source = tempfile::tempdir().unwrap();
@@ -346,39 +378,9 @@ async fn an_interrupted_transfer_leaves_no_visible_file_and_resumes() {
     let server = uploading_server(uploads.path(), None);
 
     // A sender that goes away after 300 KiB.
-    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
-    let size = data.len() as u64;
-    peer.send(&Frame::FileOffer {
-        id: 1,
-        size,
-        resume: true,
-        name: "resume.bin".into(),
-    })
-    .await;
-    assert!(matches!(
-        peer.recv().await,
-        Some(Frame::FileAccept { offset: 0, .. })
-    ));
     let held = 300 * 1024;
-    for part in data[..held].chunks(64 * 1024) {
-        peer.send(&Frame::FileChunk {
-            id: 1,
-            data: Bytes::copy_from_slice(part),
-        })
-        .await;
-    }
-    drop(peer);
-    // The server notices the end and keeps the partial file, out of sight.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while partials(uploads.path()).first().map(|(_, len)| *len) != Some(held as u64) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            partials(uploads.path())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(visible(uploads.path()).is_empty());
+    let size = data.len() as u64;
+    abandoned_upload(&server, uploads.path(), "resume.bin", size, &data[..held]).await;
 
     let client = client(&server).await;
     let sent = send(&client, &path, None).await.unwrap();
@@ -401,27 +403,9 @@ async fn a_partial_file_with_other_content_is_not_resumed() {
     let path = write_file(source.path(), "same-name.bin", &data);
     let server = uploading_server(uploads.path(), None);
 
-    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    // The partial file holds 50,000 zeros, not this file's start.
     let size = data.len() as u64;
-    peer.send(&Frame::FileOffer {
-        id: 1,
-        size,
-        resume: true,
-        name: "same-name.bin".into(),
-    })
-    .await;
-    assert!(matches!(peer.recv().await, Some(Frame::FileAccept { .. })));
-    peer.send(&Frame::FileChunk {
-        id: 1,
-        data: Bytes::from(vec![0u8; 50_000]),
-    })
-    .await;
-    drop(peer);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while partials(uploads.path()).first().map(|(_, len)| *len) != Some(50_000) {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    abandoned_upload(&server, uploads.path(), "same-name.bin", size, &[0; 50_000]).await;
 
     let client = client(&server).await;
     let sent = send(&client, &path, None).await.unwrap();

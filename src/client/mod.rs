@@ -51,15 +51,11 @@ impl Client {
     /// Cancel safe: nothing outlives a cancelled connect.
     pub async fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client> {
         config.validate()?;
-        // A folder that cannot take files is reported before connecting, not at the first file.
-        let download_dir = match &config.download_dir {
-            Some(dir) => Some(Arc::new(FileDir::open(
-                "download_dir",
-                dir,
-                config.max_file_size,
-            )?)),
-            None => None,
-        };
+        let download_dir = FileDir::open_optional(
+            "download_dir",
+            config.download_dir.as_deref(),
+            config.max_file_size,
+        )?;
         let first = connect_with_retries(host, port, &config, &download_dir, None).await?;
         Ok(Client {
             host: host.to_owned(),
@@ -161,11 +157,15 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe: a cancelled send queued the whole message or nothing.
     pub async fn send(&self, data: Bytes) -> Result<()> {
-        self.with_reconnect(|session| {
-            let data = data.clone();
-            async move { session.send(data).await }
-        })
-        .await
+        // NOTE: the hot path of `Client.send`: the message is handed back by a connection that
+        // ended instead of being copied for a retry (cloning a freshly made `Bytes` allocates).
+        let session = self.session();
+        match session.send_or_return(data).await {
+            Err((Error::Closed(_), Some(data))) if self.reconnects() && session.is_lost() => {
+                self.live_session(&session).await?.send(data).await
+            }
+            outcome => outcome.map_err(|(e, _)| e),
+        }
     }
 
     /// The next message that is not a reply to a request.

@@ -331,8 +331,27 @@ impl Session {
     /// # Cancel safety
     /// Cancel safe: a cancelled send queued the whole message or nothing.
     pub(crate) async fn send(&self, data: Bytes) -> Result<()> {
-        self.check_open()?;
-        self.outbox.send(Frame::Data(data)).await
+        self.send_or_return(data).await.map_err(|(e, _)| e)
+    }
+
+    /// As [`Session::send`], handing back the message that an ended connection did not take.
+    ///
+    /// # Errors
+    /// As [`Session::send`], with the message when it was not queued.
+    pub(crate) async fn send_or_return(&self, data: Bytes) -> Result<(), (Error, Option<Bytes>)> {
+        if let Err(e) = self.check_open() {
+            return Err((e, Some(data)));
+        }
+        self.outbox
+            .send_or_return(Frame::Data(data))
+            .await
+            .map_err(|(e, frame)| {
+                let data = match frame {
+                    Some(Frame::Data(data)) => Some(data),
+                    _ => None,
+                };
+                (e, data)
+            })
     }
 
     /// The next message that is not a reply to a request.

@@ -32,10 +32,10 @@ use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
-use super::transfer::{FileReceived, FileSent, TransferProgress};
+use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use crate::error::Error;
-use crate::transfer::{Progress, DEFAULT_MAX_FILE_SIZE};
+use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 use std::path::PathBuf;
 
 /// An awaitable that is already complete (with None): what a call returns when its work was
@@ -267,18 +267,16 @@ pub(crate) fn _connect<'py>(
         send_buffer,
         linger,
     )?;
-    let mut config = client_config(
+    let config = client_config(
         connect_timeout,
         raw,
         max_frame,
+        (tls, retries, backoff),
         local_address,
         socket,
         download_dir,
         max_file_size,
     )?;
-    config.tls = tls.map(|tls| tls.core.clone());
-    config.retries = retries;
-    config.backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;
         Ok(PyClient::new_connected(core, timeout))
@@ -335,14 +333,9 @@ impl PyClient {
         name: Option<String>,
     ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
         let core = Arc::clone(self.core());
-        let progress = Arc::new(Progress::default());
-        let watched = TransferProgress(Arc::clone(&progress));
-        let awaitable = spawn_awaitable(py, async move {
-            core.send_file(&path, name, &progress)
-                .await
-                .map(FileSent::from)
-        })?;
-        Ok((awaitable, watched))
+        send_file_awaitable(py, |progress| async move {
+            core.send_file(&path, name, &progress).await
+        })
     }
 
     /// The next file received into `download_dir`.
@@ -432,14 +425,9 @@ impl PyServer {
         name: Option<String>,
     ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
         let core = Arc::clone(self.core());
-        let progress = Arc::new(Progress::default());
-        let watched = TransferProgress(Arc::clone(&progress));
-        let awaitable = spawn_awaitable(py, async move {
-            core.send_file(conn_id, &path, name, &progress)
-                .await
-                .map(FileSent::from)
-        })?;
-        Ok((awaitable, watched))
+        send_file_awaitable(py, |progress| async move {
+            core.send_file(conn_id, &path, name, &progress).await
+        })
     }
 
     /// Closes as `close()` does, without blocking the event loop.

@@ -16,7 +16,7 @@ use pyo3::exceptions::PyValueError;
 
 use super::options::socket_options;
 use super::tls::PyClientTls;
-use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
+use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use crate::config::{ClientConfig, SocketOptions};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
@@ -36,11 +36,13 @@ pub(crate) fn client_config(
     connect_timeout: f64,
     raw: bool,
     max_frame: u32,
+    (tls, retries, backoff): (Option<PyRef<'_, PyClientTls>>, u32, f64),
     local_address: Option<(String, u16)>,
     socket: SocketOptions,
     download_dir: Option<PathBuf>,
     max_file_size: u64,
 ) -> PyResult<ClientConfig> {
+    let backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
     let connect_timeout =
         timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
     let local_addr = match local_address {
@@ -63,6 +65,9 @@ pub(crate) fn client_config(
         local_addr,
         download_dir,
         max_file_size,
+        tls: tls.map(|tls| tls.core.clone()),
+        retries,
+        backoff,
         ..ClientConfig::default()
     })
 }
@@ -126,18 +131,16 @@ impl PyClient {
             send_buffer,
             linger,
         )?;
-        let mut config = client_config(
+        let config = client_config(
             connect_timeout,
             raw,
             max_frame,
+            (tls, retries, backoff),
             local_address,
             socket,
             download_dir,
             max_file_size,
         )?;
-        config.tls = tls.map(|tls| tls.core.clone());
-        config.retries = retries;
-        config.backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
         let core = wait(
             py,
             async move { Client::connect(&host, port, config).await },
@@ -234,14 +237,13 @@ impl PyClient {
         progress: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<FileSent> {
-        let limit = timeout_from_secs("timeout", timeout)?;
-        let reporter = Reporter::new(py, progress, &shown_name(&path, name.as_deref()))?;
         let core = &self.core;
-        send_blocking(
+        send_file_blocking(
             py,
-            |progress| async move { core.send_file(&path, name, &progress).await },
-            &reporter,
-            limit,
+            (path, name),
+            progress,
+            timeout,
+            |path, name, progress| async move { core.send_file(&path, name, &progress).await },
         )
     }
 

@@ -20,7 +20,7 @@ use super::exit::{stop_at_exit, with_python};
 use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
 use super::tls::PyServerTls;
-use super::transfer::{send_blocking, shown_name, FileReceived, FileSent, Reporter};
+use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::watchdog::{watch, Clocks, HandlerClock, HANDLER_NAMES};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -246,13 +246,14 @@ impl PyServer {
         event_queue: usize,
         outbound_queue: usize,
     ) -> PyResult<PyServer> {
+        let clocks = Arc::new(Clocks::default());
         let handlers = Handlers {
             on_message,
             on_connect,
             on_disconnect,
             on_file,
-            clock: Arc::default(),
-            clocks: Arc::default(),
+            clock: clocks.add(),
+            clocks: Arc::clone(&clocks),
         };
         if !(1..=64).contains(&handler_threads) {
             return Err(PyValueError::new_err(
@@ -471,14 +472,13 @@ impl PyServer {
         progress: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<FileSent> {
-        let limit = timeout_from_secs("timeout", timeout)?;
-        let reporter = Reporter::new(py, progress, &shown_name(&path, name.as_deref()))?;
         let core = &self.core;
-        send_blocking(
+        send_file_blocking(
             py,
-            |progress| async move { core.send_file(conn_id, &path, name, &progress).await },
-            &reporter,
-            limit,
+            (path, name),
+            progress,
+            timeout,
+            |path, name, progress| async move { core.send_file(conn_id, &path, name, &progress).await },
         )
     }
 

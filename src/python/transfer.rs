@@ -3,15 +3,15 @@
 //! ~100 ms slices in which it waits without the GIL.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::exceptions::PyTimeoutError;
 use pyo3::prelude::*;
 
+use super::aio::spawn_awaitable;
 use super::convert::address;
-use super::runtime::wait_reporting;
+use super::runtime::{timeout_from_secs, wait_reporting};
 use super::tls::PyPeerIdentity;
 use crate::error::Error;
 use crate::tls::PeerIdentity;
@@ -130,7 +130,7 @@ impl FileReceived {
 
 /// How a transfer's progress is shown: the Python object `socketcomm._progress.reporter`
 /// made of the `progress` argument (a callable, or True for a terminal bar), if any.
-pub(crate) struct Reporter(Option<Py<PyAny>>);
+struct Reporter(Option<Py<PyAny>>);
 
 impl Reporter {
     /// # Errors
@@ -165,7 +165,7 @@ impl Reporter {
 }
 
 /// The file name a transfer is shown under: `name`, or the path's last part.
-pub(crate) fn shown_name(path: &std::path::Path, name: Option<&str>) -> String {
+fn shown_name(path: &Path, name: Option<&str>) -> String {
     name.map(str::to_owned).unwrap_or_else(|| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -173,23 +173,28 @@ pub(crate) fn shown_name(path: &std::path::Path, name: Option<&str>) -> String {
     })
 }
 
-/// Runs the transfer `start` makes from a progress tracker, reporting its progress between
-/// slices, for at most `timeout`.
+/// The blocking `send_file` of `Client` and `Server`: runs the transfer `start` makes from a
+/// progress tracker, reporting its progress (as the Python `progress` argument asks) between
+/// slices, for at most `timeout` seconds.
 ///
 /// # Errors
-/// What the transfer raises, `TimeoutError` after `timeout` (the transfer is cancelled, and the
-/// receiver keeps what arrived for a resume), and `KeyboardInterrupt` on Ctrl-C.
-pub(crate) fn send_blocking<F>(
+/// `TypeError` for an unusable `progress`, `ValueError` for a bad `timeout`; what the transfer
+/// raises; `TimeoutError` after `timeout` (the transfer is cancelled, and the receiver keeps
+/// what arrived for a resume); `KeyboardInterrupt` on Ctrl-C.
+pub(crate) fn send_file_blocking<F>(
     py: Python<'_>,
-    start: impl FnOnce(Arc<Progress>) -> F,
-    reporter: &Reporter,
-    timeout: Option<Duration>,
+    (path, name): (PathBuf, Option<String>),
+    progress: Option<&Bound<'_, PyAny>>,
+    timeout: Option<f64>,
+    start: impl FnOnce(PathBuf, Option<String>, Arc<Progress>) -> F,
 ) -> PyResult<FileSent>
 where
     F: Future<Output = Result<SentFile, Error>> + Send,
 {
+    let timeout = timeout_from_secs("timeout", timeout)?;
+    let reporter = Reporter::new(py, progress, &shown_name(&path, name.as_deref()))?;
     let progress = Arc::new(Progress::default());
-    let transfer = start(Arc::clone(&progress));
+    let transfer = start(path, name, Arc::clone(&progress));
     let outcome = wait_reporting(py, transfer, timeout, |py| reporter.update(py, &progress));
     // A finished transfer shows its last figures; one that failed leaves what was shown.
     let finished = match &outcome {
@@ -206,6 +211,24 @@ where
             timeout.unwrap_or_default().as_secs_f64()
         ))),
     }
+}
+
+/// The asyncio `send_file` primitive of `Client` and `Server`: the awaitable of the transfer
+/// `start` makes, and the progress `socketcomm.aio` reads while it runs.
+///
+/// # Errors
+/// When there is no running event loop.
+pub(crate) fn send_file_awaitable<'py, F>(
+    py: Python<'py>,
+    start: impl FnOnce(Arc<Progress>) -> F,
+) -> PyResult<(Bound<'py, PyAny>, TransferProgress)>
+where
+    F: Future<Output = Result<SentFile, Error>> + Send + 'static,
+{
+    let progress = Arc::new(Progress::default());
+    let transfer = start(Arc::clone(&progress));
+    let awaitable = spawn_awaitable(py, async move { transfer.await.map(FileSent::from) })?;
+    Ok((awaitable, TransferProgress(progress)))
 }
 
 /// How far an asyncio transfer has got: read by `socketcomm.aio` to report progress.

@@ -340,15 +340,11 @@ impl Server {
     /// bound (in use, not local, not permitted).
     pub fn bind(addr: SocketAddr, config: ServerConfig) -> Result<Server> {
         config.validate()?;
-        // A folder that cannot take files is reported at start-up, not at the first upload.
-        let upload_dir = match &config.upload_dir {
-            Some(dir) => Some(Arc::new(FileDir::open(
-                "upload_dir",
-                dir,
-                config.max_file_size,
-            )?)),
-            None => None,
-        };
+        let upload_dir = FileDir::open_optional(
+            "upload_dir",
+            config.upload_dir.as_deref(),
+            config.max_file_size,
+        )?;
         let listener = bind_listener(addr, &config).map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::AddrInUse => {

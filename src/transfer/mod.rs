@@ -23,8 +23,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 pub use names::{safe_name, MAX_NAME_LEN, PARTIAL_DIR};
-pub(crate) use receive::Receiving;
-pub use receive::{Delivery, FileDir};
+pub(crate) use receive::{Delivery, FileDir, Receiving};
 pub(crate) use send::send_file;
 
 use crate::frame::{Digest, Frame, TransferStatus};

@@ -34,7 +34,7 @@ const CHUNKS_QUEUED: usize = 16;
 
 /// A folder that receives files (a server's `upload_dir`, a client's `download_dir`).
 #[derive(Debug)]
-pub struct FileDir {
+pub(crate) struct FileDir {
     root: PathBuf,
     partial: PathBuf,
     max_file_size: u64,
@@ -50,7 +50,7 @@ impl FileDir {
     ///
     /// # Errors
     /// [`Error::Io`] naming the path when it is missing, not a folder, or not writable.
-    pub fn open(option: &'static str, root: &Path, max_file_size: u64) -> Result<FileDir> {
+    pub(crate) fn open(option: &'static str, root: &Path, max_file_size: u64) -> Result<FileDir> {
         let fail = |e: io::Error| {
             Error::io_with_hint(
                 format!("{option} {} cannot receive files", root.display()),
@@ -81,12 +81,19 @@ impl FileDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn max_file_size(&self) -> u64 {
-        self.max_file_size
+    /// [`FileDir::open`] for an optional folder (`upload_dir`, `download_dir`): called when a
+    /// server or client is made, so that a folder that cannot take files is reported then,
+    /// not at the first file.
+    ///
+    /// # Errors
+    /// As [`FileDir::open`].
+    pub(crate) fn open_optional(
+        option: &'static str,
+        root: Option<&Path>,
+        max_file_size: u64,
+    ) -> Result<Option<Arc<FileDir>>> {
+        root.map(|root| FileDir::open(option, root, max_file_size).map(Arc::new))
+            .transpose()
     }
 
     /// Reserves the partial file of `name` with `size` bytes. A second transfer of the same
@@ -186,7 +193,7 @@ impl Drop for Claim {
 
 /// Who hears about received files: the server turns them into events, the client queues them
 /// for `recv_file`. Called on a blocking thread; may block.
-pub trait Delivery: Send + Sync + 'static {
+pub(crate) trait Delivery: Send + Sync + 'static {
     /// A file arrived whole and verified and is in place; called before the sender is told
     /// (to count it, so that a sender that got its answer finds it counted). Must not block.
     fn arrived(&self, file: &ReceivedFile) {
