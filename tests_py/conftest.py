@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,30 @@ def run(args: list[str], timeout: float = 30, /, **env: str) -> subprocess.Compl
         text=True,
         timeout=timeout,
     )
+
+
+def script_server(
+    code: str, *args: str, prefix: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], int]:
+    """Runs ``python -c code *args`` (after ``prefix``, such as ``ip netns exec NAME``), a server
+    that prints its port on the first line; returns the process and the port."""
+    process = subprocess.Popen(
+        [*prefix, sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+    )
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def stop_script(process: subprocess.Popen[str], how: int = signal.SIGKILL) -> None:
+    """Stops a process from `script_server` with signal ``how`` and closes its output."""
+    if process.poll() is None:
+        process.send_signal(how)
+    process.wait(10)
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 class Background:

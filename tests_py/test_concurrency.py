@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import pytest
 
 import socketcomm
 
-from conftest import script_env
+from conftest import script_server, stop_script
 
 
 def rss_bytes() -> int:
@@ -304,14 +303,7 @@ def test_a_client_with_retries_reconnects_after_a_server_restart(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def start(port: int) -> tuple[subprocess.Popen[str], int]:
-        process = subprocess.Popen(
-            [sys.executable, "-c", RESTARTABLE_SERVER, str(port)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=script_env(),
-        )
-        assert process.stdout is not None
-        return process, int(process.stdout.readline())
+        return script_server(RESTARTABLE_SERVER, str(port))
 
     caplog.set_level(logging.WARNING, logger="socketcomm")
     first, port = start(0)
@@ -331,10 +323,7 @@ def test_a_client_with_retries_reconnects_after_a_server_restart(
     finally:
         for process in (first, second):
             if process is not None:
-                process.kill()
-                process.wait(10)
-                assert process.stdout is not None
-                process.stdout.close()
+                stop_script(process)
     logged = [record.getMessage() for record in caplog.records]
     assert any("lost" in line and "reconnecting" in line for line in logged), logged
     assert any("retrying in" in line for line in logged), logged

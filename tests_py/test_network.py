@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from impair import Proxy, Toxics
 
 import socketcomm
 
-from conftest import script_env
+from conftest import script_server, stop_script
 
 
 def digest(path: Path) -> str:
@@ -169,14 +168,7 @@ for event in server:
 def test_the_server_killed_mid_transfer(tmp_path: Path, uploads: Path) -> None:
     source = tmp_path / "large.bin"
     source.write_bytes(os.urandom(1 << 20) * 256)
-    server = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE_SERVER, str(uploads)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=script_env(),
-    )
-    assert server.stdout is not None
-    port = int(server.stdout.readline())
+    server, port = script_server(KILLABLE_SERVER, str(uploads))
     reports: list[int] = []
 
     def kill_once_flowing(done: int, total: int) -> None:
@@ -191,9 +183,7 @@ def test_the_server_killed_mid_transfer(tmp_path: Path, uploads: Path) -> None:
                 client.send_file(source, progress=kill_once_flowing)
             assert time.monotonic() - started < 10
     finally:
-        server.kill()
-        server.wait(10)
-        server.stdout.close()
+        stop_script(server)
     assert reports and reports[-1] < source.stat().st_size
     assert not (uploads / "large.bin").exists()
 
@@ -259,15 +249,9 @@ def test_messages_and_a_file_over_a_slow_shaped_link(
 ) -> None:
     source = tmp_path / "shaped.bin"
     source.write_bytes(os.urandom(2 << 20))
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", shaped_link, sys.executable, "-c", SHAPED_SERVER, str(uploads)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=script_env(),
-    )
-    assert server.stdout is not None
+    namespace = ["ip", "netns", "exec", shaped_link]
+    server, port = script_server(SHAPED_SERVER, str(uploads), prefix=namespace)
     try:
-        port = int(server.stdout.readline())
         with socketcomm.Client("10.77.0.2", port, timeout=30) as client:
             payloads = [os.urandom(n) for n in (10, 50_000, 500_000)]
             for payload in payloads:
@@ -276,9 +260,7 @@ def test_messages_and_a_file_over_a_slow_shaped_link(
             sent = client.send_file(source)
             elapsed = time.monotonic() - started
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(10)
-        server.stdout.close()
+        stop_script(server, signal.SIGINT)
     assert sent.digest == digest(source) == digest(uploads / "shaped.bin")
     # 2 MiB over 8 Mbit/s takes about 2 s: the link, not loopback, carried it.
     assert elapsed > 1.5, elapsed
