@@ -7,8 +7,12 @@ load generator drives them all. KIND is one of:
   socketcomm-echo        Server(mode="echo"): native, no Python per message
   socketcomm-handler     Server(on_message=handler): the dispatcher runs the Python handler
   socketcomm-pull        for event in server: event.reply(handler(...))
+  socketcomm-recv-many   server.recv_many(): a batch of events, each answered with reply
   protocol-echo          asyncio Protocol echo (add -uvloop for uvloop)
   protocol-handler       asyncio Protocol running the same Python handler (add -uvloop)
+  protocol-handler-raw   asyncio Protocol, plain bytes: data_received writes back
+                         handler(data), as a raw socketcomm server answers each chunk
+                         (add -uvloop)
   streams-echo           asyncio streams echo (add -uvloop)
   streams-handler        asyncio streams running the same Python handler (add -uvloop)
   socketcomm-aio         socketcomm.aio on uvloop: async for event in server, await reply
@@ -96,12 +100,24 @@ class HandlerProtocol(FramedProtocol):
     run_handler = True
 
 
+class RawHandlerProtocol(asyncio.Protocol):
+    """Plain bytes: each chunk that arrives goes through the handler and back."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(handler(0, data))
+
+
 def tls_files() -> tuple[str, str]:
     folder = os.environ["SOCKETCOMM_BENCH_TLS"]
     return os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
 
 
-async def serve_protocol(protocol: type[FramedProtocol], tls: bool = False) -> None:
+async def serve_protocol(protocol: type[asyncio.Protocol], tls: bool = False) -> None:
     loop = asyncio.get_running_loop()
     context = None
     if tls:
@@ -183,6 +199,11 @@ def serve_socketcomm(kind: str) -> None:
             for event in server:
                 if isinstance(event, socketcomm.Message):
                     event.reply(handler(event.conn_id, event.data))
+        elif kind == "socketcomm-recv-many":
+            while True:
+                for event in server.recv_many(256):
+                    if isinstance(event, socketcomm.Message):
+                        event.reply(handler(event.conn_id, event.data))
         else:
             server.serve_forever()
     except KeyboardInterrupt:
@@ -263,6 +284,8 @@ def main() -> None:
         asyncio.run(serve_protocol(FramedProtocol, tls=True))
     elif base == "protocol-handler":
         asyncio.run(serve_protocol(HandlerProtocol))
+    elif base == "protocol-handler-raw":
+        asyncio.run(serve_protocol(RawHandlerProtocol))
     elif base == "streams-echo":
         asyncio.run(serve_streams(run_handler=False))
     elif base == "streams-handler":

@@ -173,11 +173,15 @@ def make_tls_files() -> Path:
 def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
     peer = Peer(kind)
     tls = ["--tls"] if "tls" in kind or "ssl" in kind else []
+    shape = ["--depth", str(getattr(args, "depth", 1))]
+    if getattr(args, "raw", False):
+        shape.append("--raw")
     try:
         completed = subprocess.run(
             [
                 str(RELEASE / "loadgen"),
                 *tls,
+                *shape,
                 "--port",
                 str(peer.port),
                 "--server-pid",

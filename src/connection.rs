@@ -206,6 +206,20 @@ impl Outbox {
         }
     }
 
+    /// Takes a place in the queue for `frame` if there is room (`Ok(None)` when it is full),
+    /// without queueing it yet: [`Reserved::send`] does, and no one waits for it in between.
+    ///
+    /// # Errors
+    /// As [`Outbox::send`].
+    pub(crate) fn try_reserve(&self, frame: Frame) -> Result<Option<Reserved>> {
+        self.check_size(&frame)?;
+        match self.queue.clone().try_reserve_owned() {
+            Ok(permit) => Ok(Some(Reserved { permit, frame })),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.state.closed_error()),
+        }
+    }
+
     fn check_size(&self, frame: &Frame) -> Result<()> {
         let max = self.peer_max_frame();
         let len = frame.encoded_len();
@@ -213,6 +227,23 @@ impl Outbox {
             return Err(Error::outgoing_too_large(len, max));
         }
         Ok(())
+    }
+}
+
+/// A frame with its place in a connection's queue taken: queueing it cannot wait or fail (a
+/// connection that ends first drops it).
+///
+/// NOTE: this is what lets a thread answer now and wake the connection's task later, from
+/// inside the runtime the task runs on, where a wake-up costs no system call.
+#[derive(Debug)]
+pub struct Reserved {
+    permit: mpsc::OwnedPermit<Frame>,
+    frame: Frame,
+}
+
+impl Reserved {
+    pub fn send(self) {
+        drop(self.permit.send(self.frame));
     }
 }
 

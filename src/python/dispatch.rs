@@ -4,19 +4,27 @@
 //! serves the rest. A thread keeps the GIL across the events of several connections, up to a
 //! batch, so the GIL is taken once per batch, not once per event.
 //!
+//! A dispatcher waiting for events drives the runtime the connections run on ([`Driven`]) on its
+//! own thread, so that the events it then handles were read on that thread. The handlers'
+//! answers are queued for their connections when the dispatcher next drives the runtime, from
+//! inside it ([`Driven::reply`]), so that waking a connection's task costs no system call
+//! either: a message never changes threads, and costs the system calls of its read and write.
+//!
 //! NOTE: the threads do not all work at once. Threads taking turns at the GIL cost about a
 //! third more CPU per message than one thread (measured with benches/run.py), so thread 0 does
 //! the work, and thread `n` joins in only while threads `0..n` are each stuck in a handler for
 //! more than [`STUCK`]: a blocked handler gets help within milliseconds, and a server whose
 //! handlers do not block runs as one dispatcher.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
+use super::driven::Driven;
 use crate::server::Event;
 
 /// A dispatcher handles at most this many events per GIL acquisition, so that a flood of
@@ -27,11 +35,13 @@ const DISPATCH_BATCH: usize = 256;
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// How long a thread's current connection must have taken before the next thread helps.
-const STUCK: Duration = Duration::from_millis(20);
+pub(super) const STUCK: Duration = Duration::from_millis(20);
 
 /// The server's events, sorted by connection for the dispatcher threads.
 pub(super) struct Scheduler {
     events: flume::Receiver<Event>,
+    /// Where the connections run, driven by the dispatcher that waits for their events.
+    driven: Arc<Driven>,
     state: Mutex<State>,
     /// Notified when a connection becomes ready again.
     ready_again: Condvar,
@@ -52,14 +62,23 @@ struct State {
 }
 
 impl Scheduler {
-    pub(super) fn new(events: flume::Receiver<Event>, threads: usize) -> Scheduler {
+    pub(super) fn new(
+        events: flume::Receiver<Event>,
+        driven: Arc<Driven>,
+        threads: usize,
+    ) -> Scheduler {
         Scheduler {
             events,
+            driven,
             state: Mutex::new(State::default()),
             ready_again: Condvar::new(),
             base: Instant::now(),
             busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    pub(super) fn driven(&self) -> &Driven {
+        &self.driven
     }
 
     fn now_ms(&self) -> u64 {
@@ -77,7 +96,7 @@ impl Scheduler {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn add(state: &mut State, event: Event) {
@@ -128,40 +147,57 @@ impl Scheduler {
         }
     }
 
+    fn ended(&self, state: &State) -> bool {
+        self.events.is_disconnected()
+            && self.events.is_empty()
+            && state.running.is_empty()
+            && state.pending.values().all(VecDeque::is_empty)
+    }
+
     /// Waits, without the GIL and answering signals, until a connection is ready; `false`
     /// once the server has ended and every event was handled.
     fn wait_ready(&self, py: Python<'_>, index: usize) -> PyResult<bool> {
         loop {
             {
                 let mut state = self.lock();
-                let ended = self.events.is_disconnected() && self.events.is_empty();
-                if ended
-                    && state.running.is_empty()
-                    && state.pending.values().all(VecDeque::is_empty)
-                {
+                if self.ended(&state) {
                     return Ok(false);
                 }
                 if self.may_work(index) {
                     self.sort_queued(&mut state);
-                    if !state.ready.is_empty() {
+                    // Answers go out before more events are taken, so that they are not held
+                    // back by a long run of events.
+                    if !state.ready.is_empty() && !self.driven.has_answers() {
                         return Ok(true);
                     }
                 }
             }
             let arrived = py.detach(|| {
-                if index > 0 {
-                    // A helper: look again soon, in case the threads before it get stuck.
-                    let state = self.lock();
-                    let _ = self.ready_again.wait_timeout(state, STUCK);
-                    None
-                } else if self.events.is_disconnected() {
+                if !self.may_work(index) {
+                    // A helper: look again now and then, in case the threads before it get
+                    // stuck, without the GIL (a helper has no signals to check).
+                    loop {
+                        let state = self.lock();
+                        if self.ended(&state) {
+                            return None;
+                        }
+                        drop(self.ready_again.wait_timeout(state, STUCK));
+                        if self.may_work(index) {
+                            return None;
+                        }
+                    }
+                }
+                if self.events.is_disconnected() {
                     // Only events of connections that another thread is handling remain.
                     let state = self.lock();
-                    let _ = self.ready_again.wait_timeout(state, WAIT_SLICE);
-                    None
-                } else {
-                    self.events.recv_timeout(WAIT_SLICE).ok()
+                    drop(self.ready_again.wait_timeout(state, WAIT_SLICE));
+                    return None;
                 }
+                // Serve the connections until one has an event. A helper comes back sooner,
+                // to step aside once the threads before it are free again.
+                let slice = if index == 0 { WAIT_SLICE } else { STUCK };
+                let recv = self.events.recv_async();
+                self.driven.run(recv, slice).and_then(Result::ok)
             });
             if let Some(event) = arrived {
                 Self::add(&mut self.lock(), event);
@@ -171,14 +207,45 @@ impl Scheduler {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent even if a holder panicked.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+thread_local! {
+    /// Set on a thread while it is a dispatcher, so that a call from a handler can tell.
+    static DISPATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is a dispatcher: the caller is a handler.
+pub(super) fn in_handler() -> bool {
+    DISPATCHING.with(Cell::get)
+}
+
+/// Marks this thread as a dispatcher until dropped.
+struct Dispatching;
+
+impl Dispatching {
+    fn enter() -> Dispatching {
+        DISPATCHING.with(|flag| flag.set(true));
+        Dispatching
+    }
+}
+
+impl Drop for Dispatching {
+    fn drop(&mut self) {
+        DISPATCHING.with(|flag| flag.set(false));
+    }
+}
+
 /// Releases a connection when its events are handled, even if a handler raised.
-struct Finish<'a> {
+struct Release<'a> {
     scheduler: &'a Scheduler,
     conn: u64,
     index: usize,
 }
 
-impl Drop for Finish<'_> {
+impl Drop for Release<'_> {
     fn drop(&mut self) {
         self.scheduler.busy_since[self.index].store(0, Ordering::Release);
         self.scheduler.finish(self.conn);
@@ -196,6 +263,7 @@ pub(super) fn dispatch(
     index: usize,
     handle: impl Fn(Python<'_>, Event) -> PyResult<()>,
 ) -> PyResult<()> {
+    let _dispatching = Dispatching::enter();
     let mut batch = Vec::new();
     while scheduler.wait_ready(py, index)? {
         let mut handled = 0;
@@ -204,7 +272,7 @@ pub(super) fn dispatch(
                 break;
             };
             scheduler.busy_since[index].store(scheduler.now_ms(), Ordering::Release);
-            let _finish = Finish {
+            let _release = Release {
                 scheduler,
                 conn,
                 index,

@@ -8,7 +8,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use super::aio::{ready, spawn_awaitable};
+use std::sync::Arc;
+
 use super::convert::{address, payload};
+use super::driven::Driven;
 use super::runtime::wait;
 use super::tls::{identity_of, PyPeerIdentity};
 use super::transfer::FileReceived;
@@ -46,14 +49,14 @@ impl Connected {
 /// What both message flavours hold.
 struct MessageFields {
     inner: core::Message,
-    peer: (String, u16),
     data: Py<PyBytes>,
 }
 
 impl MessageFields {
     fn new(py: Python<'_>, message: core::Message) -> MessageFields {
+        // NOTE: the peer's address is made into Python values only when asked for: most
+        // loops never look at it, and every message would pay for formatting it.
         MessageFields {
-            peer: address(message.conn.peer()),
             data: PyBytes::new(py, &message.data).unbind(),
             inner: message,
         }
@@ -72,7 +75,7 @@ impl MessageFields {
         Ok(format!(
             "{class}(conn_id={}, peer={}, data={})",
             self.inner.conn.id(),
-            peer_repr(&self.peer),
+            peer_repr(&address(self.inner.conn.peer())),
             self.data.bind(py).repr()?
         ))
     }
@@ -82,6 +85,8 @@ impl MessageFields {
 #[pyclass(frozen, module = "socketcomm._socketcomm")]
 pub(crate) struct Message {
     fields: MessageFields,
+    /// The runtime its connection runs on, when a Python thread drives it (see `driven.rs`).
+    driven: Option<Arc<Driven>>,
 }
 
 /// A message from a client, as `socketcomm.aio` yields it: `await message.reply(...)`.
@@ -102,7 +107,7 @@ macro_rules! message_attributes {
 
             #[getter]
             fn peer(&self) -> (String, u16) {
-                self.fields.peer.clone()
+                address(self.fields.inner.conn.peer())
             }
 
             #[getter]
@@ -143,6 +148,9 @@ impl Message {
     /// Answers this message: the reply to a request, or a plain message otherwise.
     fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let data = payload(data)?;
+        if let Some(driven) = &self.driven {
+            return driven.reply(py, &self.fields.inner, data);
+        }
         let message = self.fields.inner.clone();
         wait(py, async move { message.reply(data).await }, None)?
             .expect("waits without a timeout")?;
@@ -201,10 +209,11 @@ fn peer_repr((host, port): &(String, u16)) -> String {
     format!("('{host}', {port})")
 }
 
-/// Which API an event is made for: the message's `reply` blocks, or is awaited.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flavour {
-    Blocking,
+/// Which API an event is made for: the message's `reply` blocks (answering through the
+/// runtime the connection runs on, if a Python thread drives it), or is awaited.
+#[derive(Clone, Copy)]
+pub(crate) enum Flavour<'a> {
+    Blocking(Option<&'a Arc<Driven>>),
     Async,
 }
 
@@ -221,7 +230,13 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
         Event::Message(message) => {
             let fields = MessageFields::new(py, message);
             match flavour {
-                Flavour::Blocking => Message { fields }.into_pyobject(py)?.into_any().unbind(),
+                Flavour::Blocking(driven) => Message {
+                    fields,
+                    driven: driven.cloned(),
+                }
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
                 Flavour::Async => AsyncMessage { fields }
                     .into_pyobject(py)?
                     .into_any()

@@ -5,6 +5,7 @@ mod aio;
 mod client;
 mod convert;
 mod dispatch;
+mod driven;
 mod errors;
 mod events;
 mod exit;

@@ -2,12 +2,13 @@
 //! GIL, in slices of about 100 ms with a check for Ctrl-C between them.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 
 /// How often a blocked call wakes to let `KeyboardInterrupt` (and other signals) through.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
@@ -53,6 +54,30 @@ pub(crate) fn wait_reporting<F>(
     py: Python<'_>,
     future: F,
     timeout: Option<Duration>,
+    between: impl FnMut(Python<'_>) -> PyResult<()>,
+) -> PyResult<Option<F::Output>>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let slice = |future: Pin<&mut F>, slice: Duration| {
+        runtime().block_on(async { tokio::time::timeout(slice, future).await.ok() })
+    };
+    wait_in_slices(py, runtime().handle(), slice, future, timeout, between)
+}
+
+/// The waiting loop of [`wait_reporting`], with `run_slice` doing the waiting of one slice
+/// (released from the GIL) in the context of `handle`: blocking on the shared runtime, or
+/// driving a server's own (`driven.rs`).
+///
+/// # Errors
+/// Whatever a signal handler or `between` raises.
+pub(crate) fn wait_in_slices<F>(
+    py: Python<'_>,
+    handle: &Handle,
+    run_slice: impl Fn(Pin<&mut F>, Duration) -> Option<F::Output> + Sync,
+    future: F,
+    timeout: Option<Duration>,
     mut between: impl FnMut(Python<'_>) -> PyResult<()>,
 ) -> PyResult<Option<F::Output>>
 where
@@ -64,7 +89,7 @@ where
     // NOTE: the fast path. A message already queued, or room in a send queue, completes on the
     // first poll: no GIL release, no trip through the runtime.
     {
-        let _context = runtime().enter();
+        let _context = handle.enter();
         let mut context = Context::from_waker(Waker::noop());
         if let Poll::Ready(done) = future.as_mut().poll(&mut context) {
             return Ok(Some(done));
@@ -77,9 +102,7 @@ where
                 .min(SIGNAL_CHECK),
             None => SIGNAL_CHECK,
         };
-        let done = py.detach(|| {
-            runtime().block_on(async { tokio::time::timeout(slice, future.as_mut()).await.ok() })
-        });
+        let done = py.detach(|| run_slice(future.as_mut(), slice));
         if done.is_some() {
             return Ok(done);
         }

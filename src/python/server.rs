@@ -1,8 +1,11 @@
 //! `socketcomm.Server` and its event classes.
 //!
 //! Events reach Python three ways: pulled (`recv`, iteration), pushed to `on_*` callbacks by a
-//! dispatcher that takes the GIL once per batch, or not at all in the native modes. No Python
-//! runs on a tokio thread: the dispatcher is the `serve_forever` caller or a thread of its own.
+//! dispatcher that takes the GIL once per batch, or not at all in the native modes. The
+//! connections of an event-mode server run on a runtime of their own that the waiting Python
+//! thread drives (`driven.rs`), so a message is read, handled and answered on one thread; Python
+//! runs only on the server's Python threads (the `serve_forever` caller, the dispatcher threads,
+//! a pull loop's thread), never inside a runtime. The native modes run on the shared runtime.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -13,7 +16,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::convert::{address, payload, resolve};
-use super::dispatch::{dispatch, Scheduler};
+use super::dispatch::{dispatch, in_handler, Scheduler};
+use super::driven::Driven;
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
@@ -63,12 +67,13 @@ impl Handlers {
         }
     }
 
-    /// Runs the callback for one event. A callback's exception is logged, never propagated: one
-    /// bad message must not stop the server. Only `KeyboardInterrupt` (Ctrl-C) comes back.
+    /// Runs the callback for one event, and answers the message with what `on_message`
+    /// returned. A callback's exception is logged, never propagated: one bad message must not
+    /// stop the server. Only `KeyboardInterrupt` (Ctrl-C) comes back.
     ///
     /// # Errors
     /// The `KeyboardInterrupt` a callback raised.
-    pub(super) fn handle(&self, py: Python<'_>, event: Event) -> PyResult<()> {
+    pub(super) fn handle(&self, py: Python<'_>, event: Event, driven: &Driven) -> PyResult<()> {
         let _running = self.clock.enter(handler_index(&event), event_conn(&event));
         let outcome = match &event {
             Event::Connected(conn) => self
@@ -83,14 +88,14 @@ impl Handlers {
                     return Ok(());
                 }
                 let answer = payload(answer)?;
-                let message = message.clone();
-                wait(py, async move { message.reply(answer).await }, None)?
-                    .expect("waits without a timeout")
-                    .or_else(|e| {
-                        // The client left before its answer: not the handler's fault.
-                        log::debug!("cannot deliver the handler's answer: {e}");
-                        Ok(())
-                    })
+                driven.reply(py, message, answer).or_else(|e| {
+                    if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+                        return Err(e);
+                    }
+                    // The client left before its answer: not the handler's fault.
+                    log::debug!("cannot deliver the handler's answer: {e}");
+                    Ok(())
+                })
             }),
             Event::FileReceived { conn, file } => self.on_file.as_ref().map(|h| {
                 let file =
@@ -157,8 +162,12 @@ pub(crate) struct PyServer {
     handlers: Handlers,
     /// How many dispatcher threads run the handlers, and what they share.
     handler_threads: usize,
-    scheduler: Arc<Scheduler>,
+    /// The dispatchers' shared state, on an event-mode server.
+    scheduler: Option<Arc<Scheduler>>,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Where the connections of an event-mode server run; `None` in the native modes, whose
+    /// connections run on the shared runtime (no Python waits for their messages).
+    driven: Option<Arc<Driven>>,
 }
 
 fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
@@ -298,10 +307,19 @@ impl PyServer {
             .unwrap_or_default(),
         };
         let addr = resolve(py, host, port)?;
-        let core = py.detach(|| core::Server::bind(addr, config))?;
-        // Serve at once: a client connecting right after construction must get its hello
-        // answered, whether or not anyone reads the events yet (they queue, bounded).
-        core.start(runtime().handle());
+        let core = Arc::new(py.detach(|| core::Server::bind(addr, config))?);
+        let driven = if core.config().mode.is_native() {
+            // Serve at once: a client connecting right after construction must get its hello
+            // answered, whether or not anyone reads the events yet (they queue, bounded).
+            core.start(runtime().handle());
+            None
+        } else {
+            // The same, by the caretaker, until a Python thread drives the connections.
+            let serving = Arc::clone(&core);
+            let driven = Arc::new(Driven::new(move || serving.has_ended())?);
+            core.start_serving_on(runtime().handle(), driven.handle());
+            Some(driven)
+        };
         if handlers.any() {
             watch(
                 Arc::clone(&handlers.clocks),
@@ -309,13 +327,20 @@ impl PyServer {
                 slow_handler,
             );
         }
-        let scheduler = Arc::new(Scheduler::new(core.events().clone(), handler_threads));
+        let scheduler = driven.as_ref().map(|driven| {
+            Arc::new(Scheduler::new(
+                core.events().clone(),
+                Arc::clone(driven),
+                handler_threads,
+            ))
+        });
         Ok(PyServer {
-            core: Arc::new(core),
+            core,
             handlers,
             handler_threads,
             scheduler,
             dispatchers: Mutex::new(Vec::new()),
+            driven,
         })
     }
 
@@ -373,11 +398,12 @@ impl PyServer {
         self.start_accepting(py)?;
         let events = self.core.events().clone();
         if self.handlers.any() {
-            if self.spawn_dispatchers(py, 1)? {
+            if let Some(scheduler) = self.spawn_dispatchers(py, 1)? {
                 // Be dispatcher 0 on this thread (with a clock of its own).
                 let handlers = self.handlers.clone_ref(py);
-                return dispatch(py, &self.scheduler, 0, |py, event| {
-                    handlers.handle(py, event)
+                let driven = scheduler.driven();
+                return dispatch(py, &scheduler, 0, |py, event| {
+                    handlers.handle(py, event, driven)
                 });
             }
             // start() already runs the dispatchers; wait for the server to end.
@@ -400,13 +426,14 @@ impl PyServer {
     fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let grace = timeout_from_secs("timeout", Some(timeout))?.unwrap_or_default();
         self.core.shutdown();
-        wait(py, self.core.wait_closed(grace), None)?;
+        self.serve_until(py, self.core.wait_closed(grace), None)?;
         let dispatchers = std::mem::take(&mut *lock(&self.dispatchers));
+        if in_handler() {
+            // close() called from a handler: the dispatchers (this one too) end by themselves
+            // once the last events are handled, which cannot happen while this one waits here.
+            return Ok(());
+        }
         for thread in dispatchers {
-            if thread.thread().id() == std::thread::current().id() {
-                // close() called from a handler: this dispatcher ends by itself.
-                continue;
-            }
             py.detach(|| thread.join())
                 .map_err(|_| PyRuntimeError::new_err("a dispatcher thread panicked"))?;
         }
@@ -507,7 +534,11 @@ impl PyServer {
         };
         let mut batch = vec![first];
         for event in self.core.events().try_iter().take(max - 1) {
-            batch.push(event_to_py(py, event, Flavour::Blocking)?);
+            batch.push(event_to_py(
+                py,
+                event,
+                Flavour::Blocking(self.driven.as_ref()),
+            )?);
         }
         Ok(batch)
     }
@@ -624,18 +655,42 @@ impl PyServer {
         &self.core
     }
 
+    /// Drives `future` to its end from this Python thread: on an event-mode server this thread
+    /// serves the connections meanwhile.
+    ///
+    /// # Errors
+    /// Whatever a signal handler raises.
+    fn serve_until<F>(
+        &self,
+        py: Python<'_>,
+        future: F,
+        timeout: Option<Duration>,
+    ) -> PyResult<Option<F::Output>>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        match &self.driven {
+            Some(driven) => driven.drive(py, future, timeout),
+            None => wait(py, future, timeout),
+        }
+    }
+
     /// Starts the dispatcher threads from number `first` on (the caller is dispatcher 0 when
-    /// `first` is 1), unless they were started already; returns whether it did. At exit, a
-    /// server still serving is stopped so that they leave Python before the interpreter goes
-    /// away.
-    fn spawn_dispatchers(&self, py: Python<'_>, first: usize) -> PyResult<bool> {
+    /// `first` is 1), unless they were started already; returns their scheduler if it did. At
+    /// exit, a server still serving is stopped so that they leave Python before the
+    /// interpreter goes away.
+    fn spawn_dispatchers(&self, py: Python<'_>, first: usize) -> PyResult<Option<Arc<Scheduler>>> {
+        let Some(scheduler) = &self.scheduler else {
+            return Ok(None);
+        };
         let mut dispatchers = lock(&self.dispatchers);
         if !dispatchers.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let (running, ended) = std::sync::mpsc::channel::<()>();
         for n in first..self.handler_threads {
-            let scheduler = Arc::clone(&self.scheduler);
+            let scheduler = Arc::clone(scheduler);
             let handlers = self.handlers.clone_ref(py);
             let running = running.clone();
             let thread = std::thread::Builder::new()
@@ -644,7 +699,8 @@ impl PyServer {
                     // Dropped when this thread ends, which is what exit waits for.
                     let _running = running;
                     with_python(|py| {
-                        let handle = |py: Python<'_>, event| handlers.handle(py, event);
+                        let driven = scheduler.driven();
+                        let handle = |py: Python<'_>, event| handlers.handle(py, event, driven);
                         if let Err(e) = dispatch(py, &scheduler, n, handle) {
                             e.print(py);
                         }
@@ -659,7 +715,7 @@ impl PyServer {
             core.shutdown();
             let _ = ended.recv();
         }));
-        Ok(true)
+        Ok(Some(Arc::clone(scheduler)))
     }
 
     /// Starts the accept loop unless it runs; refuses a closed server.
@@ -679,10 +735,14 @@ impl PyServer {
             self.start_accepting(py)?;
         }
         let events = self.core.events().clone();
-        match wait(py, async move { events.recv_async().await }, timeout)? {
+        match self.serve_until(py, async move { events.recv_async().await }, timeout)? {
             None => Ok(NextEvent::TimedOut),
             Some(Err(_)) => Ok(NextEvent::Closed),
-            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(py, event, Flavour::Blocking)?)),
+            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(
+                py,
+                event,
+                Flavour::Blocking(self.driven.as_ref()),
+            )?)),
         }
     }
 }

@@ -18,13 +18,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ServerConfig, SlowReader};
+pub use crate::connection::Reserved;
 use crate::connection::{Outbox, Readiness};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
@@ -189,6 +190,15 @@ impl Message {
     /// As [`Connection::send`].
     pub fn try_reply(&self, data: Bytes) -> Result<bool> {
         self.conn.outbox.try_send(self.answer(data))
+    }
+
+    /// Takes the answer's place in the outbound queue if it has room (`Ok(None)` when it is
+    /// full); [`Reserved::send`] queues it later without waiting.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn reserve_reply(&self, data: Bytes) -> Result<Option<Reserved>> {
+        self.conn.outbox.try_reserve(self.answer(data))
     }
 }
 
@@ -416,17 +426,31 @@ impl Server {
         &self.hub.config
     }
 
-    /// Starts accepting on `runtime`. Returns `false` when already started or shut down.
+    /// Starts accepting on `runtime`, serving the connections there too. Returns `false` when
+    /// already started or shut down.
     pub fn start(&self, runtime: &Handle) -> bool {
+        self.start_accepting(runtime, None)
+    }
+
+    /// Starts accepting on `accept` and serves each accepted connection on `connections`: for
+    /// example a current-thread runtime that the application's own threads drive, so that a
+    /// message is read, handled and answered on one thread. Returns `false` when already started
+    /// or shut down.
+    pub fn start_serving_on(&self, accept: &Handle, connections: &Handle) -> bool {
+        self.start_accepting(accept, Some(connections))
+    }
+
+    fn start_accepting(&self, accept: &Handle, connections: Option<&Handle>) -> bool {
         let Some((listeners, events)) = lock(&self.unstarted).take() else {
             return false;
         };
-        let _guard = runtime.enter();
+        let _guard = accept.enter();
         for listener in listeners {
             let hub = Arc::clone(&self.hub);
+            let serving = connections.cloned();
             self.hub
                 .tasks
-                .spawn_on(accept_loop(hub, listener, events.clone()), runtime);
+                .spawn_on(accept_loop(hub, listener, events.clone(), serving), accept);
         }
         true
     }
@@ -549,6 +573,11 @@ impl Server {
         lock(&self.unstarted).take();
     }
 
+    /// Whether the server has shut down and every one of its tasks has ended.
+    pub fn has_ended(&self) -> bool {
+        self.hub.stop.is_cancelled() && self.hub.tasks.is_empty()
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.hub.stop.is_cancelled()
     }
@@ -601,7 +630,13 @@ fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net
     Ok(socket.into())
 }
 
-async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: EventSender) {
+/// Accepts connections until the server stops, serving each on `serving` (or where it runs).
+async fn accept_loop(
+    hub: Arc<Hub>,
+    listener: std::net::TcpListener,
+    events: EventSender,
+    serving: Option<Handle>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -626,12 +661,36 @@ async fn accept_loop(hub: Arc<Hub>, listener: std::net::TcpListener, events: Eve
                     Ok(slot) => {
                         // Ids follow the order of accepts.
                         let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-                        let task =
-                            handler::serve(Arc::clone(&hub), id, stream, peer, events.clone());
-                        hub.tasks.spawn(async move {
-                            task.await;
-                            drop(slot);
-                        });
+                        let (conn_hub, events) = (Arc::clone(&hub), events.clone());
+                        let Some(serving) = &serving else {
+                            hub.tasks.spawn(async move {
+                                handler::serve(conn_hub, id, stream, peer, events).await;
+                                drop(slot);
+                            });
+                            continue;
+                        };
+                        // NOTE: a socket is registered with the runtime that made it; it moves
+                        // as a plain descriptor, so that its readiness wakes the runtime that
+                        // serves it, not this one.
+                        let stream = match stream.into_std() {
+                            Ok(stream) => stream,
+                            Err(e) => {
+                                log::warn!("cannot hand the connection from {peer} over: {e}");
+                                continue;
+                            }
+                        };
+                        hub.tasks.spawn_on(
+                            async move {
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => {
+                                        handler::serve(conn_hub, id, stream, peer, events).await;
+                                    }
+                                    Err(e) => log::warn!("cannot serve {peer}: {e}"),
+                                }
+                                drop(slot);
+                            },
+                            serving,
+                        );
                     }
                     Err(_) => match Arc::clone(&hub.refusals).try_acquire_owned() {
                         Ok(permit) => {

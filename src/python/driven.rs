@@ -1,0 +1,265 @@
+//! The runtime an event-mode server's connections run on: a current-thread tokio runtime that the
+//! server's own Python threads drive while they wait for events (the handler dispatchers, a pull
+//! loop, `close()`), so that a message is read, handled and answered on one thread, with no
+//! hand-off to another thread and back (each hand-off is the wake-up of a parked thread, which
+//! cost more than the Python handler itself).
+//!
+//! The rule that keeps Python off the I/O: Python runs only on the server's Python threads, and
+//! never inside this runtime. A thread leaves the runtime with the events that are ready before
+//! it runs Python on them, so the runtime is free for another thread to drive while a handler
+//! runs. While no Python thread drives it for [`HANDOFF`], a caretaker thread does (one that
+//! never touches Python), so that connections are served (hellos answered, replies written,
+//! files received) whatever the application is doing, and it steps aside as soon as a Python
+//! thread comes back to drive.
+//!
+//! NOTE: nothing here relies on the GIL. The runtime's core is taken by one thread at a time by
+//! tokio itself, so the design holds on the free-threaded build too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use pyo3::prelude::*;
+use tokio::runtime::{Handle, Runtime};
+
+use super::runtime::{wait, wait_in_slices};
+use crate::server::{Message, Reserved};
+
+/// How long the runtime may go without a Python thread driving it before the caretaker does.
+/// Short enough that a reply written by a thread that then goes off to do something else is sent
+/// within milliseconds; long enough that a dispatcher running a batch of handlers (which takes
+/// microseconds) is never relieved by it.
+pub(crate) const HANDOFF: Duration = Duration::from_millis(10);
+
+/// How often the caretaker, while it drives, checks whether the server has ended.
+const CARETAKER_CHECK: Duration = Duration::from_millis(100);
+
+/// A current-thread runtime that the threads of one server take turns driving.
+pub(crate) struct Driven {
+    shared: Arc<Shared>,
+    caretaker: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    /// `None` only while being dropped.
+    runtime: Option<Runtime>,
+    /// Python threads in [`Driven::run`]: driving the runtime, or waiting for it.
+    drivers: AtomicUsize,
+    base: Instant,
+    /// When a Python thread last left the runtime, in milliseconds since `base`.
+    left_at: AtomicU64,
+    /// Wakes the caretaker's turn so that it steps aside for a Python thread.
+    caretaker_turn: AtomicWaker,
+    /// Set while the caretaker drives the runtime.
+    caretaking: AtomicBool,
+    /// Answers with their place in their connection's queue taken, to queue from inside the
+    /// runtime when a thread next drives it.
+    answers: Mutex<Vec<Reserved>>,
+}
+
+impl Shared {
+    fn runtime(&self) -> &Runtime {
+        self.runtime.as_ref().expect("dropped only at the end")
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn queue_answers(&self) {
+        let answers = std::mem::take(&mut *lock(&self.answers));
+        for answer in answers {
+            answer.send();
+        }
+    }
+
+    /// Whether a thread drives the runtime now (or waits to), so that an answer kept for later
+    /// might wait for that thread's next turn.
+    fn is_driven(&self) -> bool {
+        self.drivers.load(Ordering::SeqCst) > 0 || self.caretaking.load(Ordering::SeqCst)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Never block here: the last owner may be anywhere, even inside another runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Driven {
+    /// A new runtime, and its caretaker, which serves it until `ended()` holds.
+    ///
+    /// # Errors
+    /// `RuntimeError` when the runtime or the caretaker thread cannot be started.
+    pub(crate) fn new(ended: impl Fn() -> bool + Send + 'static) -> PyResult<Driven> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                pyo3::exceptions::PyRuntimeError::new_err(format!(
+                    "cannot start the server's runtime: {e}"
+                ))
+            })?;
+        let shared = Arc::new(Shared {
+            runtime: Some(runtime),
+            drivers: AtomicUsize::new(0),
+            base: Instant::now(),
+            left_at: AtomicU64::new(0),
+            caretaker_turn: AtomicWaker::new(),
+            caretaking: AtomicBool::new(false),
+            answers: Mutex::new(Vec::new()),
+        });
+        let caretaker = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("socketcomm-serve".to_owned())
+                .spawn(move || caretake(&shared, ended))
+                .map_err(|e| {
+                    pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "cannot start the server's caretaker thread: {e}"
+                    ))
+                })?
+        };
+        Ok(Driven {
+            shared,
+            caretaker: Mutex::new(Some(caretaker)),
+        })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        self.shared.runtime().handle()
+    }
+
+    /// Answers `message` with `body`. With room in the connection's queue, the answer takes
+    /// its place there now and is queued when this thread next drives the runtime (or at once
+    /// when another thread drives it now); with none, this waits for room, released from the
+    /// GIL, after queueing every answer kept so far (so that answers keep their order).
+    ///
+    /// # Errors
+    /// As [`Message::reply`] (the connection ended, or the answer is larger than the client
+    /// accepts), and whatever a signal handler raises while waiting.
+    pub(crate) fn reply(&self, py: Python<'_>, message: &Message, body: Bytes) -> PyResult<()> {
+        let shared = &*self.shared;
+        match message.reserve_reply(body.clone())? {
+            Some(answer) => {
+                lock(&shared.answers).push(answer);
+                // SeqCst, paired with the drivers' entry: either a thread that enters now
+                // finds the answer, or this sees that thread and queues the answer itself.
+                if shared.is_driven() {
+                    shared.queue_answers();
+                }
+            }
+            None => {
+                shared.queue_answers();
+                let message = message.clone();
+                wait(py, async move { message.reply(body).await }, None)?
+                    .expect("waits without a timeout")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether answers wait to be queued.
+    pub(crate) fn has_answers(&self) -> bool {
+        !lock(&self.shared.answers).is_empty()
+    }
+
+    /// Drives the runtime on this thread (which must not hold the GIL) until `future` completes
+    /// or `slice` passes (`None`). While another thread drives it, this one waits for its turn,
+    /// and `future` still completes as soon as it can.
+    pub(crate) fn run<F: Future>(&self, future: F, slice: Duration) -> Option<F::Output> {
+        let shared = &*self.shared;
+        shared.drivers.fetch_add(1, Ordering::SeqCst);
+        shared.caretaker_turn.wake();
+        let done = shared.runtime().block_on(async {
+            shared.queue_answers();
+            tokio::time::timeout(slice, future).await.ok()
+        });
+        shared.left_at.store(shared.now_ms(), Ordering::Release);
+        shared.drivers.fetch_sub(1, Ordering::SeqCst);
+        done
+    }
+
+    /// Drives the runtime from a Python thread until `future` completes or `timeout` passes
+    /// (`Ok(None)`), released from the GIL, with a check for signals every 100 ms (Ctrl-C
+    /// raises `KeyboardInterrupt` here; the future is dropped then). A future that is ready at
+    /// once completes without releasing the GIL.
+    ///
+    /// # Errors
+    /// Whatever a signal handler raises.
+    pub(crate) fn drive<F>(
+        &self,
+        py: Python<'_>,
+        future: F,
+        timeout: Option<Duration>,
+    ) -> PyResult<Option<F::Output>>
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        let slice = |future: Pin<&mut F>, slice: Duration| self.run(future, slice);
+        wait_in_slices(py, self.handle(), slice, future, timeout, |_| Ok(()))
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        // The caretaker ends by itself once the server has ended; a server dropped unclosed
+        // is shut down by its owner first, so that wait is short. Never wait for it here while
+        // the server might still be serving: detach it instead.
+        drop(lock(&self.caretaker).take());
+    }
+}
+
+/// The caretaker's loop: drives the runtime whenever no Python thread has for [`HANDOFF`], until
+/// the server has ended.
+fn caretake(shared: &Shared, ended: impl Fn() -> bool) {
+    loop {
+        std::thread::sleep(HANDOFF / 2);
+        if ended() {
+            return;
+        }
+        let idle = shared.drivers.load(Ordering::SeqCst) == 0
+            && shared
+                .now_ms()
+                .saturating_sub(shared.left_at.load(Ordering::Acquire))
+                >= HANDOFF.as_millis() as u64;
+        if !idle {
+            continue;
+        }
+        // Drive until a Python thread wants the runtime back, checking now and then whether the
+        // server has ended.
+        shared.caretaking.store(true, Ordering::SeqCst);
+        while !ended() {
+            let stepped_aside = shared.runtime().block_on(async {
+                shared.queue_answers();
+                let wanted = std::future::poll_fn(|cx| {
+                    shared.caretaker_turn.register(cx.waker());
+                    if shared.drivers.load(Ordering::SeqCst) > 0 {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                });
+                tokio::time::timeout(CARETAKER_CHECK, wanted).await.is_ok()
+            });
+            if stepped_aside {
+                break;
+            }
+        }
+        shared.caretaking.store(false, Ordering::SeqCst);
+    }
+}
