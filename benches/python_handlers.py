@@ -1,8 +1,8 @@
 """The Python-handler benchmark: socketcomm serving a Python function per message, next to
 asyncio Protocol servers (uvloop and the standard loop) running the same function, in one run.
 
-    python benches/python_handlers.py --quick     # 1 s warm-up and 3 s window per row
-    python benches/python_handlers.py             # 2 s and 8 s per row
+    python benches/python_handlers.py --quick     # 1 s warm-up, 3 s window: about 6 minutes
+    python benches/python_handlers.py             # 2 s and 8 s: about 15 minutes
 
 Four load shapes, each framed (socketcomm's protocol) and raw (plain bytes, as a third-party
 load generator sends them): 50 connections x 1 KiB with one message in flight each, and
@@ -14,7 +14,9 @@ round trips of both clients next to their stdlib and asyncio streams peers.
 
 Every figure is msgs/s with the server's CPU time per message (from /proc over the window) and
 the load generator's own CPU; a row whose load generator used more than 90% of a core was
-limited by it, not by the server, and is marked so.
+limited by it, not by the server, and is marked so. "CPU stolen" is the share of the machine's
+CPU time the hypervisor gave to other guests during the row: a round with much of it ran on a
+slower machine, which is why every row runs several rounds in turn and keeps its median.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ def row(result: Result) -> str:
     return (
         f"| {result.label}{bound} | {result.msgs_per_s:,.0f} | {result.mb_per_s:.1f} | "
         f"{result.p50_us:.0f} | {result.p99_us:.0f} | {result.server_cpu_us_per_msg:.2f} | "
-        f"{result.loadgen_cpu:.0%} |"
+        f"{result.loadgen_cpu:.0%} | {result.steal:.0%} |"
     )
 
 
 HEADER = [
-    "| server | msgs/s | MB/s | p50 µs | p99 µs | server CPU µs/msg | load generator CPU |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| server | msgs/s | MB/s | p50 µs | p99 µs | server CPU µs/msg | load generator CPU "
+    "| CPU stolen |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
 
 
@@ -128,7 +131,7 @@ def measure_rows(
         if kind in results:
             lines.append(row(results[kind]))
         else:
-            lines.append(f"| {label} | failed: {failures[kind]} | | | | | |")
+            lines.append(f"| {label} | failed: {failures[kind]} | | | | | | |")
     return results, [*lines, ""]
 
 

@@ -133,6 +133,9 @@ class Result:
     p99_us: float
     server_cpu_us_per_msg: float
     loadgen_cpu: float  # fraction of one core
+    # The share of the machine's CPU time the hypervisor gave to others during the row: a row
+    # with much of it ran on a machine slower than the others did.
+    steal: float = 0.0
 
     @property
     def client_bound(self) -> bool:
@@ -170,8 +173,16 @@ def make_tls_files() -> Path:
     return folder
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(n) for n in stat.readline().split()[1:]]
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
 def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
     peer = Peer(kind)
+    ticks_before = cpu_ticks()
     tls = ["--tls"] if "tls" in kind or "ssl" in kind else []
     shape = ["--depth", str(getattr(args, "depth", 1))]
     if getattr(args, "raw", False):
@@ -202,6 +213,7 @@ def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
         )
     finally:
         peer.stop()
+    ticks, stolen = (after - before for after, before in zip(cpu_ticks(), ticks_before))
     data = json.loads(completed.stdout)
     messages = data["messages"]
     if not messages:
@@ -215,6 +227,7 @@ def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
         p99_us=data["p99_us"],
         server_cpu_us_per_msg=(data["server_cpu_s"] or 0.0) * 1e6 / messages,
         loadgen_cpu=(data["loadgen_cpu_s"] or 0.0) / data["seconds"],
+        steal=stolen / ticks if ticks else 0.0,
     )
 
 

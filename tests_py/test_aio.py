@@ -130,7 +130,8 @@ def test_a_cancelled_recv_loses_no_message(run: Runner) -> None:
                     for n in range(2000):
                         await server.send(connected.conn_id, str(n))
                         if n % 50 == 0:
-                            await asyncio.sleep(0.001)
+                            # Pauses long enough that some receives time out while waiting.
+                            await asyncio.sleep(0.005)
 
                 pushing = asyncio.create_task(push())
                 received: list[bytes] = []

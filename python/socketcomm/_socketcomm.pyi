@@ -1,8 +1,11 @@
 """The native core of socketcomm (Rust, tokio), exposed through PyO3.
 
 Every blocking call below releases the GIL while it waits and wakes at least every 100 ms to let
-signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/O happens on a
-process-wide pool of tokio threads that never run Python code.
+signal handlers run, so Ctrl-C raises ``KeyboardInterrupt`` promptly. Network I/O happens in
+Rust (tokio): for the native modes and clients on a process-wide pool of threads, and for an
+event-mode server on a runtime of its own that the Python thread waiting for its events drives
+(a handler thread, the pull loop's thread), so that a message is read, handled and answered on
+one thread. Python runs only on those Python threads, never inside a runtime.
 """
 
 import os
@@ -29,6 +32,7 @@ __all__ = [
     "Disconnected",
     "FileReceived",
     "FileSent",
+    "Flush",
     "FrameTooLargeError",
     "Message",
     "PeerIdentity",
@@ -330,6 +334,13 @@ class AbortOnCancel:
 
     def __call__(self, future: Any, /) -> None: ...
 
+@final
+class Flush:
+    """Queues the answers an `aio` server's messages were given during one turn of the loop
+    (scheduled with ``call_soon`` by the first of them)."""
+
+    def __call__(self, *args: Any) -> None: ...
+
 def _deliver(future: Any, is_error: bool, value: Any) -> None:
     """Sets an asyncio future's outcome on its loop, unless it was cancelled meanwhile."""
 
@@ -413,9 +424,12 @@ class Server:
     dispatcher threads that take one connection at a time: a connection's events are handled
     in order, one after another, and a handler that blocks (on I/O, a lock, a sleep) holds up
     its own connection while the other threads serve the rest (the GIL still runs one handler's
-    Python at a time). A warning on the ``socketcomm`` logger names a handler and its
-    connection once it has run for ``slow_handler`` seconds; when every thread is blocked, all
-    events wait (in ``event_queue``, bounded).
+    Python at a time). One thread does the work, reading, handling and answering on the same
+    thread; the next joins in once every thread before it has been stuck in one handler for
+    20 ms, so a blocked handler delays the other connections by about that much. A warning on
+    the ``socketcomm`` logger names a handler and its connection once it has run for
+    ``slow_handler`` seconds; when every thread is blocked, all events wait (in
+    ``event_queue``, bounded).
 
     TLS: with ``tls=ServerTls(...)`` the server speaks TLS only. A plaintext client is told
     that TLS is required (a close frame with code 1008, or a line of text) and closed; a client
@@ -567,8 +581,11 @@ class Server:
         """Sends a file to a connection; the awaitable gives the `FileSent`."""
     def _try_event(self) -> Connected | AsyncMessage | FileReceived | Disconnected | None:
         """The next event (asyncio flavour) if one is queued, else None."""
-    def _event_ready(self) -> Awaitable[None]:
-        """Completes when ``_try_event`` has an event or the end to report."""
+    def _wakeup_fd(self) -> int:
+        """The descriptor that becomes readable once ``_arm`` was called and ``_try_event``
+        has an event or the end to report."""
+    def _arm(self) -> None:
+        """The loop is about to wait for an event: wake it through ``_wakeup_fd``."""
     def _send(self, conn_id: int, data: _Data) -> Awaitable[None]:
         """Sends to one connection, waiting for room in its queue."""
     def _broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> Awaitable[int]:

@@ -24,6 +24,7 @@ its reply, if it comes, is discarded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Iterable
@@ -121,6 +122,47 @@ async def _take(try_take: Callable[[], Any], ready: Callable[[], Awaitable[None]
         if item is not None:
             return item
         await ready()
+
+
+class _Wakeup:
+    """Waits for a server's next event on the running loop, through the descriptor the core
+    writes one byte to per batch of events (see src/python/wakeup.rs): the loop watches it
+    with ``add_reader``, so an event costs no thread hop and no task."""
+
+    def __init__(self, core: _socketcomm.Server) -> None:
+        self._core = core
+        self._fd = core._wakeup_fd()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.stop()
+            loop.add_reader(self._fd, self._woken)
+            self._loop = loop
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        self._core._arm()
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 4096)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def stop(self) -> None:
+        """Stops watching the descriptor (on close, or before moving to another loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._loop = None
 
 
 class Client:
@@ -310,6 +352,7 @@ class Server:
             )
         self._core = _socketcomm.Server(host, port, **options)
         self._task: asyncio.Task[None] | None = None
+        self._wakeup = _Wakeup(self._core)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -337,7 +380,7 @@ class Server:
         return event
 
     async def _next_event(self) -> Event:
-        event: Event = await _take(self._core._try_event, self._core._event_ready)
+        event: Event = await _take(self._core._try_event, self._wakeup.wait)
         return event
 
     async def recv_many(self, max: int = 256, timeout: float | None = None) -> list[Event]:
@@ -435,15 +478,21 @@ class Server:
         await self._core._close(timeout)
         if self._task is not None and self._task is not asyncio.current_task():
             await self._task
+        self._wakeup.stop()
 
     def __aiter__(self) -> Server:
         return self
 
     async def __anext__(self) -> Event:
+        # NOTE: the loop of every asyncio server; the queued case costs one call and no
+        # further coroutine (each level of them costs about a microsecond per event).
+        try_event = self._core._try_event
         try:
-            return await self._next_event()
+            while (event := try_event()) is None:
+                await self._wakeup.wait()
         except ConnectionClosedError:
             raise StopAsyncIteration from None
+        return event
 
     async def __aenter__(self) -> Server:
         self.start()

@@ -33,10 +33,34 @@ use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
+use super::wakeup::Wakeup;
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use crate::error::Error;
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 use std::path::PathBuf;
+
+/// Queues the answers kept during a turn of the loop (`wakeup.rs`); scheduled with
+/// `call_soon` by the first answer of the turn.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct Flush(Arc<Wakeup>);
+
+#[pymethods]
+impl Flush {
+    #[pyo3(signature = (*_args))]
+    fn __call__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) {
+        self.0.flush();
+    }
+}
+
+/// Schedules a [`Flush`] at the end of the running loop's turn.
+///
+/// # Errors
+/// When there is no running loop.
+pub(crate) fn schedule_flush(py: Python<'_>, wakeup: &Arc<Wakeup>) -> PyResult<()> {
+    let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+    event_loop.call_method1("call_soon", (Flush(Arc::clone(wakeup)),))?;
+    Ok(())
+}
 
 /// An awaitable that is already complete (with None): what a call returns when its work was
 /// done at once, so that the fast path costs no asyncio future and no task.
@@ -364,7 +388,11 @@ impl PyServer {
     /// ConnectionClosedError once the server is closed and every event was read.
     fn _try_event(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         match self.core().try_event() {
-            Ok(Some(event)) => Ok(Some(event_to_py(py, event, Flavour::Async)?)),
+            Ok(Some(event)) => {
+                let wakeup = self.wakeup()?;
+                let answering = self.driven().map(|driven| (driven, &wakeup));
+                Ok(Some(event_to_py(py, event, Flavour::Async(answering))?))
+            }
             Ok(None) => Ok(None),
             Err(()) => Err(errors::closed(
                 py,
@@ -373,13 +401,16 @@ impl PyServer {
         }
     }
 
-    /// Completes when `_try_event` has an event or the end to report.
-    fn _event_ready<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move {
-            core.event_ready().await;
-            Ok::<_, Error>(())
-        })
+    /// The descriptor that becomes readable (one byte per wake-up) once `_arm` was called and
+    /// `_try_event` has an event or the end to report; the loop watches it with `add_reader`.
+    fn _wakeup_fd(&self) -> PyResult<i32> {
+        Ok(self.wakeup()?.fd())
+    }
+
+    /// The loop is about to wait for an event: wake it through `_wakeup_fd` when one is there.
+    fn _arm(&self) -> PyResult<()> {
+        self.wakeup()?.arm();
+        Ok(())
     }
 
     /// Sends to one connection, waiting for room in its queue.

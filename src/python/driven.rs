@@ -172,6 +172,17 @@ impl Driven {
         Ok(())
     }
 
+    /// Keeps `answer` (its place in the queue taken) until [`Driven::queue_kept`], which the
+    /// caller arranges for soon: the asyncio API, once per turn of its loop.
+    pub(crate) fn keep(&self, answer: Reserved) {
+        lock(&self.shared.answers).push(answer);
+    }
+
+    /// Queues every kept answer; from inside the runtime, waking their tasks costs nothing.
+    pub(crate) fn queue_kept(&self) {
+        self.shared.queue_answers();
+    }
+
     /// Whether answers wait to be queued.
     pub(crate) fn has_answers(&self) -> bool {
         !lock(&self.shared.answers).is_empty()

@@ -7,7 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
-use super::aio::{ready, spawn_awaitable};
+use super::aio::{ready, schedule_flush, spawn_awaitable};
 use std::sync::Arc;
 
 use super::convert::{address, payload};
@@ -15,6 +15,7 @@ use super::driven::Driven;
 use super::runtime::wait;
 use super::tls::{identity_of, PyPeerIdentity};
 use super::transfer::FileReceived;
+use super::wakeup::Wakeup;
 use crate::error::CloseInfo;
 use crate::server::{self as core, Event};
 use crate::tls::PeerIdentity;
@@ -93,6 +94,8 @@ pub(crate) struct Message {
 #[pyclass(frozen, module = "socketcomm._socketcomm")]
 pub(crate) struct AsyncMessage {
     fields: MessageFields,
+    /// Where its answer is kept until the loop's turn ends (see `wakeup.rs`).
+    answering: Option<(Arc<Driven>, Arc<Wakeup>)>,
 }
 
 /// The attributes both message flavours show, in one `#[pymethods]` block per class.
@@ -164,9 +167,22 @@ impl AsyncMessage {
     /// has room, and waits for room otherwise.
     fn reply<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
-        if self.fields.inner.try_reply(data.clone())? {
+        let Some((driven, wakeup)) = &self.answering else {
+            if self.fields.inner.try_reply(data.clone())? {
+                return ready(py);
+            }
+            let message = self.fields.inner.clone();
+            return spawn_awaitable(py, async move { message.reply(data).await });
+        };
+        if let Some(answer) = self.fields.inner.reserve_reply(data.clone())? {
+            driven.keep(answer);
+            if wakeup.needs_flush() {
+                schedule_flush(py, wakeup)?;
+            }
             return ready(py);
         }
+        // The queue is full: what was kept goes first, so that answers keep their order.
+        driven.queue_kept();
         let message = self.fields.inner.clone();
         spawn_awaitable(py, async move { message.reply(data).await })
     }
@@ -210,11 +226,12 @@ fn peer_repr((host, port): &(String, u16)) -> String {
 }
 
 /// Which API an event is made for: the message's `reply` blocks (answering through the
-/// runtime the connection runs on, if a Python thread drives it), or is awaited.
+/// runtime the connection runs on, if a Python thread drives it), or is awaited (answering
+/// through the loop's wake-up, if the connections have a runtime of their own).
 #[derive(Clone, Copy)]
 pub(crate) enum Flavour<'a> {
     Blocking(Option<&'a Arc<Driven>>),
-    Async,
+    Async(Option<(&'a Arc<Driven>, &'a Arc<Wakeup>)>),
 }
 
 pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyResult<Py<PyAny>> {
@@ -237,10 +254,13 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
                 .into_pyobject(py)?
                 .into_any()
                 .unbind(),
-                Flavour::Async => AsyncMessage { fields }
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
+                Flavour::Async(answering) => AsyncMessage {
+                    fields,
+                    answering: answering.map(|(d, w)| (Arc::clone(d), Arc::clone(w))),
+                }
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
             }
         }
         Event::FileReceived { conn, file } => {

@@ -15,6 +15,7 @@ mod runtime;
 mod server;
 mod tls;
 mod transfer;
+mod wakeup;
 mod watchdog;
 
 use pyo3::prelude::*;
@@ -54,6 +55,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(aio::_connect, m)?)?;
     m.add_function(wrap_pyfunction!(aio::_deliver, m)?)?;
     m.add_class::<aio::AbortOnCancel>()?;
+    m.add_class::<aio::Flush>()?;
     m.add_class::<client::PyClient>()?;
     errors::register(m)?;
     Ok(())

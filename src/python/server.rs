@@ -25,6 +25,7 @@ use super::options::socket_options;
 use super::runtime::{runtime, timeout_from_secs, wait};
 use super::tls::PyServerTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
+use super::wakeup::Wakeup;
 use super::watchdog::{watch, Clocks, HandlerClock, HANDLER_NAMES};
 use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -168,6 +169,8 @@ pub(crate) struct PyServer {
     /// Where the connections of an event-mode server run; `None` in the native modes, whose
     /// connections run on the shared runtime (no Python waits for their messages).
     driven: Option<Arc<Driven>>,
+    /// How the events reach an asyncio loop, once `socketcomm.aio` serves this server.
+    wakeup: Mutex<Option<Arc<Wakeup>>>,
 }
 
 fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
@@ -341,6 +344,7 @@ impl PyServer {
             scheduler,
             dispatchers: Mutex::new(Vec::new()),
             driven,
+            wakeup: Mutex::new(None),
         })
     }
 
@@ -653,6 +657,27 @@ pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64
 impl PyServer {
     pub(crate) fn core(&self) -> &Arc<core::Server> {
         &self.core
+    }
+
+    pub(crate) fn driven(&self) -> Option<&Arc<Driven>> {
+        self.driven.as_ref()
+    }
+
+    /// The wake-up socket of `socketcomm.aio`, made on first use.
+    ///
+    /// # Errors
+    /// `OSError` when the socket pair cannot be made.
+    pub(crate) fn wakeup(&self) -> PyResult<Arc<Wakeup>> {
+        let mut wakeup = lock(&self.wakeup);
+        if let Some(wakeup) = &*wakeup {
+            return Ok(Arc::clone(wakeup));
+        }
+        let handle = self
+            .driven
+            .as_ref()
+            .map_or(runtime().handle(), |d| d.handle());
+        let made = Wakeup::start(Arc::clone(&self.core), self.driven.clone(), handle)?;
+        Ok(Arc::clone(wakeup.insert(made)))
     }
 
     /// Drives `future` to its end from this Python thread: on an event-mode server this thread
