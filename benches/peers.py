@@ -29,6 +29,7 @@ The TLS peers read the certificate and key (PEM) from the folder in $SOCKETCOMM_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -198,12 +199,15 @@ def serve_socketcomm(kind: str) -> None:
         if kind == "socketcomm-pull":
             for event in server:
                 if isinstance(event, socketcomm.Message):
-                    event.reply(handler(event.conn_id, event.data))
+                    # The load generator may leave before its last answers.
+                    with contextlib.suppress(socketcomm.ConnectionClosedError):
+                        event.reply(handler(event.conn_id, event.data))
         elif kind == "socketcomm-recv-many":
             while True:
                 for event in server.recv_many(256):
                     if isinstance(event, socketcomm.Message):
-                        event.reply(handler(event.conn_id, event.data))
+                        with contextlib.suppress(socketcomm.ConnectionClosedError):
+                            event.reply(handler(event.conn_id, event.data))
         else:
             server.serve_forever()
     except KeyboardInterrupt:
@@ -223,7 +227,8 @@ async def serve_socketcomm_aio() -> None:
         async def serve() -> None:
             async for event in server:
                 if isinstance(event, socketcomm.aio.Message):
-                    await event.reply(handler(event.conn_id, event.data))
+                    with contextlib.suppress(socketcomm.ConnectionClosedError):
+                        await event.reply(handler(event.conn_id, event.data))
 
         serving = asyncio.create_task(serve())
         await stop.wait()

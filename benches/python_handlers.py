@@ -152,7 +152,7 @@ def main() -> None:
     args.warmup, args.duration = (1.0, 3.0) if args.quick else (2.0, 8.0)
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     ensure_tools()
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     report = [
         f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {args.warmup:g} s warm-up, "
         f"{args.duration:g} s windows, median of {args.rounds} rounds.",

@@ -213,7 +213,7 @@ def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
         )
     finally:
         peer.stop()
-    ticks, stolen = (after - before for after, before in zip(cpu_ticks(), ticks_before))
+    ticks, stolen = (a - b for a, b in zip(cpu_ticks(), ticks_before, strict=True))
     data = json.loads(completed.stdout)
     messages = data["messages"]
     if not messages:
@@ -292,7 +292,7 @@ def main() -> None:
     args.warmup, args.duration = (1.0, 3.0) if args.quick else (2.0, 10.0)
 
     ensure_tools()
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     echo, handlers = [], []
     for kind, label in ECHO_PEERS:
         say(f"echo: {label}")

@@ -11,8 +11,6 @@ See the README for the command line (``socketcomm server``/``socketcomm client``
 ``docs/protocol.md`` for the wire format.
 """
 
-from typing import Union
-
 from socketcomm._socketcomm import (
     ACK_REPLY,
     DEFAULT_HOST,
@@ -39,7 +37,7 @@ from socketcomm._socketcomm import (
     __version__,
 )
 
-Event = Union[Connected, Message, FileReceived, Disconnected]
+Event = Connected | Message | FileReceived | Disconnected
 """What iterating over a `Server` yields."""
 
 __all__ = [

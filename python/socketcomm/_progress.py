@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from typing_extensions import Never
+    from typing import Never
 
 
 class Reporter(Protocol):

@@ -12,9 +12,9 @@ import os
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, final
+from typing import Any, Final, Self, TypeAlias, final
 
-from typing_extensions import Buffer, Self, TypeAlias
+from typing_extensions import Buffer
 
 __all__ = [
     "ACK_REPLY",

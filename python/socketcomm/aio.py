@@ -29,7 +29,7 @@ import inspect
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 from socketcomm import _progress, _socketcomm
 from socketcomm._socketcomm import (
@@ -56,12 +56,12 @@ __all__ = [
     "connect",
 ]
 
-Event = Union[Connected, Message, FileReceived, Disconnected]
+Event = Connected | Message | FileReceived | Disconnected
 """What iterating over an `aio.Server` yields."""
 
-Data = Union[str, bytes, bytearray, memoryview]
-PathLike = Union[str, "os.PathLike[str]"]
-Progress = Union[bool, Callable[[int, int], object], None]
+Data = str | bytes | bytearray | memoryview
+PathLike = str | os.PathLike[str]
+Progress = bool | Callable[[int, int], object] | None
 
 # Iteration over a client ends quietly on these close codes (normal, server shutting down).
 _QUIET_ENDINGS = (None, 1000, 1001)
@@ -73,7 +73,7 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -
         return await awaitable
     try:
         return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise TimeoutError(
             f"no {what} within {timeout:.3f} s; raise timeout= to wait longer"
         ) from None

@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
-    import tomli as tomllib
 
 from socketcomm._socketcomm import (
     ACK_REPLY,
