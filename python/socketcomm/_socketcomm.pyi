@@ -730,6 +730,11 @@ class Client:
         """The next message if one is waiting, else None."""
     def _readable(self) -> Awaitable[None]:
         """Completes when ``_try_recv`` has a message or the end to report."""
+    def _completions_fd(self) -> int:
+        """The descriptor that becomes readable when this client's awaitables have outcomes
+        to set; the loop watches it and calls ``_complete``."""
+    def _complete(self) -> None:
+        """Sets the outcomes handed over since the last call (on the loop's thread)."""
     def _try_send(self, data: _Data) -> bool:
         """Queues a message if there is room; False when the queue is full."""
     def _send(self, data: _Data) -> Awaitable[None]:

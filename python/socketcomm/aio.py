@@ -165,6 +165,31 @@ class _Wakeup:
         self._loop = None
 
 
+class _Completions:
+    """Runs the outcomes of a client's awaitables on the loop's own thread: the core writes a
+    byte to a descriptor the loop watches, once per batch of outcomes (src/python/wakeup.rs),
+    instead of handing each to a thread that must win the GIL from the loop."""
+
+    def __init__(self, core: _socketcomm.Client) -> None:
+        self._core = core
+        self._fd = core._completions_fd()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self) -> _socketcomm.Client:
+        """Makes sure the running loop watches the descriptor; returns the client."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.stop()
+            loop.add_reader(self._fd, self._core._complete)
+            self._loop = loop
+        return self._core
+
+    def stop(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._loop = None
+
+
 class Client:
     """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`
     (the socket options, ``local_address`` included, are passed as keywords).
@@ -204,11 +229,13 @@ class Client:
         }
         self._timeout = timeout
         self._core: _socketcomm.Client | None = None
+        self._completions: _Completions | None = None
 
     async def connect(self) -> Client:
         """Connects (once); returns the client. Raises as `socketcomm.Client()` does."""
         if self._core is None:
             self._core = await _socketcomm._connect(*self._target, **self._options)
+            self._completions = _Completions(self._core)
         return self
 
     @property
@@ -249,15 +276,22 @@ class Client:
         result: bytes = await _within(self._next_message(), limit, "message")
         return result
 
+    @property
+    def _watched(self) -> _socketcomm.Client:
+        """The connected client, its outcomes watched by the running loop."""
+        self._connected  # noqa: B018 - raises when not connected
+        assert self._completions is not None
+        return self._completions.watch()
+
     async def _next_message(self) -> bytes:
-        core = self._connected
+        core = self._watched
         message: bytes = await _take(core._try_recv, core._readable)
         return message
 
     async def request(self, data: Data, timeout: float | None = None) -> bytes:
         """Sends a request and returns the server's reply to it."""
         limit = timeout if timeout is not None else self._timeout
-        reply: bytes = await _within(self._connected._request(data), limit, "reply")
+        reply: bytes = await _within(self._watched._request(data), limit, "reply")
         return reply
 
     async def send_file(
@@ -284,6 +318,8 @@ class Client:
         """Writes what was sent, tells the server goodbye and closes. Idempotent."""
         if self._core is not None:
             await self._core._close()
+        if self._completions is not None:
+            self._completions.stop()
 
     def __aiter__(self) -> Client:
         return self

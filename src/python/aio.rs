@@ -33,7 +33,7 @@ use super::runtime::{runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
-use super::wakeup::Wakeup;
+use super::wakeup::{Completions, Job, Wakeup};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use crate::error::Error;
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
@@ -100,16 +100,42 @@ where
     F: Future<Output = Result<T, Error>> + Send + 'static,
     T: for<'py> IntoPyObject<'py> + Send + 'static,
 {
+    spawn_resolving(py, future, None)
+}
+
+/// As [`spawn_awaitable`], handing the outcome to `completions`, whose loop runs it on its own
+/// thread (see `wakeup.rs`), instead of to the completer thread.
+pub(crate) fn spawn_awaitable_to<'py, F, T>(
+    py: Python<'py>,
+    completions: &Arc<Completions>,
+    future: F,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
+{
+    spawn_resolving(py, future, Some(Arc::clone(completions)))
+}
+
+fn spawn_resolving<F, T>(
+    py: Python<'_>,
+    future: F,
+    completions: Option<Arc<Completions>>,
+) -> PyResult<Bound<'_, PyAny>>
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: for<'py> IntoPyObject<'py> + Send + 'static,
+{
     let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
     let py_future = event_loop.call_method0("create_future")?;
     let target = Target {
         event_loop: event_loop.unbind(),
         future: py_future.clone().unbind(),
+        on_loop: completions.is_some(),
     };
     let task = runtime().spawn(async move {
         let outcome = AssertUnwindSafe(future).catch_unwind().await;
-        // The completer is gone only once the interpreter is exiting: nobody awaits any more.
-        let _ = completer().send(Box::new(move |py: Python<'_>| {
+        let job: Job = Box::new(move |py: Python<'_>| {
             let value = match outcome {
                 Ok(Ok(value)) => value.into_py_any(py),
                 Ok(Err(error)) => Err(PyErr::from(error)),
@@ -118,7 +144,13 @@ where
                 )),
             };
             target.resolve(py, value);
-        }));
+        });
+        match completions {
+            Some(completions) => completions.push(job),
+            // The completer is gone only once the interpreter is exiting: nobody awaits any
+            // more.
+            None => drop(completer().send(job)),
+        }
     });
     py_future.call_method1(
         "add_done_callback",
@@ -133,6 +165,8 @@ where
 struct Target {
     event_loop: Py<PyAny>,
     future: Py<PyAny>,
+    /// Resolved on the loop's own thread (a [`Completions`] job), not from another.
+    on_loop: bool,
 }
 
 impl Target {
@@ -150,6 +184,10 @@ impl Target {
         }) else {
             return;
         };
+        if self.on_loop {
+            let _ = _deliver(self.future.bind(py), is_error, value.bind(py));
+            return;
+        }
         // A closed loop refuses the callback: its program is gone, and so is the awaiter.
         let _ = self.event_loop.bind(py).call_method1(
             "call_soon_threadsafe",
@@ -192,8 +230,6 @@ impl AbortOnCancel {
         Ok(())
     }
 }
-
-type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 
 /// Resolutions to hand to Python, in the order the tasks finished.
 fn completer() -> &'static std::sync::mpsc::Sender<Job> {
@@ -320,10 +356,22 @@ impl PyClient {
     /// Completes when `_try_recv` has a message or the end to report.
     fn _readable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move {
+        spawn_awaitable_to(py, &self.completions()?, async move {
             core.readable().await;
             Ok::<_, Error>(())
         })
+    }
+
+    /// The descriptor that becomes readable when awaitables of this client have outcomes to
+    /// set; the loop watches it with `add_reader` and then calls `_complete`.
+    fn _completions_fd(&self) -> PyResult<i32> {
+        Ok(self.completions()?.fd())
+    }
+
+    /// Sets the outcomes handed over since the last call (on the loop's thread).
+    fn _complete(&self, py: Python<'_>) -> PyResult<()> {
+        self.completions()?.run(py);
+        Ok(())
     }
 
     /// Queues a message if there is room; False when the queue is full.
@@ -346,7 +394,9 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move { core.request(data).await.map(Payload) })
+        spawn_awaitable_to(py, &self.completions()?, async move {
+            core.request(data).await.map(Payload)
+        })
     }
 
     /// Sends a file; returns the awaitable of its `FileSent` and the progress to watch.

@@ -1,6 +1,6 @@
 //! `socketcomm.Client`: the core client behind blocking methods that release the GIL.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::PyTimeoutError;
@@ -17,6 +17,7 @@ use pyo3::exceptions::PyValueError;
 use super::options::socket_options;
 use super::tls::PyClientTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
+use super::wakeup::Completions;
 use crate::config::{ClientConfig, SocketOptions};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
@@ -28,6 +29,8 @@ use std::path::PathBuf;
 pub(crate) struct PyClient {
     core: Arc<Client>,
     timeout: Option<Duration>,
+    /// How `socketcomm.aio`'s awaitables of this client reach its loop, once it uses them.
+    completions: Mutex<Option<Arc<Completions>>>,
 }
 
 /// The client settings from the Python options both APIs share.
@@ -311,11 +314,27 @@ impl PyClient {
         PyClient {
             core: Arc::new(core),
             timeout,
+            completions: Mutex::new(None),
         }
     }
 
     pub(crate) fn core(&self) -> &Arc<Client> {
         &self.core
+    }
+
+    /// The hand-over of `socketcomm.aio`'s outcomes to the loop, made on first use.
+    ///
+    /// # Errors
+    /// `OSError` when its socket pair cannot be made.
+    pub(crate) fn completions(&self) -> PyResult<Arc<Completions>> {
+        let mut completions = self
+            .completions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(made) = &*completions {
+            return Ok(Arc::clone(made));
+        }
+        Ok(Arc::clone(completions.insert(Completions::new()?)))
     }
 
     /// A call's own timeout, or the client's.

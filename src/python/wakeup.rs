@@ -11,23 +11,104 @@
 //! per turn (scheduled with `call_soon` by the first answer of the turn), which pokes this task
 //! to queue every kept answer from inside the runtime: one wake-up for the batch.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
+use pyo3::prelude::*;
 use tokio::runtime::Handle;
 
 use super::driven::Driven;
 use crate::server::Server;
 
-/// One server's wake-up socket and the task that writes to it.
-pub(crate) struct Wakeup {
+/// Work for the loop's thread, with the GIL: setting an asyncio future's outcome.
+pub(crate) type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// A non-blocking socket pair: the loop watches the reading end, tasks write one byte to wake
+/// it.
+struct Pair {
     reader: UnixStream,
     writer: UnixStream,
+}
+
+impl Pair {
+    fn new() -> std::io::Result<Pair> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        Ok(Pair { reader, writer })
+    }
+
+    fn wake(&self) {
+        // A full socket already holds a wake-up the loop has not read yet.
+        let _ = (&self.writer).write(&[1]);
+    }
+
+    fn drain(&self) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.reader).read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Where the tasks of an `aio.Client` hand their outcomes to its loop, as [`Wakeup`] does for a
+/// server's events: the task queues a [`Job`] and writes a byte (once per batch), and the loop's
+/// reader runs the jobs on its own thread, where it holds the GIL anyway. A request's round
+/// trip then crosses threads twice (the loop to the connection's task, and back) instead of
+/// also passing through the completer thread and its turn at the GIL.
+pub(crate) struct Completions {
+    pair: Pair,
+    jobs: Mutex<Vec<Job>>,
+    /// Set once a byte is written for the queued jobs, until the loop runs them.
+    signalled: AtomicBool,
+}
+
+impl Completions {
+    /// # Errors
+    /// When the socket pair cannot be made (out of descriptors).
+    pub(crate) fn new() -> std::io::Result<Arc<Completions>> {
+        Ok(Arc::new(Completions {
+            pair: Pair::new()?,
+            jobs: Mutex::new(Vec::new()),
+            signalled: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn fd(&self) -> i32 {
+        self.pair.reader.as_raw_fd()
+    }
+
+    /// From a task: hands `job` to the loop.
+    pub(crate) fn push(&self, job: Job) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(job);
+        if !self.signalled.swap(true, Ordering::SeqCst) {
+            self.pair.wake();
+        }
+    }
+
+    /// On the loop's thread, when the socket is readable: runs every job handed over.
+    pub(crate) fn run(&self, py: Python<'_>) {
+        // The bytes read first, then the flag cleared: a job queued from then on writes a byte
+        // of its own (cleared before the read, that byte could be read here while the flag
+        // stayed set, and no later job would write one).
+        self.pair.drain();
+        self.signalled.store(false, Ordering::SeqCst);
+        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(PoisonError::into_inner));
+        for job in jobs {
+            job(py);
+        }
+    }
+}
+
+/// One server's wake-up socket and the task that writes to it.
+pub(crate) struct Wakeup {
+    pair: Pair,
     /// Set by the loop when it waits for an event; the task writes once an event is there.
     armed: AtomicBool,
     /// Set by the loop to have the kept answers queued.
@@ -47,12 +128,8 @@ impl Wakeup {
         driven: Option<Arc<Driven>>,
         runtime: &Handle,
     ) -> std::io::Result<Arc<Wakeup>> {
-        let (reader, writer) = UnixStream::pair()?;
-        reader.set_nonblocking(true)?;
-        writer.set_nonblocking(true)?;
         let wakeup = Arc::new(Wakeup {
-            reader,
-            writer,
+            pair: Pair::new()?,
             armed: AtomicBool::new(false),
             flush: AtomicBool::new(false),
             flush_scheduled: AtomicBool::new(false),
@@ -64,7 +141,7 @@ impl Wakeup {
 
     /// The descriptor the loop watches.
     pub(crate) fn fd(&self) -> i32 {
-        self.reader.as_raw_fd()
+        self.pair.reader.as_raw_fd()
     }
 
     /// The loop waits for an event: write once one is there (at once if one already is).
@@ -93,8 +170,7 @@ impl Wakeup {
                 () = self.poked(armed) => {}
                 () = server.event_ready(), if armed => {
                     self.armed.store(false, Ordering::SeqCst);
-                    // A full socket already holds a wake-up the loop has not read yet.
-                    let _ = (&self.writer).write(&[1]);
+                    self.pair.wake();
                     if server.events().is_disconnected() && server.events().is_empty() {
                         break;
                     }
