@@ -194,6 +194,11 @@ impl SocketOptions {
     }
 }
 
+/// The largest `event_queue` and `outbound_queue` (in messages).
+pub const MAX_QUEUE: usize = 1 << 20;
+/// The largest `max_connections`.
+pub const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// Settings of a [`Server`](crate::server::Server).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -267,14 +272,20 @@ impl ServerConfig {
         if self.backlog == 0 {
             return Err(Error::invalid("backlog", "must be at least 1"));
         }
-        if self.event_queue == 0 {
-            return Err(Error::invalid("event_queue", "must be at least 1"));
-        }
-        if self.outbound_queue == 0 {
-            return Err(Error::invalid("outbound_queue", "must be at least 1"));
-        }
-        if self.max_connections == 0 {
-            return Err(Error::invalid("max_connections", "must be at least 1"));
+        // Bounds a program can mean: beyond them the queues and the connection semaphore
+        // cannot be built (a tokio semaphore holds at most 2^61 permits) or memory runs out
+        // long before they fill.
+        for (option, value, max) in [
+            ("event_queue", self.event_queue, MAX_QUEUE),
+            ("outbound_queue", self.outbound_queue, MAX_QUEUE),
+            ("max_connections", self.max_connections, MAX_CONNECTIONS),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(Error::invalid(
+                    option,
+                    format!("{value} is not between 1 and {max}"),
+                ));
+            }
         }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::invalid("workers", "must be between 1 and 256"));

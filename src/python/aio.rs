@@ -29,7 +29,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
 use super::options::socket_options;
-use super::runtime::{runtime, timeout_from_secs};
+use super::runtime::{duration_from_secs, runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
@@ -514,7 +514,7 @@ impl PyServer {
     /// Closes as `close()` does, without blocking the event loop.
     #[pyo3(signature = (timeout = 5.0))]
     fn _close<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
-        let grace: Duration = timeout_from_secs("timeout", Some(timeout))?.unwrap_or_default();
+        let grace: Duration = duration_from_secs("timeout", timeout)?;
         let core = Arc::clone(self.core());
         core.shutdown();
         spawn_awaitable(py, async move {

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use super::convert::{address, payload};
-use super::runtime::{timeout_from_secs, wait};
+use super::runtime::{duration_from_secs, timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use std::net::ToSocketAddrs;
 
@@ -45,9 +45,8 @@ pub(crate) fn client_config(
     download_dir: Option<PathBuf>,
     max_file_size: u64,
 ) -> PyResult<ClientConfig> {
-    let backoff = timeout_from_secs("backoff", Some(backoff))?.unwrap_or_default();
-    let connect_timeout =
-        timeout_from_secs("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
+    let backoff = duration_from_secs("backoff", backoff)?;
+    let connect_timeout = duration_from_secs("connect_timeout", connect_timeout)?;
     let local_addr = match local_address {
         Some((host, port)) => Some(
             (host.as_str(), port)

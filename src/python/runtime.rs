@@ -114,16 +114,35 @@ where
     }
 }
 
+/// The longest duration any option takes: a year. Beyond it a deadline could overflow the
+/// clock (`Instant` plus 1e19 s panics), and no timeout of a network program means that much:
+/// `None` is how an optional timeout says "no limit".
+pub(crate) const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Converts a Python duration in seconds into a duration.
+///
+/// # Errors
+/// `ValueError` naming `option` for a negative, non-finite or huge number.
+pub(crate) fn duration_from_secs(option: &str, seconds: f64) -> PyResult<Duration> {
+    checked_secs(option, seconds, "")
+}
+
+fn checked_secs(option: &str, seconds: f64, or_none: &str) -> PyResult<Duration> {
+    if (0.0..=MAX_SECONDS).contains(&seconds) {
+        return Ok(Duration::from_secs_f64(seconds));
+    }
+    Err(pyo3::exceptions::PyValueError::new_err(format!(
+        "invalid {option}: {seconds} seconds; use a number from 0 to {MAX_SECONDS:.0} (a \
+         year){or_none}"
+    )))
+}
+
 /// Converts a Python timeout in seconds (`None` for no limit) into a duration.
 ///
 /// # Errors
-/// `ValueError` for a negative or non-finite number.
+/// `ValueError` naming `option` for a negative, non-finite or huge number.
 pub(crate) fn timeout_from_secs(option: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
-    match seconds {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "invalid {option}: {s} seconds; use a number >= 0, or None to wait without limit"
-        ))),
-    }
+    seconds
+        .map(|s| checked_secs(option, s, ", or None to wait without limit"))
+        .transpose()
 }

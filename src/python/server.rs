@@ -22,7 +22,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::options::socket_options;
-use super::runtime::{runtime, timeout_from_secs, wait};
+use super::runtime::{duration_from_secs, runtime, timeout_from_secs, wait};
 use super::tls::PyServerTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Wakeup;
@@ -258,6 +258,22 @@ impl PyServer {
         event_queue: usize,
         outbound_queue: usize,
     ) -> PyResult<PyServer> {
+        for (option, handler) in [
+            ("on_message", &on_message),
+            ("on_connect", &on_connect),
+            ("on_disconnect", &on_disconnect),
+            ("on_file", &on_file),
+        ] {
+            if let Some(handler) = handler.as_ref().map(|h| h.bind(py)) {
+                if !handler.is_callable() {
+                    return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                        "invalid {option}: it must be callable (a function taking the \
+                         connection id and the event's data), not {}",
+                        handler.get_type().name()?
+                    )));
+                }
+            }
+        }
         let clocks = Arc::new(Clocks::default());
         let handlers = Handlers {
             on_message,
@@ -272,7 +288,7 @@ impl PyServer {
                 "invalid handler_threads: must be between 1 and 64",
             ));
         }
-        let slow_handler = timeout_from_secs("slow_handler", Some(slow_handler))?
+        let slow_handler = Some(duration_from_secs("slow_handler", slow_handler)?)
             .filter(|limit| !limit.is_zero())
             .ok_or_else(|| PyValueError::new_err("invalid slow_handler: must be positive"))?;
         let config = ServerConfig {
@@ -303,11 +319,10 @@ impl PyServer {
             upload_dir,
             max_file_size,
             tls: tls.map(|tls| tls.core.clone()),
-            tls_handshake_timeout: timeout_from_secs(
+            tls_handshake_timeout: duration_from_secs(
                 "tls_handshake_timeout",
-                Some(tls_handshake_timeout),
-            )?
-            .unwrap_or_default(),
+                tls_handshake_timeout,
+            )?,
         };
         let addr = resolve(py, host, port)?;
         let core = Arc::new(py.detach(|| core::Server::bind(addr, config))?);
@@ -428,7 +443,7 @@ impl PyServer {
     /// waits up to `timeout` seconds for that, and returns. Idempotent.
     #[pyo3(signature = (timeout = 5.0))]
     fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let grace = timeout_from_secs("timeout", Some(timeout))?.unwrap_or_default();
+        let grace = duration_from_secs("timeout", timeout)?;
         self.core.shutdown();
         self.serve_until(py, self.core.wait_closed(grace), None)?;
         let dispatchers = std::mem::take(&mut *lock(&self.dispatchers));

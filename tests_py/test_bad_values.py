@@ -1,0 +1,88 @@
+"""Bad values from Python get a ValueError (or TypeError) naming the option, at construction or
+at the call, never a panic (`PanicException` is a `BaseException` that `except Exception` does
+not catch) and never a failure later, per connection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import socketcomm
+
+# Durations beyond a year, and every value that is no duration at all.
+BAD_SECONDS = [-1.0, math.nan, math.inf, 1e19, 1e300]
+
+
+def server_with(**options: Any) -> None:
+    socketcomm.Server("127.0.0.1", 0, **options).close()
+
+
+def expect_value_error(option: str, make: Callable[[], object]) -> None:
+    with pytest.raises(ValueError) as raised:
+        make()
+    assert option in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("seconds", BAD_SECONDS)
+@pytest.mark.parametrize(
+    "option",
+    ["idle_timeout", "slow_handler", "tls_handshake_timeout", "keepalive", "linger"],
+)
+def test_server_durations(option: str, seconds: float) -> None:
+    expect_value_error(option, lambda: server_with(**{option: seconds}))
+
+
+@pytest.mark.parametrize("seconds", BAD_SECONDS)
+@pytest.mark.parametrize("option", ["timeout", "connect_timeout", "backoff", "keepalive", "linger"])
+def test_client_durations(echo_server: socketcomm.Server, option: str, seconds: float) -> None:
+    options: dict[str, Any] = {option: seconds}
+
+    def connect() -> None:
+        socketcomm.Client(*echo_server.address, **options).close()
+
+    expect_value_error(option, connect)
+
+
+@pytest.mark.parametrize("seconds", BAD_SECONDS)
+def test_call_timeouts(echo_server: socketcomm.Server, seconds: float, tmp_path: Any) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    with socketcomm.Client(*echo_server.address) as client:
+        expect_value_error("timeout", lambda: client.recv(timeout=seconds))
+        expect_value_error("timeout", lambda: client.request(b"x", timeout=seconds))
+        expect_value_error("timeout", lambda: client.send_file(path, timeout=seconds))
+    server = socketcomm.Server("127.0.0.1", 0)
+    try:
+        expect_value_error("timeout", lambda: server.recv(timeout=seconds))
+        expect_value_error("timeout", lambda: server.recv_many(timeout=seconds))
+    finally:
+        expect_value_error("timeout", lambda: server.close(timeout=seconds))
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        *((option, value) for option in ("event_queue", "outbound_queue") for value in (0, 2**21)),
+        ("max_connections", 0),
+        ("max_connections", 10_000_001),
+        *((option, 2**61) for option in ("event_queue", "outbound_queue", "max_connections")),
+    ],
+)
+def test_server_counts(option: str, value: int) -> None:
+    expect_value_error(option, lambda: server_with(**{option: value}))
+
+
+@pytest.mark.parametrize("option", ["on_message", "on_connect", "on_disconnect", "on_file"])
+def test_a_handler_that_cannot_be_called_is_refused_at_construction(option: str) -> None:
+    with pytest.raises(TypeError, match=f"invalid {option}: it must be callable.*not int"):
+        server_with(**{option: 5})
+
+
+def test_huge_values_that_used_to_break_every_connection_are_refused() -> None:
+    # Accepted at construction before, then every connection's task panicked.
+    expect_value_error("idle_timeout", lambda: server_with(idle_timeout=1e19))
+    expect_value_error("outbound_queue", lambda: server_with(outbound_queue=2**61))
