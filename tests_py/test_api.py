@@ -329,7 +329,7 @@ def test_rust_log_records_reach_python_logging(caplog: pytest.LogCaptureFixture)
         # still set (Python's logging decides when the record arrives).
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            records = [r for r in caplog.records if r.name.startswith("socketcomm._socketcomm")]
+            records = [r for r in caplog.records if r.name.startswith("socketcomm.server")]
             if any("unknown frame type 0x7e" in r.getMessage() for r in records):
                 break
             time.sleep(0.02)

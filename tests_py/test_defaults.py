@@ -95,3 +95,15 @@ def test_no_secrets_or_payloads_in_the_logs(
         ),
     ):
         assert secret not in logged, secret
+
+
+def test_log_records_carry_the_public_module_names(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="socketcomm.server")
+    with socketcomm.Server(mode="echo") as server, socketcomm.Client(*server.address) as client:
+        assert client.request("hi") == b"hi"
+    deadline = time.monotonic() + 5
+    while not any("connection 1 from" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "no connection record reached logging"
+        time.sleep(0.01)
+    names = {r.name for r in caplog.records if "connection 1 from" in r.getMessage()}
+    assert names == {"socketcomm.server.handler"}

@@ -343,3 +343,28 @@ def test_messages_are_not_held_up_behind_a_large_file(tmp_path: Path) -> None:
     assert answers == [f"ping {n}".encode() for n in range(5)]
     assert still_uploading, "the file finished first; the test proves nothing"
     assert digest(uploads / "large.bin") == digest(source)
+
+
+def test_a_file_drop_server_serves_forever_without_a_handler(tmp_path: Path) -> None:
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = make_file(tmp_path / "drop.bin", 200_001)
+    server = socketcomm.Server(upload_dir=uploads)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    try:
+        with socketcomm.Client(*server.address, timeout=10) as client:
+            client.send("a message nobody answers is read and dropped")
+            sent = client.send_file(source)
+        assert (uploads / sent.saved_as).read_bytes() == source.read_bytes()
+        assert server.stats()["files_received"] == 1
+    finally:
+        server.close()
+        serving.join(timeout=10)
+    assert not serving.is_alive()
+
+
+def test_serve_forever_without_handler_mode_or_upload_dir_is_refused() -> None:
+    with socketcomm.Server() as server:
+        with pytest.raises(ValueError, match="nothing would answer messages"):
+            server.serve_forever()

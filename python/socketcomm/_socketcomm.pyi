@@ -521,8 +521,10 @@ class Server:
     def serve_forever(self) -> None:
         """Serves until ``close()`` (from another thread or a handler) or Ctrl-C.
 
-        Blocks, GIL released. Needs a native mode or ``on_*`` handlers; in ``"events"`` mode
-        without handlers iterate over the server instead (``ValueError`` otherwise).
+        Blocks, GIL released. Needs a native mode, ``on_*`` handlers or an ``upload_dir`` (a
+        file drop: files are received into it, messages are read and dropped); in
+        ``"events"`` mode without any of them iterate over the server instead (``ValueError``
+        otherwise).
         """
     def close(self, timeout: float = 5.0) -> None:
         """Stops accepting, closes every connection after what is queued for it (framed

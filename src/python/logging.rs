@@ -39,13 +39,21 @@ impl Log for ToForwarder {
         if self.enabled(record.metadata()) {
             let _ = self.queue.try_send(QueuedRecord {
                 level: record.level(),
-                target: record.target().to_owned(),
+                target: public_target(record.target()),
                 message: record.args().to_string(),
             });
         }
     }
 
     fn flush(&self) {}
+}
+
+/// The logger a record goes to, under the `socketcomm` prefix pyo3-log adds: this crate's
+/// modules by their public names (`server::handler` becomes `socketcomm.server.handler`, where
+/// users configure `socketcomm.server`), not by the private extension module's.
+fn public_target(target: &str) -> String {
+    let ours = concat!(env!("CARGO_CRATE_NAME"), "::");
+    target.strip_prefix(ours).unwrap_or(target).to_owned()
 }
 
 /// Installs the forwarding logger, unless a Rust logger is installed already (an embedding

@@ -28,7 +28,7 @@ use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 #[pymodule]
 fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records go to Python's `logging`, under the `socketcomm` logger (the core's
-    // `server` module logs as `socketcomm._socketcomm.server`).
+    // `server` module logs as `socketcomm.server`).
     logging::install(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_HOST", DEFAULT_HOST)?;

@@ -408,10 +408,13 @@ impl PyServer {
 
     /// Serves until `close()` is called (from another thread or a handler) or Ctrl-C.
     fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
-        if !self.handlers.any() && !self.core.config().mode.is_native() {
+        let config = self.core.config();
+        let drops_files = config.upload_dir.is_some();
+        if !self.handlers.any() && !config.mode.is_native() && !drops_files {
             return Err(PyValueError::new_err(
                 "nothing would answer messages: pass on_message=..., choose mode='echo' or \
-                 mode='ack', or iterate over the server instead (for event in server: ...)",
+                 mode='ack', give it an upload_dir to receive files, or iterate over the \
+                 server instead (for event in server: ...)",
             ));
         }
         self.start_accepting(py)?;
@@ -431,8 +434,10 @@ impl PyServer {
             }
             return Ok(());
         }
-        // A native mode: the connect and disconnect events have no reader; drain them.
-        while wait(py, events.recv_async(), None)?
+        // A native mode, or a file drop (files are received natively; messages are read and
+        // dropped): the events have no reader; drain them.
+        while self
+            .serve_until(py, events.recv_async(), None)?
             .expect("waits without a timeout")
             .is_ok()
         {}

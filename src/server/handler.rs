@@ -480,7 +480,7 @@ impl Driver<'_> {
                 if self.read_buf.is_empty() {
                     return None;
                 }
-                Frame::Data(self.read_buf.split().freeze())
+                Frame::Data(take_chunk(&mut self.read_buf))
             } else {
                 match self.codec.decode(&mut self.read_buf) {
                     Ok(Some(frame)) => frame,
@@ -656,6 +656,25 @@ impl Driver<'_> {
                 self.write_buf.len()
             ),
         }
+    }
+}
+
+/// Up to this much of a raw chunk is copied out of the read buffer, which then keeps its memory;
+/// a larger chunk is handed on as it is.
+const COPIED_CHUNK: usize = 16 * 1024;
+
+/// What a raw client sent, as one message, leaving `buf` empty.
+///
+/// NOTE: splitting the buffer hands its memory to the message, so the next read allocates a
+/// new buffer (and frees the old one once the message is handled): for the small chunks most
+/// raw clients send, copying them out is cheaper than that allocation per message.
+fn take_chunk(buf: &mut BytesMut) -> bytes::Bytes {
+    if buf.len() <= COPIED_CHUNK {
+        let chunk = bytes::Bytes::copy_from_slice(buf);
+        buf.clear();
+        chunk
+    } else {
+        buf.split().freeze()
     }
 }
 
