@@ -29,7 +29,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
 use super::options::socket_options;
-use super::runtime::{duration_from_secs, runtime, timeout_from_secs};
+use super::runtime::{duration_from_secs, refuse_if_forked, runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
@@ -317,6 +317,7 @@ pub(crate) fn _connect<'py>(
     send_buffer: Option<usize>,
     linger: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    refuse_if_forked()?;
     let timeout = timeout_from_secs("timeout", timeout)?;
     let socket = socket_options(
         nodelay,

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use super::convert::{address, payload};
-use super::runtime::{duration_from_secs, timeout_from_secs, wait};
+use super::runtime::{duration_from_secs, refuse_if_forked, timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use std::net::ToSocketAddrs;
 
@@ -123,6 +123,7 @@ impl PyClient {
         send_buffer: Option<usize>,
         linger: Option<f64>,
     ) -> PyResult<PyClient> {
+        refuse_if_forked()?;
         let timeout = timeout_from_secs("timeout", timeout)?;
         let socket = socket_options(
             nodelay,

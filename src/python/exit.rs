@@ -43,6 +43,12 @@ pub(crate) fn stop_at_exit(stop: Stopper) {
 #[pyfunction]
 pub(crate) fn _at_exit(py: Python<'_>) {
     let stoppers = std::mem::take(&mut *STOPPERS.lock().unwrap_or_else(PoisonError::into_inner));
+    if super::runtime::forked() {
+        // A forked child: the threads these would wait for are the parent's, not here.
+        std::mem::forget(stoppers);
+        *GATE.write().unwrap_or_else(PoisonError::into_inner) = true;
+        return;
+    }
     py.detach(|| {
         for stop in stoppers {
             stop();

@@ -15,9 +15,41 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
+/// The process that built the runtime. A child forked after that has the runtime's memory but
+/// none of its threads, and shares its epoll instance and wake-up descriptors with the parent.
+static RUNTIME_PID: OnceLock<u32> = OnceLock::new();
+
+/// Whether this process was forked after socketcomm ran in its parent.
+pub(crate) fn forked() -> bool {
+    RUNTIME_PID
+        .get()
+        .is_some_and(|pid| *pid != std::process::id())
+}
+
+/// Refuses to work in a process forked after socketcomm ran.
+///
+/// NOTE: such a child cannot use the inherited runtime (its threads do not exist there), and
+/// driving it would take readiness events from the epoll instance the parent shares, so the
+/// parent's connections would hang. A clear error in the child leaves the parent alone.
+///
+/// # Errors
+/// `RuntimeError` in such a child.
+pub(crate) fn refuse_if_forked() -> PyResult<()> {
+    if forked() {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "socketcomm cannot be used in a process forked after it ran in the parent (its \
+             network threads do not exist here); start the process with the 'spawn' or \
+             'forkserver' method (multiprocessing.get_context('spawn')), or use socketcomm \
+             only after forking",
+        ));
+    }
+    Ok(())
+}
+
 /// The runtime every server and client of this process shares, built on first use.
 pub(crate) fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
+        let _ = RUNTIME_PID.set(std::process::id());
         tokio::runtime::Builder::new_multi_thread()
             .thread_name("socketcomm-io")
             .enable_all()

@@ -22,7 +22,9 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::options::socket_options;
-use super::runtime::{duration_from_secs, runtime, timeout_from_secs, wait};
+use super::runtime::{
+    duration_from_secs, forked, refuse_if_forked, runtime, timeout_from_secs, wait,
+};
 use super::tls::PyServerTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Wakeup;
@@ -258,6 +260,7 @@ impl PyServer {
         event_queue: usize,
         outbound_queue: usize,
     ) -> PyResult<PyServer> {
+        refuse_if_forked()?;
         for (option, handler) in [
             ("on_message", &on_message),
             ("on_connect", &on_connect),
@@ -794,6 +797,11 @@ impl PyServer {
 
 impl Drop for PyServer {
     fn drop(&mut self) {
+        if forked() {
+            // Inherited from the parent: its connections are the parent's. Stopping them here
+            // would wake and deregister what the parent still serves.
+            return;
+        }
         // Collected without close(): stop the tasks rather than leave them serving.
         self.core.shutdown();
     }
