@@ -82,7 +82,10 @@ async fn run(options: Arc<Options>) {
         tasks.push(match &connector {
             Some(connector) => {
                 let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                let stream = connector.connect(name, stream).await.expect("TLS handshake");
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .expect("TLS handshake");
                 tokio::spawn(drive(stream, options, measuring, tally))
             }
             None => tokio::spawn(drive(stream, options, measuring, tally)),
@@ -169,7 +172,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         sent_at.push_back(Instant::now());
     }
     let mut local = Tally::default();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Room for a whole batch of answers whatever the message size: a buffer no larger than
+    // one message would fill up and the next read would return 0, as if the server had left.
+    let mut buf = vec![0u8; (64 * 1024).max(2 * message.len() * options.depth)];
     let mut buffered = 0usize;
     loop {
         let n = match stream.read(&mut buf[buffered..]).await {
