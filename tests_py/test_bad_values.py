@@ -17,7 +17,7 @@ BAD_SECONDS = [-1.0, math.nan, math.inf, 1e19, 1e300]
 
 
 def server_with(**options: Any) -> None:
-    socketcomm.Server("127.0.0.1", 0, **options).close()
+    socketcomm.Server("127.0.0.1", **{"port": 0, **options}).close()
 
 
 def expect_value_error(option: str, make: Callable[[], object]) -> None:
@@ -86,3 +86,64 @@ def test_huge_values_that_used_to_break_every_connection_are_refused() -> None:
     # Accepted at construction before, then every connection's task panicked.
     expect_value_error("idle_timeout", lambda: server_with(idle_timeout=1e19))
     expect_value_error("outbound_queue", lambda: server_with(outbound_queue=2**61))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("port", -1),
+        ("port", 65536),
+        ("max_frame", -5),
+        ("max_frame", 2**32),
+        ("max_frame", 10**30),
+        ("backlog", -1),
+        ("backlog", 2**32),
+        ("max_connections", -1),
+        ("recv_buffer", -1),
+        ("send_buffer", -1),
+        ("keepalive_count", -1),
+        ("max_file_size", -1),
+        ("workers", -1),
+        ("event_queue", -1),
+        ("outbound_queue", -1),
+        ("handler_threads", -1),
+    ],
+)
+def test_server_integers_out_of_range(option: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"invalid {option}: .* is not an integer from"):
+        server_with(**{option: value})
+
+
+@pytest.mark.parametrize("option", ["port", "max_frame", "backlog", "recv_buffer", "workers"])
+@pytest.mark.parametrize("value", ["80", 1.5, True])
+def test_server_integers_of_the_wrong_type(option: str, value: object) -> None:
+    with pytest.raises(TypeError, match=f"invalid {option}: expected an integer, not"):
+        server_with(**{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("max_frame", -1), ("retries", -1), ("max_file_size", -1), ("recv_buffer", -1)],
+)
+def test_client_integers_out_of_range(
+    echo_server: socketcomm.Server, option: str, value: int
+) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ValueError, match=f"invalid {option}: "):
+        socketcomm.Client(*echo_server.address, **options)
+    with pytest.raises(ValueError, match="invalid port: "):
+        socketcomm.Client(echo_server.address[0], -1)
+
+
+def test_connection_ids_out_of_range(echo_server: socketcomm.Server) -> None:
+    with pytest.raises(ValueError, match="invalid conn_id: -1"):
+        echo_server.send(-1, b"x")
+    with pytest.raises(ValueError, match="invalid conn_id: -1"):
+        echo_server.disconnect(-1)
+
+
+def test_broadcast_exclusions_out_of_range(echo_server: socketcomm.Server) -> None:
+    with pytest.raises(ValueError, match="invalid exclude: -1"):
+        echo_server.broadcast(b"x", exclude=[-1])
+    with pytest.raises(ValueError, match="invalid exclude: -1"):
+        echo_server.broadcast(b"x", exclude=-1)

@@ -129,3 +129,34 @@ def test_a_handler_that_raises_on_every_tenth_message_is_logged_and_the_rest_ans
     assert {str(r.exc_info[1]) for r in errors if r.exc_info} == {
         f"no {n}" for n in range(9, 100, 10)
     }
+
+
+def test_after_a_keyboard_interrupt_in_a_handler_the_others_serve_and_close_returns() -> None:
+    def on_message(conn_id: int, data: bytes) -> bytes:
+        if data == b"stop":
+            raise KeyboardInterrupt
+        return data
+
+    server = socketcomm.Server(on_message=on_message)
+    outcome: list[str] = []
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            outcome.append("interrupted")
+
+    serving = threading.Thread(target=serve)
+    serving.start()
+    try:
+        with socketcomm.Client(*server.address, timeout=5) as client:
+            assert client.request("before") == b"before"
+            client.send("stop")
+            serving.join(5)
+            assert outcome == ["interrupted"]
+            # The other handler threads take over until the server is closed.
+            assert client.request("after") == b"after"
+    finally:
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 5

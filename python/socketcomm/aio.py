@@ -136,6 +136,11 @@ class _Wakeup:
         self._waiters: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
+        if self._core.closed:
+            # Closing: the last events are on their way, and the end follows once every
+            # connection is done; look again shortly (the caller tries to take one first).
+            await asyncio.sleep(0.01)
+            return
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self.stop()
@@ -153,16 +158,21 @@ class _Wakeup:
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._fd, 4096)
+        self._woken_all()
+
+    def stop(self) -> None:
+        """Stops watching the descriptor (on close, or before moving to another loop); the
+        tasks waiting look again, so that none waits for a byte nobody will read."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._loop = None
+        self._woken_all()
+
+    def _woken_all(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-
-    def stop(self) -> None:
-        """Stops watching the descriptor (on close, or before moving to another loop)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
-        self._loop = None
 
 
 class _Completions:

@@ -28,6 +28,7 @@ use super::convert::payload;
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
+use super::ints;
 use super::options::socket_options;
 use super::runtime::{duration_from_secs, refuse_if_forked, runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
@@ -298,23 +299,23 @@ impl<'py> IntoPyObject<'py> for Payload {
 pub(crate) fn _connect<'py>(
     py: Python<'py>,
     host: String,
-    port: u16,
+    #[pyo3(from_py_with = ints::port)] port: u16,
     timeout: Option<f64>,
     connect_timeout: f64,
     raw: bool,
-    max_frame: u32,
+    #[pyo3(from_py_with = ints::max_frame)] max_frame: u32,
     tls: Option<PyRef<'_, PyClientTls>>,
-    retries: u32,
+    #[pyo3(from_py_with = ints::retries)] retries: u32,
     backoff: f64,
     download_dir: Option<PathBuf>,
-    max_file_size: u64,
+    #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
     local_address: Option<(String, u16)>,
     nodelay: bool,
     keepalive: Option<f64>,
     keepalive_interval: Option<f64>,
-    keepalive_count: Option<u32>,
-    recv_buffer: Option<usize>,
-    send_buffer: Option<usize>,
+    #[pyo3(from_py_with = ints::keepalive_count)] keepalive_count: Option<u32>,
+    #[pyo3(from_py_with = ints::recv_buffer)] recv_buffer: Option<usize>,
+    #[pyo3(from_py_with = ints::send_buffer)] send_buffer: Option<usize>,
     linger: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
     refuse_if_forked()?;
@@ -468,7 +469,7 @@ impl PyServer {
     fn _send<'py>(
         &self,
         py: Python<'py>,
-        conn_id: u64,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
@@ -502,7 +503,7 @@ impl PyServer {
     fn _send_file<'py>(
         &self,
         py: Python<'py>,
-        conn_id: u64,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
         path: PathBuf,
         name: Option<String>,
     ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use super::convert::{address, payload};
+use super::ints;
 use super::runtime::{duration_from_secs, refuse_if_forked, timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use std::net::ToSocketAddrs;
@@ -104,23 +105,23 @@ impl PyClient {
     fn new(
         py: Python<'_>,
         host: String,
-        port: u16,
+        #[pyo3(from_py_with = ints::port)] port: u16,
         timeout: Option<f64>,
         connect_timeout: f64,
         raw: bool,
-        max_frame: u32,
+        #[pyo3(from_py_with = ints::max_frame)] max_frame: u32,
         tls: Option<PyRef<'_, PyClientTls>>,
-        retries: u32,
+        #[pyo3(from_py_with = ints::retries)] retries: u32,
         backoff: f64,
         download_dir: Option<PathBuf>,
-        max_file_size: u64,
+        #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
         local_address: Option<(String, u16)>,
         nodelay: bool,
         keepalive: Option<f64>,
         keepalive_interval: Option<f64>,
-        keepalive_count: Option<u32>,
-        recv_buffer: Option<usize>,
-        send_buffer: Option<usize>,
+        #[pyo3(from_py_with = ints::keepalive_count)] keepalive_count: Option<u32>,
+        #[pyo3(from_py_with = ints::recv_buffer)] recv_buffer: Option<usize>,
+        #[pyo3(from_py_with = ints::send_buffer)] send_buffer: Option<usize>,
         linger: Option<f64>,
     ) -> PyResult<PyClient> {
         refuse_if_forked()?;

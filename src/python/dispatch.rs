@@ -238,6 +238,22 @@ impl Drop for Dispatching {
     }
 }
 
+/// When a dispatcher leaves before the end (a `KeyboardInterrupt` from a handler, say), the
+/// threads after it must not wait for it: it counts as stuck from then on, so the next one takes
+/// over the events that remain.
+struct Leaving<'a> {
+    scheduler: &'a Scheduler,
+    index: usize,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        // 1: busy since the scheduler's beginning, so stuck for longer than STUCK already.
+        self.scheduler.busy_since[self.index].store(1, Ordering::Release);
+        self.scheduler.ready_again.notify_all();
+    }
+}
+
 /// Releases a connection when its events are handled, even if a handler raised.
 struct Release<'a> {
     scheduler: &'a Scheduler,
@@ -264,6 +280,7 @@ pub(super) fn dispatch(
     handle: impl Fn(Python<'_>, Event) -> PyResult<()>,
 ) -> PyResult<()> {
     let _dispatching = Dispatching::enter();
+    let _leaving = Leaving { scheduler, index };
     let mut batch = Vec::new();
     while scheduler.wait_ready(py, index)? {
         let mut handled = 0;

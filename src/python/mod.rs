@@ -9,6 +9,7 @@ mod driven;
 mod errors;
 mod events;
 mod exit;
+mod ints;
 mod logging;
 mod options;
 mod runtime;

@@ -21,6 +21,7 @@ use super::driven::Driven;
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
+use super::ints;
 use super::options::socket_options;
 use super::runtime::{
     duration_from_secs, forked, refuse_if_forked, runtime, timeout_from_secs, wait,
@@ -229,36 +230,36 @@ impl PyServer {
     fn new(
         py: Python<'_>,
         host: &str,
-        port: u16,
+        #[pyo3(from_py_with = ints::port)] port: u16,
         mode: &str,
         reply: Option<&Bound<'_, PyAny>>,
         on_message: Option<Py<PyAny>>,
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
         on_file: Option<Py<PyAny>>,
-        handler_threads: usize,
+        #[pyo3(from_py_with = ints::handler_threads)] handler_threads: usize,
         slow_handler: f64,
         upload_dir: Option<PathBuf>,
-        max_file_size: u64,
+        #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
         tls: Option<PyRef<'_, PyServerTls>>,
         tls_handshake_timeout: f64,
-        max_frame: u32,
-        max_connections: usize,
+        #[pyo3(from_py_with = ints::max_frame)] max_frame: u32,
+        #[pyo3(from_py_with = ints::max_connections)] max_connections: usize,
         idle_timeout: Option<f64>,
         slow_reader: &str,
-        backlog: u32,
+        #[pyo3(from_py_with = ints::backlog)] backlog: u32,
         nodelay: bool,
         keepalive: Option<f64>,
         keepalive_interval: Option<f64>,
-        keepalive_count: Option<u32>,
-        recv_buffer: Option<usize>,
-        send_buffer: Option<usize>,
+        #[pyo3(from_py_with = ints::keepalive_count)] keepalive_count: Option<u32>,
+        #[pyo3(from_py_with = ints::recv_buffer)] recv_buffer: Option<usize>,
+        #[pyo3(from_py_with = ints::send_buffer)] send_buffer: Option<usize>,
         linger: Option<f64>,
         reuse_addr: bool,
         reuse_port: bool,
-        workers: usize,
-        event_queue: usize,
-        outbound_queue: usize,
+        #[pyo3(from_py_with = ints::workers)] workers: usize,
+        #[pyo3(from_py_with = ints::event_queue)] event_queue: usize,
+        #[pyo3(from_py_with = ints::outbound_queue)] outbound_queue: usize,
     ) -> PyResult<PyServer> {
         refuse_if_forked()?;
         for (option, handler) in [
@@ -461,7 +462,13 @@ impl PyServer {
             return Ok(());
         }
         for thread in dispatchers {
-            py.detach(|| thread.join())
+            // In slices, so that Ctrl-C still works while a handler finishes.
+            while !thread.is_finished() {
+                py.detach(|| std::thread::sleep(Duration::from_millis(10)));
+                py.check_signals()?;
+            }
+            thread
+                .join()
                 .map_err(|_| PyRuntimeError::new_err("a dispatcher thread panicked"))?;
         }
         Ok(())
@@ -502,7 +509,12 @@ impl PyServer {
     }
 
     /// Sends `data` (str as UTF-8, or bytes-like) to the connection `conn_id`.
-    fn send(&self, py: Python<'_>, conn_id: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn send(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let data = payload(data)?;
         let Some(conn) = self.core.connection(conn_id) else {
             return Err(errors::closed(
@@ -520,7 +532,7 @@ impl PyServer {
     fn send_file(
         &self,
         py: Python<'_>,
-        conn_id: u64,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
         path: PathBuf,
         name: Option<String>,
         progress: Option<&Bound<'_, PyAny>>,
@@ -625,7 +637,7 @@ impl PyServer {
     /// Closes the connection `conn_id` after what is queued for it, telling a framed client
     /// `reason`. Returns False when there is no such connection (any more).
     #[pyo3(signature = (conn_id, reason = "closed by the server"))]
-    fn disconnect(&self, conn_id: u64, reason: &str) -> bool {
+    fn disconnect(&self, #[pyo3(from_py_with = ints::conn_id)] conn_id: u64, reason: &str) -> bool {
         match self.core.connection(conn_id) {
             Some(conn) => {
                 conn.close(reason);
@@ -669,10 +681,12 @@ enum NextEvent {
 pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
     match exclude {
         None => Ok(Vec::new()),
-        Some(one) if one.extract::<u64>().is_ok() => Ok(vec![one.extract()?]),
+        Some(one) if one.is_instance_of::<pyo3::types::PyInt>() => {
+            Ok(vec![ints::int_option(one, "exclude")?])
+        }
         Some(many) => many
             .try_iter()?
-            .map(|id| id.and_then(|id| id.extract::<u64>()))
+            .map(|id| id.and_then(|id| ints::int_option(&id, "exclude")))
             .collect(),
     }
 }
