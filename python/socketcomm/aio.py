@@ -124,15 +124,39 @@ async def _take(try_take: Callable[[], Any], ready: Callable[[], Awaitable[None]
         await ready()
 
 
-class _Wakeup:
-    """Waits for a server's next event on the running loop, through the descriptor the core
-    writes one byte to per batch of events (see src/python/wakeup.rs): the loop watches it
-    with ``add_reader``, so an event costs no thread hop and no task."""
+class _Watched:
+    """A descriptor the running loop watches with ``add_reader`` (see src/python/wakeup.rs):
+    the core writes a byte to it once per batch of events or outcomes, so they reach the loop
+    with no thread hop and no task. Moves to another loop when used from one."""
+
+    def __init__(self, fd: int, readable: Callable[[], object]) -> None:
+        self._fd = fd
+        self._readable = readable
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self) -> asyncio.AbstractEventLoop:
+        """Makes sure the running loop watches the descriptor; returns that loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.stop()
+            loop.add_reader(self._fd, self._readable)
+            self._loop = loop
+        return loop
+
+    def stop(self) -> None:
+        """Stops watching the descriptor (on close, or before moving to another loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._loop = None
+
+
+class _Wakeup(_Watched):
+    """Waits for a server's next event on the running loop: the core writes to the descriptor
+    once an event is there after ``_arm``."""
 
     def __init__(self, core: _socketcomm.Server) -> None:
+        super().__init__(core._wakeup_fd(), self._woken)
         self._core = core
-        self._fd = core._wakeup_fd()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
@@ -141,12 +165,7 @@ class _Wakeup:
             # connection is done; look again shortly (the caller tries to take one first).
             await asyncio.sleep(0.01)
             return
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self.stop()
-            loop.add_reader(self._fd, self._woken)
-            self._loop = loop
-        waiter = loop.create_future()
+        waiter = self.watch().create_future()
         self._waiters.append(waiter)
         self._core._arm()
         try:
@@ -161,11 +180,9 @@ class _Wakeup:
         self._woken_all()
 
     def stop(self) -> None:
-        """Stops watching the descriptor (on close, or before moving to another loop); the
-        tasks waiting look again, so that none waits for a byte nobody will read."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
-        self._loop = None
+        """As `_Watched.stop`; the tasks waiting look again, so that none waits for a byte
+        nobody will read."""
+        super().stop()
         self._woken_all()
 
     def _woken_all(self) -> None:
@@ -175,29 +192,18 @@ class _Wakeup:
                 waiter.set_result(None)
 
 
-class _Completions:
-    """Runs the outcomes of a client's awaitables on the loop's own thread: the core writes a
-    byte to a descriptor the loop watches, once per batch of outcomes (src/python/wakeup.rs),
+class _Completions(_Watched):
+    """Runs the outcomes of a client's awaitables on the loop's own thread (``_complete``),
     instead of handing each to a thread that must win the GIL from the loop."""
 
     def __init__(self, core: _socketcomm.Client) -> None:
+        super().__init__(core._completions_fd(), core._complete)
         self._core = core
-        self._fd = core._completions_fd()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def watch(self) -> _socketcomm.Client:
-        """Makes sure the running loop watches the descriptor; returns the client."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self.stop()
-            loop.add_reader(self._fd, self._core._complete)
-            self._loop = loop
+    def watched(self) -> _socketcomm.Client:
+        """The client, its outcomes watched by the running loop."""
+        self.watch()
         return self._core
-
-    def stop(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
-        self._loop = None
 
 
 class Client:
@@ -291,7 +297,7 @@ class Client:
         """The connected client, its outcomes watched by the running loop."""
         self._connected  # noqa: B018 - raises when not connected
         assert self._completions is not None
-        return self._completions.watch()
+        return self._completions.watched()
 
     async def _next_message(self) -> bytes:
         core = self._watched

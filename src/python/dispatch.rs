@@ -77,7 +77,7 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn driven(&self) -> &Driven {
+    pub(super) fn driven(&self) -> &Arc<Driven> {
         &self.driven
     }
 

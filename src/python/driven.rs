@@ -20,7 +20,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,7 +42,6 @@ const CARETAKER_CHECK: Duration = Duration::from_millis(100);
 /// A current-thread runtime that the threads of one server take turns driving.
 pub(crate) struct Driven {
     shared: Arc<Shared>,
-    caretaker: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -122,21 +120,19 @@ impl Driven {
             caretaking: AtomicBool::new(false),
             answers: Mutex::new(Vec::new()),
         });
-        let caretaker = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("socketcomm-serve".to_owned())
-                .spawn(move || caretake(&shared, ended))
-                .map_err(|e| {
-                    pyo3::exceptions::PyRuntimeError::new_err(format!(
-                        "cannot start the server's caretaker thread: {e}"
-                    ))
-                })?
-        };
-        Ok(Driven {
-            shared,
-            caretaker: Mutex::new(Some(caretaker)),
-        })
+        // Detached: it ends by itself once the server has ended, and nothing waits for it (a
+        // server dropped unclosed is shut down by its owner, and the caretaker then finishes
+        // serving its connections).
+        let caretaking = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("socketcomm-serve".to_owned())
+            .spawn(move || caretake(&caretaking, ended))
+            .map_err(|e| {
+                pyo3::exceptions::PyRuntimeError::new_err(format!(
+                    "cannot start the server's caretaker thread: {e}"
+                ))
+            })?;
+        Ok(Driven { shared })
     }
 
     pub(crate) fn handle(&self) -> &Handle {
@@ -223,15 +219,6 @@ impl Driven {
     {
         let slice = |future: Pin<&mut F>, slice: Duration| self.run(future, slice);
         wait_in_slices(py, self.handle(), slice, future, timeout, |_| Ok(()))
-    }
-}
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        // The caretaker ends by itself once the server has ended; a server dropped unclosed
-        // is shut down by its owner first, so that wait is short. Never wait for it here while
-        // the server might still be serving: detach it instead.
-        drop(lock(&self.caretaker).take());
     }
 }
 

@@ -166,12 +166,11 @@ pub(crate) struct PyServer {
     handlers: Handlers,
     /// How many dispatcher threads run the handlers, and what they share.
     handler_threads: usize,
-    /// The dispatchers' shared state, on an event-mode server.
+    /// The dispatchers' shared state, on an event-mode server, with the runtime its
+    /// connections run on (`None` in the native modes, whose connections run on the shared
+    /// runtime: no Python waits for their messages).
     scheduler: Option<Arc<Scheduler>>,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
-    /// Where the connections of an event-mode server run; `None` in the native modes, whose
-    /// connections run on the shared runtime (no Python waits for their messages).
-    driven: Option<Arc<Driven>>,
     /// How the events reach an asyncio loop, once `socketcomm.aio` serves this server.
     wakeup: Mutex<Option<Arc<Wakeup>>>,
 }
@@ -349,10 +348,10 @@ impl PyServer {
                 slow_handler,
             );
         }
-        let scheduler = driven.as_ref().map(|driven| {
+        let scheduler = driven.map(|driven| {
             Arc::new(Scheduler::new(
                 core.events().clone(),
-                Arc::clone(driven),
+                driven,
                 handler_threads,
             ))
         });
@@ -362,7 +361,6 @@ impl PyServer {
             handler_threads,
             scheduler,
             dispatchers: Mutex::new(Vec::new()),
-            driven,
             wakeup: Mutex::new(None),
         })
     }
@@ -573,11 +571,7 @@ impl PyServer {
         };
         let mut batch = vec![first];
         for event in self.core.events().try_iter().take(max - 1) {
-            batch.push(event_to_py(
-                py,
-                event,
-                Flavour::Blocking(self.driven.as_ref()),
-            )?);
+            batch.push(event_to_py(py, event, Flavour::Blocking(self.driven()))?);
         }
         Ok(batch)
     }
@@ -696,8 +690,9 @@ impl PyServer {
         &self.core
     }
 
+    /// The runtime an event-mode server's connections run on.
     pub(crate) fn driven(&self) -> Option<&Arc<Driven>> {
-        self.driven.as_ref()
+        self.scheduler.as_ref().map(|scheduler| scheduler.driven())
     }
 
     /// The wake-up socket of `socketcomm.aio`, made on first use.
@@ -709,11 +704,8 @@ impl PyServer {
         if let Some(wakeup) = &*wakeup {
             return Ok(Arc::clone(wakeup));
         }
-        let handle = self
-            .driven
-            .as_ref()
-            .map_or(runtime().handle(), |d| d.handle());
-        let made = Wakeup::start(Arc::clone(&self.core), self.driven.clone(), handle)?;
+        let handle = self.driven().map_or(runtime().handle(), |d| d.handle());
+        let made = Wakeup::start(Arc::clone(&self.core), self.driven().cloned(), handle)?;
         Ok(Arc::clone(wakeup.insert(made)))
     }
 
@@ -732,7 +724,7 @@ impl PyServer {
         F: std::future::Future + Send,
         F::Output: Send,
     {
-        match &self.driven {
+        match self.driven() {
             Some(driven) => driven.drive(py, future, timeout),
             None => wait(py, future, timeout),
         }
@@ -803,7 +795,7 @@ impl PyServer {
             Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(
                 py,
                 event,
-                Flavour::Blocking(self.driven.as_ref()),
+                Flavour::Blocking(self.driven()),
             )?)),
         }
     }
