@@ -375,6 +375,31 @@ async fn over_max_connections_a_framed_client_is_told_the_server_is_full() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slot_is_free_again_once_its_disconnected_event_is_seen() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        max_connections: 1,
+        ..ServerConfig::default()
+    });
+    // Each round: the only slot's client leaves; on its Disconnected the next one connects.
+    // Repeated: with the slot freed after the event, this lost the race within ~100 rounds.
+    let port = server.local_addr().port();
+    let mut current = client(&server).await;
+    for round in 0..200 {
+        current.close(Duration::from_secs(1)).await;
+        loop {
+            if let Event::Disconnected { .. } = next_event(&server).await {
+                break;
+            }
+        }
+        current = match _socketcomm::Client::connect("127.0.0.1", port, Default::default()).await {
+            Ok(next) => next,
+            Err(e) => panic!("round {round}: refused right after the Disconnected event: {e}"),
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_idle_client_is_closed_with_the_idle_code() {
     let server = server_with(ServerConfig {
         mode: Mode::Echo,

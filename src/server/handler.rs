@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
@@ -44,15 +44,16 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     events: EventSender,
+    slot: OwnedSemaphorePermit,
 ) {
     let Some(tls) = hub.config.tls.clone() else {
-        return serve_on(hub, id, stream, peer, events, None).await;
+        return serve_on(hub, id, stream, peer, events, None, slot).await;
     };
     // NOTE: boxed, so that the TLS states (rustls' connection is large) do not make every
     // plaintext connection's task that much bigger: a task holds its future inline.
     Box::pin(async move {
         if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
-            serve_on(hub, id, stream, peer, events, identity).await;
+            serve_on(hub, id, stream, peer, events, identity, slot).await;
         }
     })
     .await;
@@ -140,6 +141,7 @@ async fn serve_on<S: Transport>(
     peer: SocketAddr,
     events: EventSender,
     identity: Option<Arc<PeerIdentity>>,
+    slot: OwnedSemaphorePermit,
 ) {
     let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
@@ -187,6 +189,9 @@ async fn serve_on<S: Transport>(
     conn.outbox.state().mark_closed(reason.clone());
     conn.outgoing.close();
     lock(&hub.connections).remove(&id);
+    // NOTE: the slot is free before Disconnected is sent, so that an application (or a test)
+    // that connects again on seeing it is never refused as over `max_connections`.
+    drop(slot);
     // Senders that still hold the connection learn at once that it is gone.
     queued.close();
     log::debug!("connection {id} from {peer} ended: {reason}");

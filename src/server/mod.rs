@@ -664,8 +664,7 @@ async fn accept_loop(
                         let (conn_hub, events) = (Arc::clone(&hub), events.clone());
                         let Some(serving) = &serving else {
                             hub.tasks.spawn(async move {
-                                handler::serve(conn_hub, id, stream, peer, events).await;
-                                drop(slot);
+                                handler::serve(conn_hub, id, stream, peer, events, slot).await;
                             });
                             continue;
                         };
@@ -683,11 +682,11 @@ async fn accept_loop(
                             async move {
                                 match TcpStream::from_std(stream) {
                                     Ok(stream) => {
-                                        handler::serve(conn_hub, id, stream, peer, events).await;
+                                        handler::serve(conn_hub, id, stream, peer, events, slot)
+                                            .await;
                                     }
                                     Err(e) => log::warn!("cannot serve {peer}: {e}"),
                                 }
-                                drop(slot);
                             },
                             serving,
                         );
