@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from socketcomm._lifetime import python_command
+
 MiB = 1 << 20
 
 # The stdlib peer's receiver: a size, the bytes, then the sender's digest; it answers b"ok"
@@ -81,9 +83,7 @@ def make_source(folder: Path, size_mib: int) -> Path:
 
 
 def start_receiver(code: str, folder: Path) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(python_command(code, str(folder)), stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     return process, int(process.stdout.readline())
 
@@ -140,7 +140,7 @@ def run_iperf3(size_mib: int) -> float | None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+        ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -37,6 +37,8 @@ import socketserver
 import struct
 import sys
 
+from socketcomm._lifetime import stop_with_parent
+
 HELLO = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 16 << 20)
 DATA, REQUEST, REPLY = 1, 2, 3
 
@@ -242,7 +244,7 @@ def serve_cli_workers(workers: int) -> None:
 
     reply = "x" * 1024  # the same size as the load generator's messages, which it expects back
     command = [sys.executable, "-m", "socketcomm", "server", "--port", "0", "-q"]
-    command += ["--workers", str(workers), "--reply", reply]
+    command += ["--workers", str(workers), "--reply", reply, "--keep-open"]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert server.stderr is not None
     line = server.stderr.readline()
@@ -262,6 +264,8 @@ def serve_cli_workers(workers: int) -> None:
 
 
 def main() -> None:
+    # A peer whose benchmark was killed stops too, rather than serving its port for ever.
+    stop_with_parent(os.getppid())
     kind = sys.argv[1]
     if kind.startswith("cli-workers-"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

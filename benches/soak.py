@@ -21,11 +21,12 @@ import resource
 import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+from socketcomm._lifetime import python_command
 
 BENCHES = Path(__file__).resolve().parent
 HELLO = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 16 << 20)
@@ -67,9 +68,7 @@ def raise_descriptor_limit(wanted: int) -> int:
 
 
 def start(kind: str) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVERS[kind]], stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(python_command(SERVERS[kind]), stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     return process, int(process.stdout.readline())
 

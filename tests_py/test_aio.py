@@ -62,7 +62,10 @@ def test_async_for_over_the_server_with_awaited_replies(run: Runner) -> None:
                 async for event in server:
                     seen.append(type(event).__name__)
                     if isinstance(event, aio.Message):
+                        # What a sync program checks holds here too: no silent mismatch.
+                        assert isinstance(event, socketcomm.Message)
                         assert event.text == "question"
+                        assert not event.raw
                         await event.reply(b"answer")
 
             serving = asyncio.create_task(serve())

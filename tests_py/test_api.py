@@ -47,6 +47,7 @@ def test_events_come_in_order_with_their_details(replying_server: ReplyingServer
     assert request.conn_id == connected.conn_id
     assert isinstance(message, socketcomm.Message)
     assert message.request_id is None
+    assert not message.raw
     assert isinstance(disconnected, socketcomm.Disconnected)
     assert disconnected.conn_id == connected.conn_id
     assert disconnected.code == 1000
@@ -68,6 +69,19 @@ def test_recv_on_the_server_times_out_and_loses_nothing() -> None:
             assert event.data == b"one"
             server.send(event.conn_id, "pushed by the server")
             assert client.recv(timeout=5) == b"pushed by the server"
+
+
+def test_a_message_from_a_plain_socket_says_it_is_raw() -> None:
+    with socketcomm.Server("127.0.0.1", 0) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(b"no framing here")
+            event = server.recv(timeout=5)
+            while not isinstance(event, socketcomm.Message):
+                event = server.recv(timeout=5)
+            assert event.raw
+            assert event.data == b"no framing here"
+            event.reply(b"bare bytes back")
+            assert sock.recv(1024) == b"bare bytes back"
 
 
 def test_iteration_ends_when_the_server_is_closed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -89,6 +90,44 @@ def test_host_and_port_come_from_the_environment_too() -> None:
     assert bad.returncode != 0
     assert "SOCKETCOMM_PORT" in bad.stderr
     assert "not a port number" in bad.stderr
+
+
+def read_to_the_end(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (the socket's timeout bounds each read)."""
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_a_plain_socket_gets_the_original_exchange_then_the_end_of_the_stream() -> None:
+    # What `printf 'Hello World' | openssl s_client` or a recv-until-b"" loop needs to finish.
+    process = ServerProcess()
+    with socket.create_connection((process.host, process.port), timeout=5) as sock:
+        sock.sendall(b"Hello World")
+        assert read_to_the_end(sock) == ACK.encode()
+    # A socketcomm client on the same server stays connected for as long as it likes.
+    with socketcomm.Client(process.host, process.port, timeout=5) as client:
+        assert client.request("one").decode() == ACK
+        assert client.request("two").decode() == ACK
+    time.sleep(0.2)
+    _, out, _ = process.stop()
+    assert out.count("message from client is") == 3, out
+    assert out.count("ended!") == 2, out
+
+
+def test_keep_open_keeps_a_plain_socket_for_an_interactive_session() -> None:
+    process = ServerProcess("--keep-open")
+    with socket.create_connection((process.host, process.port), timeout=5) as sock:
+        for line in (b"first\n", b"second\n"):
+            sock.sendall(line)
+            assert sock.recv(1024).decode() == ACK
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_the_end(sock) == b""
+    time.sleep(0.2)
+    _, out, _ = process.stop()
+    assert "message from client is first" in out
+    assert "message from client is second" in out
 
 
 def test_the_server_survives_what_crashed_the_original() -> None:
@@ -292,6 +331,78 @@ def test_workers_share_one_port_and_stop_together() -> None:
     served_by = {line.rsplit(" by ", 1)[1] for line in out.splitlines() if " by worker" in line}
     assert served_by == {"worker 0", "worker 1"}, out
     assert err.count("served ") == 2, "both workers stop and report"
+
+
+def worker_pids(process: Background, count: int) -> list[int]:
+    """The pids of the workers that worker 0 started, once all ``count`` are there."""
+    pid = process.process.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            children = [int(child) for child in listing.read().split()]
+        if len(children) == count:
+            return children
+        time.sleep(0.05)
+    raise AssertionError(f"worker 0 started {children}, not {count} workers")
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (reaped, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until_gone(pids: list[int], seconds: float) -> list[int]:
+    """The pids still running after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(map(gone, pids)):
+        time.sleep(0.05)
+    return [pid for pid in pids if not gone(pid)]
+
+
+def kill_all(pids: list[int]) -> None:
+    """Leaves no process behind, whatever the test found."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the workers' pids from /proc")
+def test_sigterm_stops_the_workers_even_when_the_parent_blocked_it() -> None:
+    # A benchmark that waits for SIGTERM with sigwait blocks it, and exec keeps the mask.
+    launcher = (
+        "import os, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    args = ["server.py", "--port", "0", "--workers", "3"]
+    process = Background([sys.executable, "-c", launcher, *args])
+    process.wait_for_line("stderr", "listening on")
+    workers = worker_pids(process, 2)
+    try:
+        process.process.send_signal(signal.SIGTERM)
+        code, _, err = process.stop(timeout=15)
+        assert code == 0, err
+        assert err.count("served ") == 3, err
+        assert wait_until_gone(workers, 5) == []
+    finally:
+        kill_all(workers)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the workers' pids from /proc")
+def test_workers_stop_when_worker_0_is_killed() -> None:
+    process = ServerProcess("--workers", "3")
+    workers = worker_pids(process, 2)
+    try:
+        process.process.kill()  # SIGKILL: worker 0 cannot tell anyone
+        process.process.wait(timeout=10)
+        assert wait_until_gone(workers, 5) == [], "the workers outlived worker 0"
+    finally:
+        kill_all(workers)
+        process.stop()
 
 
 def test_every_socket_option_has_a_flag() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, final
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 __all__ = [
     "ACK_REPLY",
@@ -262,9 +262,10 @@ class Connected:
     def peer_identity(self) -> PeerIdentity | None:
         """The client's verified certificate, on a mutual-TLS server."""
 
-@final
+@disjoint_base
 class Message:
-    """A message from a client."""
+    """A message from a client. ``socketcomm.aio`` yields its subclass `AsyncMessage`, so
+    ``isinstance(event, Message)`` holds in both APIs."""
 
     @property
     def conn_id(self) -> int:
@@ -274,7 +275,7 @@ class Message:
         """The client's ``(host, port)``."""
     @property
     def data(self) -> bytes:
-        """The message as sent."""
+        """The message as sent (from a plain socket: the bytes one read returned)."""
     @property
     def text(self) -> str:
         """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
@@ -284,6 +285,10 @@ class Message:
     @property
     def request_id(self) -> int | None:
         """The correlation id when the client sent a request and waits for the reply."""
+    @property
+    def raw(self) -> bool:
+        """True when the client is a plain socket (no socketcomm framing): its messages are
+        the bytes as they arrived, and nothing tells where one ends."""
     def reply(self, data: _Data) -> None:
         """Answers this message: the reply to a request, or a plain message otherwise.
 
@@ -293,29 +298,11 @@ class Message:
         """
 
 @final
-class AsyncMessage:
+class AsyncMessage(Message):
     """A message from a client, as ``socketcomm.aio`` yields it (``socketcomm.aio.Message``):
-    the same as `Message`, but ``reply`` is awaited."""
+    a `Message` whose ``reply`` is awaited."""
 
-    @property
-    def conn_id(self) -> int:
-        """The connection's id, unique for the lifetime of the server."""
-    @property
-    def peer(self) -> tuple[str, int]:
-        """The client's ``(host, port)``."""
-    @property
-    def data(self) -> bytes:
-        """The message as sent."""
-    @property
-    def text(self) -> str:
-        """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        """The client's verified certificate, on a mutual-TLS server."""
-    @property
-    def request_id(self) -> int | None:
-        """The correlation id when the client sent a request and waits for the reply."""
-    def reply(self, data: _Data) -> Awaitable[None]:
+    def reply(self, data: _Data) -> Awaitable[None]:  # type: ignore[override]
         """Answers this message. The awaitable completes at once when the connection's queue
         has room, and after waiting for room otherwise."""
 

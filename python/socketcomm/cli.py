@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from socketcomm import Event
+from socketcomm._lifetime import accept_stop_signals, stop_with_parent
 from socketcomm._socketcomm import (
     Client,
     ClientTls,
@@ -123,7 +124,9 @@ For every client it prints, as the original server.py did:
   Communication with ('127.0.0.1', 45396) ended!
 
 A socketcomm client is told apart from a plain socket by its first bytes, so the original
-client.py (any plain socket that sends and reads) works unchanged. Stop with Ctrl-C.
+client.py (any plain socket that sends and reads) works unchanged. In the reply mode a plain
+socket gets the original's exchange, one message, the reply, the close (--keep-open keeps it
+connected instead, answering all it sends); socketcomm clients stay connected. Stop with Ctrl-C.
 """
 
 SERVER_MODES = {
@@ -163,7 +166,6 @@ def run_server(args: argparse.Namespace) -> int:
         print(settings.render("server"))
         return 0
     _setup_logging(args, settings)
-    args.reply = settings["reply"]
     native = settings["mode"] != "reply"
     workers = settings["workers"]
     if workers > 1 and settings["tls_self_signed"]:
@@ -190,6 +192,10 @@ def run_server(args: argparse.Namespace) -> int:
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    accept_stop_signals()
+    if PARENT_ENV in os.environ:
+        # A worker started by worker 0 stops when worker 0 is gone, however it went.
+        stop_with_parent(int(os.environ[PARENT_ENV]))
     if workers > 1:
         os.environ[WORKER_ENV] = "0"  # this process is worker 0
     host, bound_port = server.address
@@ -209,9 +215,10 @@ def run_server(args: argparse.Namespace) -> int:
             )
     sys.stderr.flush()
     children = _start_workers(args, settings, bound_port) if workers > 1 else []
+    printer = _EventPrinter(server, settings["reply"], settings["keep_open"], args.quiet)
     try:
         for event in server:
-            _handle_event(event, args)
+            printer.handle(event)
     except KeyboardInterrupt:
         print("stopping: closing connections", file=sys.stderr)
     finally:
@@ -219,7 +226,7 @@ def run_server(args: argparse.Namespace) -> int:
         _stop_workers(children)
     # The connections closed by the shutdown are reported too.
     for event in server:
-        _handle_event(event, args)
+        printer.handle(event)
     stats = server.stats()
     files = f", {stats['files_received']} files received" if settings["upload_dir"] else ""
     print(
@@ -232,6 +239,8 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 WORKER_ENV = "SOCKETCOMM_WORKER"
+# The pid of worker 0, in the environment of the workers it starts.
+PARENT_ENV = "SOCKETCOMM_WORKER_PARENT"
 
 
 def _worker_tag(separator: str = " ") -> str:
@@ -249,7 +258,7 @@ def _start_workers(
     flags += ["-q"] * bool(args.quiet) + ["-v"] * args.verbose
     children = []
     for worker in range(1, settings["workers"]):
-        env = dict(os.environ, **{WORKER_ENV: str(worker)})
+        env = dict(os.environ, **{WORKER_ENV: str(worker), PARENT_ENV: str(os.getpid())})
         command = [sys.executable, "-m", "socketcomm", "server", *flags]
         children.append(subprocess.Popen(command, env=env))
     return children
@@ -267,26 +276,56 @@ def _stop_workers(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def _handle_event(event: Event, args: argparse.Namespace) -> None:
-    """Prints one event as the original server did, and answers messages in reply mode."""
-    if isinstance(event, Message):
-        if not args.quiet:
-            print(f"message from client is {_printable(event.data)}", flush=True)
-        _answer(event, args.reply)
-    elif args.quiet:
-        return
-    elif isinstance(event, Connected):
-        print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
-        log.info("connection %d from %s", event.conn_id, event.peer)
-    elif isinstance(event, FileReceived):
-        print(
-            f"received file {event.name!r} ({_size(event.size)}, blake3 {event.digest}) "
-            f"from {event.peer} into {event.path}",
-            flush=True,
-        )
-    elif isinstance(event, Disconnected):
-        print(f"Communication with {event.peer} ended!", flush=True)
-        log.info("connection %d ended: %s", event.conn_id, event.reason)
+class _EventPrinter:
+    """Prints each event as the original server did, and answers messages in reply mode.
+
+    A plain-socket client gets the original's exchange: its first message is answered and the
+    connection closed after the answer (unless ``keep_open``), so a client that reads to the end
+    of the stream (``openssl s_client``, a ``recv`` loop) finishes as it did with the original.
+    """
+
+    def __init__(self, server: Server, reply: str, keep_open: bool, quiet: bool) -> None:
+        self.server = server
+        self.reply = reply
+        self.keep_open = keep_open
+        self.quiet = quiet
+        # Plain-socket connections answered and being closed: what else they sent is ignored.
+        self.closing: set[int] = set()
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Message):
+            self._message(event)
+        elif isinstance(event, Disconnected):
+            self.closing.discard(event.conn_id)
+            if not self.quiet:
+                print(f"Communication with {event.peer} ended!", flush=True)
+                log.info("connection %d ended: %s", event.conn_id, event.reason)
+        elif self.quiet:
+            return
+        elif isinstance(event, Connected):
+            print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
+            log.info("connection %d from %s", event.conn_id, event.peer)
+        elif isinstance(event, FileReceived):
+            print(
+                f"received file {event.name!r} ({_size(event.size)}, blake3 {event.digest}) "
+                f"from {event.peer} into {event.path}",
+                flush=True,
+            )
+
+    def _message(self, message: Message) -> None:
+        if message.conn_id in self.closing:
+            return
+        if not self.quiet:
+            print(f"message from client is {_printable(message.data)}", flush=True)
+        try:
+            message.reply(self.reply)
+        except SocketCommError as e:
+            # The client left before the answer; the server goes on with the others.
+            print(f"could not answer {message.peer}: {e}", file=sys.stderr)
+            return
+        if message.raw and not self.keep_open:
+            self.closing.add(message.conn_id)
+            self.server.disconnect(message.conn_id, "answered (the original's exchange)")
 
 
 def _size(size: float) -> str:
@@ -296,14 +335,6 @@ def _size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def _answer(message: Message, reply: str) -> None:
-    try:
-        message.reply(reply)
-    except SocketCommError as e:
-        # The client left before the answer; the server goes on with the others.
-        print(f"could not answer {message.peer}: {e}", file=sys.stderr)
 
 
 CLIENT_DESCRIPTION = """\

@@ -261,6 +261,15 @@ SERVER_SETTINGS = [
     ),
     Setting("reply", _text, ACK_REPLY.decode(), "the answer of the reply and ack modes", "TEXT"),
     Setting(
+        "keep_open",
+        _boolean,
+        False,
+        "reply mode: keep a plain-socket client connected after the reply and answer all it "
+        "sends (an interactive session, e.g. with netcat); by default it gets the original's "
+        "exchange: one message, the reply, the close",
+        boolean=True,
+    ),
+    Setting(
         "max_frame", _positive_integer, DEFAULT_MAX_FRAME, "largest frame from a client", "BYTES"
     ),
     Setting(

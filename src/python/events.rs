@@ -1,7 +1,6 @@
 //! The event classes a server yields: `Connected`, `Disconnected`, `FileReceived` (in
-//! `transfer.rs`), and a message in two
-//! flavours, `Message` (whose `reply` blocks) for the sync API and `AsyncMessage` (whose `reply`
-//! is awaited) for `socketcomm.aio`.
+//! `transfer.rs`), and a message in two flavours, `Message` (whose `reply` blocks) for the sync
+//! API and its subclass `AsyncMessage` (whose `reply` is awaited) for `socketcomm.aio`.
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -83,7 +82,10 @@ impl MessageFields {
 }
 
 /// A message from a client; `reply()` answers it.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
+///
+/// NOTE: subclassable so that `AsyncMessage` is a `Message`: `isinstance(event, Message)` then
+/// holds in an asyncio server too, where it would otherwise silently match nothing.
+#[pyclass(frozen, subclass, module = "socketcomm._socketcomm")]
 pub(crate) struct Message {
     fields: MessageFields,
     /// The runtime its connection runs on, when a Python thread drives it (see `driven.rs`).
@@ -91,63 +93,58 @@ pub(crate) struct Message {
 }
 
 /// A message from a client, as `socketcomm.aio` yields it: `await message.reply(...)`.
-#[pyclass(frozen, module = "socketcomm._socketcomm")]
+#[pyclass(frozen, extends = Message, module = "socketcomm._socketcomm")]
 pub(crate) struct AsyncMessage {
-    fields: MessageFields,
     /// Where its answer is kept until the loop's turn ends (see `wakeup.rs`).
     answering: Option<(Arc<Driven>, Arc<Wakeup>)>,
 }
 
-/// The attributes both message flavours show, in one `#[pymethods]` block per class.
-macro_rules! message_attributes {
-    ($class:ident) => {
-        #[pymethods]
-        impl $class {
-            #[getter]
-            fn conn_id(&self) -> u64 {
-                self.fields.inner.conn.id()
-            }
-
-            #[getter]
-            fn peer(&self) -> (String, u16) {
-                address(self.fields.inner.conn.peer())
-            }
-
-            #[getter]
-            fn data(&self, py: Python<'_>) -> Py<PyBytes> {
-                self.fields.data.clone_ref(py)
-            }
-
-            /// The client's verified certificate, on a mutual-TLS server.
-            #[getter]
-            fn peer_identity(&self) -> Option<PyPeerIdentity> {
-                identity_of(&self.fields.inner.conn)
-            }
-
-            /// The correlation id when the client sent a request (and waits for the reply).
-            #[getter]
-            fn request_id(&self) -> Option<u32> {
-                self.fields.inner.request_id
-            }
-
-            /// The data decoded as UTF-8.
-            #[getter]
-            fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
-                self.fields.text(py)
-            }
-
-            fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-                self.fields.repr(py, stringify!($class))
-            }
-        }
-    };
-}
-
-message_attributes!(Message);
-message_attributes!(AsyncMessage);
-
 #[pymethods]
 impl Message {
+    #[getter]
+    fn conn_id(&self) -> u64 {
+        self.fields.inner.conn.id()
+    }
+
+    #[getter]
+    fn peer(&self) -> (String, u16) {
+        address(self.fields.inner.conn.peer())
+    }
+
+    #[getter]
+    fn data(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.fields.data.clone_ref(py)
+    }
+
+    /// The client's verified certificate, on a mutual-TLS server.
+    #[getter]
+    fn peer_identity(&self) -> Option<PyPeerIdentity> {
+        identity_of(&self.fields.inner.conn)
+    }
+
+    /// The correlation id when the client sent a request (and waits for the reply).
+    #[getter]
+    fn request_id(&self) -> Option<u32> {
+        self.fields.inner.request_id
+    }
+
+    /// True when the client is a plain socket: the data is what one read returned.
+    #[getter]
+    fn raw(&self) -> bool {
+        !self.fields.inner.conn.is_framed()
+    }
+
+    /// The data decoded as UTF-8.
+    #[getter]
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        self.fields.text(py)
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let class = slf.get_type().name()?;
+        slf.get().fields.repr(slf.py(), &class.to_cow()?)
+    }
+
     /// Answers this message: the reply to a request, or a plain message otherwise.
     fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let data = payload(data)?;
@@ -165,16 +162,18 @@ impl Message {
 impl AsyncMessage {
     /// Answers this message; await the result. Completes at once when the connection's queue
     /// has room, and waits for room otherwise.
-    fn reply<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn reply<'py>(slf: &Bound<'py, Self>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
         let data = payload(data)?;
-        let Some((driven, wakeup)) = &self.answering else {
-            if self.fields.inner.try_reply(data.clone())? {
+        let inner = &slf.as_super().get().fields.inner;
+        let Some((driven, wakeup)) = &slf.get().answering else {
+            if inner.try_reply(data.clone())? {
                 return ready(py);
             }
-            let message = self.fields.inner.clone();
+            let message = inner.clone();
             return spawn_awaitable(py, async move { message.reply(data).await });
         };
-        if let Some(answer) = self.fields.inner.reserve_reply(data.clone())? {
+        if let Some(answer) = inner.reserve_reply(data.clone())? {
             driven.keep(answer);
             if wakeup.needs_flush() {
                 schedule_flush(py, wakeup)?;
@@ -183,7 +182,7 @@ impl AsyncMessage {
         }
         // The queue is full: what was kept goes first, so that answers keep their order.
         driven.queue_kept();
-        let message = self.fields.inner.clone();
+        let message = inner.clone();
         spawn_awaitable(py, async move { message.reply(data).await })
     }
 }
@@ -254,13 +253,16 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
                 .into_pyobject(py)?
                 .into_any()
                 .unbind(),
-                Flavour::Async(answering) => AsyncMessage {
-                    fields,
-                    answering: answering.map(|(d, w)| (Arc::clone(d), Arc::clone(w))),
+                Flavour::Async(answering) => {
+                    let base = Message {
+                        fields,
+                        driven: None,
+                    };
+                    let answering = answering.map(|(d, w)| (Arc::clone(d), Arc::clone(w)));
+                    let init =
+                        PyClassInitializer::from(base).add_subclass(AsyncMessage { answering });
+                    Bound::new(py, init)?.into_any().unbind()
                 }
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
             }
         }
         Event::FileReceived { conn, file } => {

@@ -73,6 +73,12 @@ impl Connection {
         self.identity.as_deref()
     }
 
+    /// Whether the client speaks socketcomm's framed protocol; false for a plain socket (raw
+    /// mode), and until the client's first bytes have told which it is.
+    pub fn is_framed(&self) -> bool {
+        self.outbox.state().is_framed()
+    }
+
     /// Queues `data` as one message to this client (raw clients get the bare bytes), waiting
     /// while its outbound queue is full.
     ///

@@ -18,6 +18,19 @@ pub fn hello() -> [u8; 12] {
     hello
 }
 
+/// Asks the kernel for SIGTERM once the parent process is gone, so that a peer whose
+/// benchmark was killed does not serve its port for ever.
+pub fn stop_with_parent() {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+    // SAFETY: getppid has no preconditions. Reparented already: the parent died before.
+    if unsafe { libc::getppid() } == 1 {
+        std::process::exit(0);
+    }
+}
+
 /// User plus system CPU time of a process (`self` or a PID), from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: &str) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -6,12 +6,13 @@
 
 use std::io::Write;
 
-use socketcomm_bench::{hello, REPLY, REQUEST};
+use socketcomm_bench::{hello, stop_with_parent, REPLY, REQUEST};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    stop_with_parent();
     let args: Vec<String> = std::env::args().collect();
     let sink = args.iter().any(|a| a == "--sink");
     let port = args
