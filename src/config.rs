@@ -199,6 +199,49 @@ pub const MAX_QUEUE: usize = 1 << 20;
 /// The largest `max_connections`.
 pub const MAX_CONNECTIONS: usize = 10_000_000;
 
+/// Heartbeats on a framed connection (`heartbeat.rs`); raw connections have none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pings {
+    /// Send a PING this often; `None` sends none.
+    pub interval: Option<Duration>,
+    /// Close the connection once nothing at all has arrived for this long after a PING;
+    /// `None` never does (the pings then only measure the latency).
+    pub timeout: Option<Duration>,
+}
+
+impl Pings {
+    /// No pings at all.
+    pub const OFF: Pings = Pings {
+        interval: None,
+        timeout: None,
+    };
+
+    fn validate(&self) -> Result<()> {
+        for (option, value) in [
+            ("ping_interval", self.interval),
+            ("ping_timeout", self.timeout),
+        ] {
+            if value.is_some_and(|t| t.is_zero()) {
+                return Err(Error::invalid(
+                    option,
+                    "must be positive (None disables it)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Pings {
+    /// A ping every 20 s, and 20 s to hear from the peer after one (as `websockets` does).
+    fn default() -> Pings {
+        Pings {
+            interval: Some(Duration::from_secs(20)),
+            timeout: Some(Duration::from_secs(20)),
+        }
+    }
+}
+
 /// Settings of a [`Server`](crate::server::Server).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -237,6 +280,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::ServerTls>,
     /// How long a client may take to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Heartbeats to framed clients.
+    pub pings: Pings,
 }
 
 impl Default for ServerConfig {
@@ -259,6 +304,7 @@ impl Default for ServerConfig {
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
+            pings: Pings::default(),
         }
     }
 }
@@ -299,7 +345,7 @@ impl ServerConfig {
                 "must be positive (None disables it)",
             ));
         }
-        Ok(())
+        self.pings.validate()
     }
 }
 
@@ -330,6 +376,8 @@ pub struct ClientConfig {
     pub retries: u32,
     /// The first wait before trying again; it doubles with each attempt (up to 5 s).
     pub backoff: Duration,
+    /// Heartbeats to the server (none in raw mode).
+    pub pings: Pings,
 }
 
 impl Default for ClientConfig {
@@ -347,6 +395,7 @@ impl Default for ClientConfig {
             tls: None,
             retries: 0,
             backoff: Duration::from_millis(200),
+            pings: Pings::default(),
         }
     }
 }
@@ -372,7 +421,7 @@ impl ClientConfig {
         if self.outbound_queue == 0 {
             return Err(Error::invalid("outbound_queue", "must be at least 1"));
         }
-        Ok(())
+        self.pings.validate()
     }
 }
 

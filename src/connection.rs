@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{encode_chunk_header, encode_frame, FileRange, Frame, FrameCodec};
+use crate::heartbeat::Latency;
 
 /// The writer gathers queued frames into one buffer up to this size before writing, so that many
 /// small messages cost one system call.
@@ -31,6 +32,8 @@ pub(crate) struct ConnState {
     /// Set when the writer sends file ranges itself (`sendfile`), so file data need not be
     /// copied into frames.
     sends_files: AtomicBool,
+    /// The round trip of the last ping this side sent and the peer answered.
+    latency: Latency,
     closed: OnceLock<CloseInfo>,
 }
 
@@ -40,6 +43,7 @@ impl ConnState {
             peer_max_frame: AtomicU32::new(peer_max_frame),
             framed: AtomicBool::new(false),
             sends_files: AtomicBool::new(false),
+            latency: Latency::default(),
             closed: OnceLock::new(),
         })
     }
@@ -60,6 +64,10 @@ impl ConnState {
 
     pub(crate) fn sends_files(&self) -> bool {
         self.sends_files.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn latency(&self) -> &Latency {
+        &self.latency
     }
 
     /// Records why the connection ended; the first reason wins.

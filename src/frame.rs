@@ -179,6 +179,9 @@ impl CloseCode {
     pub const SLOW_READER: CloseCode = CloseCode(1007);
     /// The server serves TLS only, and the client spoke plaintext.
     pub const TLS_REQUIRED: CloseCode = CloseCode(1008);
+    /// Nothing arrived from the peer for `ping_timeout` after a ping. The peer is most likely
+    /// unreachable, so this code is mostly seen on the side that gave up.
+    pub const PING_TIMEOUT: CloseCode = CloseCode(1009);
 }
 
 /// Frame type bytes. 0x10..=0x1F belong to file transfer, 0x40..=0x7F are reserved for later

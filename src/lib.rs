@@ -6,6 +6,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`frame`] | the wire format: hello, frame types, the codec (pure, no I/O) |
+//! | `heartbeat` | pings on a framed connection: a peer gone silent, the latency |
 //! | `connection` | the outbound queue both sides use; the client's reader and writer |
 //! | [`server`] | binding, the accept loop, limits, broadcast; `server/handler.rs`: one connection's loop |
 //! | [`client`] | connecting, the hello, request/reply matching by correlation id |
@@ -19,6 +20,7 @@ pub mod config;
 pub(crate) mod connection;
 pub mod error;
 pub mod frame;
+pub(crate) mod heartbeat;
 pub mod server;
 pub mod tls;
 pub mod transfer;
@@ -33,7 +35,7 @@ mod python;
 pub const FAULT_PANIC: &[u8] = b"\xffsocketcomm: panic here";
 
 pub use client::Client;
-pub use config::{ClientConfig, Mode, ServerConfig};
+pub use config::{ClientConfig, Mode, Pings, ServerConfig};
 pub use error::{CloseInfo, Error, FrameError};
 pub use frame::{CloseCode, Frame, FrameCodec};
 pub use server::{ConnId, Connection, Event, Message, Server, Stats};

@@ -6,6 +6,9 @@ loopback that forwards to a server and spoils the traffic in ways a queueing dis
 - ``stall_after``: after this many bytes in a direction, nothing more is forwarded that way;
 - ``reset_after``: after this many bytes in a direction, both connections are reset (RST).
 
+``cut()`` is the cable cut: from then on nothing more is forwarded either way on any
+connection, and no FIN or RST tells either end (the sockets stay open).
+
 Each toxic applies to ``upstream`` (client to server), ``downstream`` (server to client) or
 both, as ``direction`` says. The proxy runs its own event loop on a thread.
 """
@@ -38,6 +41,7 @@ class Proxy:
         self.connections = 0
         self.resets = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._cut = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -90,6 +94,8 @@ class Proxy:
         forwarded = 0
         try:
             while data := await reader.read(65536):
+                if self._cut.is_set():
+                    await asyncio.Event().wait()  # forever: nothing gets through any more
                 if toxics.latency:
                     await asyncio.sleep(toxics.latency)
                 if toxics.stall_after is not None and forwarded + len(data) > toxics.stall_after:
@@ -126,6 +132,10 @@ class Proxy:
             # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             end.transport.abort()
+
+    def cut(self) -> None:
+        """Silently drops everything from now on, in both directions (see the module doc)."""
+        self._cut.set()
 
     def close(self) -> None:
         async def stop() -> None:

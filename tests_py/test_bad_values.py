@@ -29,14 +29,33 @@ def expect_value_error(option: str, make: Callable[[], object]) -> None:
 @pytest.mark.parametrize("seconds", BAD_SECONDS)
 @pytest.mark.parametrize(
     "option",
-    ["idle_timeout", "slow_handler", "tls_handshake_timeout", "keepalive", "linger"],
+    [
+        "idle_timeout",
+        "slow_handler",
+        "tls_handshake_timeout",
+        "keepalive",
+        "linger",
+        "ping_interval",
+        "ping_timeout",
+    ],
 )
 def test_server_durations(option: str, seconds: float) -> None:
     expect_value_error(option, lambda: server_with(**{option: seconds}))
 
 
 @pytest.mark.parametrize("seconds", BAD_SECONDS)
-@pytest.mark.parametrize("option", ["timeout", "connect_timeout", "backoff", "keepalive", "linger"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "timeout",
+        "connect_timeout",
+        "backoff",
+        "keepalive",
+        "linger",
+        "ping_interval",
+        "ping_timeout",
+    ],
+)
 def test_client_durations(echo_server: socketcomm.Server, option: str, seconds: float) -> None:
     options: dict[str, Any] = {option: seconds}
 

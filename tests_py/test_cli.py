@@ -409,7 +409,9 @@ def test_every_socket_option_has_a_flag() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         local_port = probe.getsockname()[1]
-    process = ServerProcess("--backlog", "16", "--no-reuse-addr", "--linger", "1")
+    process = ServerProcess(
+        "--backlog", "16", "--no-reuse-addr", "--linger", "1", "--ping-interval", "0.5"
+    )
     try:
         result = run(
             [
@@ -427,6 +429,11 @@ def test_every_socket_option_has_a_flag() -> None:
                 "3",
                 "--linger",
                 "0",
+                # 0 turns the client's pings off (None in the library).
+                "--ping-interval",
+                "0",
+                "--ping-timeout",
+                "5",
             ]
         )
         assert result.returncode == 0, result.stderr

@@ -78,7 +78,8 @@ class ConnectionClosedError(SocketCommError, ConnectionError):
     code: int | None
     """The close code when the ending side sent one (1000 normal, 1001 server shutting down,
     1002 protocol error, 1003 unsupported version, 1004 frame too large, 1005 server full,
-    1006 idle timeout, 1007 too slow a reader); docs/protocol.md lists them."""
+    1006 idle timeout, 1007 too slow a reader, 1009 nothing arrived after a ping: the peer is
+    unreachable); docs/protocol.md lists them."""
     reason: str
     """Why the connection ended, in words."""
 
@@ -352,6 +353,8 @@ def _connect(
     recv_buffer: int | None = None,
     send_buffer: int | None = None,
     linger: float | None = None,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
 ) -> Awaitable[Client]:
     """Connects without blocking the event loop (``socketcomm.aio.Client`` uses it)."""
 
@@ -399,7 +402,13 @@ class Server:
     line of text for a plain socket) and closed, so it fails at once instead of waiting in the
     backlog. ``idle_timeout`` (seconds) closes a connection that completed no message for
     that long (code 1006): the bytes of an unfinished frame do not count, so a client that
-    trickles a frame byte by byte (slowloris) is dropped too. ``event_queue`` and
+    trickles a frame byte by byte (slowloris) is dropped too, and neither do pings.
+    Heartbeats: every ``ping_interval`` seconds the server pings each framed client; one from
+    which nothing at all has arrived for ``ping_timeout`` seconds after a ping (not the pong,
+    no data, and on Linux no acknowledgement of what the server sends it) is closed with code
+    1009, so a peer that vanished without a FIN (a cut cable, a NAT that forgot the flow) is
+    noticed within ``ping_interval + ping_timeout``. ``latency(conn_id)`` is the last ping's
+    round trip. None turns either off; raw clients are never pinged. ``event_queue`` and
     ``outbound_queue`` bound the events waiting for Python and the messages waiting to be
     written to one client: when either is full the connection waits
     (backpressure, never unbounded memory). A broadcast that finds a client's queue full waits
@@ -481,6 +490,8 @@ class Server:
         workers: int = 1,
         event_queue: int = 4096,
         outbound_queue: int = 1024,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
     ) -> Self: ...
     @property
     def tls_fingerprint(self) -> str | None:
@@ -542,6 +553,11 @@ class Server:
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
+    def latency(self, conn_id: int) -> float | None:
+        """The round trip of the last ping the server sent ``conn_id`` and the client
+        answered, in seconds; None before the first answer (``ping_interval`` after it
+        connected), with pings off, and for a raw client. ``ConnectionClosedError`` when
+        there is no such connection."""
     def disconnect(self, conn_id: int, reason: str = "closed by the server") -> bool:
         """Closes a connection after what is queued for it, telling a framed client ``reason``
         (close code 1000). False when there is no such connection (any more)."""
@@ -614,6 +630,10 @@ class Client:
     the certificate check fails). ``download_dir`` lets the server send files
     (`Server.send_file`), received as a server's ``upload_dir`` receives them and read with
     ``recv_file()``; without it they are refused. ``max_file_size`` bounds them.
+    Heartbeats as on the server: a ping every ``ping_interval`` seconds, and a server from which
+    nothing has arrived for ``ping_timeout`` seconds after one ends the connection (code 1009;
+    the next call raises ``ConnectionClosedError``, or reconnects with ``retries``).
+    ``latency`` is the last ping's round trip.
     """
 
     def __new__(
@@ -638,6 +658,8 @@ class Client:
         recv_buffer: int | None = None,
         send_buffer: int | None = None,
         linger: float | None = None,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
     ) -> Self: ...
     def fileno(self) -> int:
         """The socket's descriptor, to inspect it (``os.dup`` it first; do not close it)."""
@@ -650,6 +672,11 @@ class Client:
     @property
     def timeout(self) -> float | None:
         """The default limit of ``recv``, ``request`` and ``send`` waits, in seconds."""
+    @property
+    def latency(self) -> float | None:
+        """The round trip of the last ping this client sent and the server answered, in
+        seconds; None before the first answer (``ping_interval`` after connecting), with pings
+        off, and in raw mode."""
     @property
     def raw(self) -> bool:
         """Whether this client speaks raw bytes (no hello, no framing)."""

@@ -228,6 +228,8 @@ class Client:
         backoff: float = 0.2,
         download_dir: PathLike | None = None,
         max_file_size: int = _socketcomm.DEFAULT_MAX_FILE_SIZE,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
         **socket_options: Any,
     ) -> None:
         self._target = (host, port)
@@ -241,6 +243,8 @@ class Client:
             "backoff": backoff,
             "download_dir": download_dir,
             "max_file_size": max_file_size,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
             **socket_options,
         }
         self._timeout = timeout
@@ -273,6 +277,12 @@ class Client:
     @property
     def timeout(self) -> float | None:
         return self._timeout
+
+    @property
+    def latency(self) -> float | None:
+        """The round trip of the last ping the server answered, in seconds (as
+        `socketcomm.Client.latency`)."""
+        return self._connected.latency
 
     @property
     def closed(self) -> bool:
@@ -475,6 +485,11 @@ class Server:
     def disconnect(self, conn_id: int, reason: str = "closed by the server") -> bool:
         """Closes one connection after what is queued for it (does not block)."""
         return self._core.disconnect(conn_id, reason)
+
+    def latency(self, conn_id: int) -> float | None:
+        """The round trip of the last ping to ``conn_id`` that it answered, in seconds (as
+        `socketcomm.Server.latency`)."""
+        return self._core.latency(conn_id)
 
     def start(self) -> None:
         """Runs the handlers in a task of the running event loop (idempotent)."""

@@ -35,7 +35,9 @@ from socketcomm._socketcomm import (
 )
 from socketcomm.config import (
     CLIENT_SETTINGS,
+    HEARTBEAT_NAMES,
     SERVER_SETTINGS,
+    SOCKET_OPTION_NAMES,
     ConfigError,
     Resolved,
     add_arguments,
@@ -71,7 +73,11 @@ def _setup_logging(args: argparse.Namespace, settings: Resolved) -> None:
 
 
 def _socket_options(settings: Resolved) -> dict[str, Any]:
-    return {name: settings[name] for name in ("nodelay", "keepalive", "recv_buffer", "send_buffer")}
+    """The socket and heartbeat keywords of `Server` and `Client`, from the settings."""
+    options = {name: settings[name] for name in SOCKET_OPTION_NAMES}
+    # On the command line 0 turns a heartbeat setting off; the library says None.
+    options.update({name: settings[name] or None for name in HEARTBEAT_NAMES})
+    return options
 
 
 def _server_tls(settings: Resolved) -> ServerTls | None:

@@ -189,6 +189,25 @@ _SOCKET = [
 
 SOCKET_OPTION_NAMES = [setting.name for setting in _SOCKET]
 
+# Heartbeats, on both commands; 0 turns one off (the library takes None for that).
+_HEARTBEAT = [
+    Setting(
+        "ping_interval",
+        _non_negative_float,
+        20.0,
+        "ping the peer this often, to notice one that vanished (seconds; 0: no pings)",
+        "SECONDS",
+    ),
+    Setting(
+        "ping_timeout",
+        _non_negative_float,
+        20.0,
+        "close the connection when nothing arrives for this long after a ping (seconds; 0: never)",
+        "SECONDS",
+    ),
+]
+HEARTBEAT_NAMES = [setting.name for setting in _HEARTBEAT]
+
 _TLS_VERSION = Setting(
     "tls_min_version",
     _choice(("1.2", "1.3")),
@@ -324,6 +343,7 @@ SERVER_SETTINGS = [
         "N",
     ),
     *_SOCKET,
+    *_HEARTBEAT,
     *_LOGGING,
 ]
 
@@ -366,6 +386,7 @@ CLIENT_SETTINGS = [
     ),
     *_CLIENT_TLS,
     *_SOCKET,
+    *_HEARTBEAT,
     *_LOGGING,
 ]
 

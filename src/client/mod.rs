@@ -141,6 +141,13 @@ impl Client {
         self.session().is_tls()
     }
 
+    /// The round trip of the last ping this client sent and the server answered; `None` before
+    /// the first answer (the first ping goes out after `ping_interval`), with pings off, and in
+    /// raw mode.
+    pub fn latency(&self) -> Option<Duration> {
+        self.session().latency()
+    }
+
     /// Whether [`Client::close`] was called, or the connection has ended and will not be
     /// replaced (no `retries`).
     pub fn is_closed(&self) -> bool {

@@ -17,12 +17,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Pings};
 use crate::connection::{
     write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
 };
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
+use crate::heartbeat::{Beat, Heard, Heartbeat};
 use crate::transfer::{
     self, Delivery, FileDir, Outgoing, Progress, ReceivedFile, Receiving, SentFile,
 };
@@ -247,9 +248,17 @@ impl Session {
             config.raw,
             abort.clone(),
         ));
+        #[cfg(unix)]
+        let socket = Some(fd);
+        #[cfg(not(unix))]
+        let socket = None;
+        let pings = if config.raw { Pings::OFF } else { config.pings };
+        let heartbeat = Heartbeat::new(pings, Arc::clone(outbox.state()), socket);
+        let reader = Heard::new(reader, &heartbeat);
         let inbound_frames = Inbound::new(reader, config.raw, config.max_frame, buffered);
         tokio::spawn(read_loop(
             inbound_frames,
+            heartbeat,
             receiving,
             to_app,
             Arc::clone(&shared),
@@ -295,6 +304,10 @@ impl Session {
     /// Whether the connection is encrypted with TLS.
     pub(crate) fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    pub(crate) fn latency(&self) -> Option<Duration> {
+        self.outbox.state().latency().get()
     }
 
     /// Why the connection ended, once it has.
@@ -631,6 +644,7 @@ impl Delivery for Downloads {
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut inbound: Inbound<R>,
+    mut heartbeat: Heartbeat,
     mut receiving: Receiving,
     to_app: flume::Sender<Bytes>,
     shared: Arc<Shared>,
@@ -641,6 +655,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let next = tokio::select! {
             () = abort.cancelled() => break (CloseInfo::new(Some(CloseCode::NORMAL), "the client was closed"), None),
             next = inbound.next() => next,
+            beat = heartbeat.beat(), if heartbeat.armed() => match beat {
+                Beat::Ping(ping) => {
+                    // A ping that finds the queue full is skipped: the next look decides.
+                    let _ = outbox.try_send(ping);
+                    continue;
+                }
+                Beat::Gone(info) => {
+                    log::info!("closing the connection to the server: {info}");
+                    let frame = Frame::close(CloseCode::PING_TIMEOUT, &info.reason);
+                    break (info, Some(frame));
+                }
+            },
         };
         match next {
             None => {
@@ -689,8 +715,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // A pong that finds the queue full is dropped: the peer will ping again.
                 let _ = outbox.try_send(Frame::Pong(token));
             }
+            Some(Ok(Frame::Pong(token))) => heartbeat.pong(token),
             // A FILE_RANGE is never decoded (it arrives as a FILE_CHUNK).
-            Some(Ok(Frame::Pong(_) | Frame::FileRange { .. })) => {}
+            Some(Ok(Frame::FileRange { .. })) => {}
             Some(Ok(Frame::Close { code, reason })) => {
                 let reason = if reason.is_empty() {
                     "the server closed the connection".to_owned()

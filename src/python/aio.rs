@@ -29,7 +29,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
 use super::ints;
-use super::options::socket_options;
+use super::options::{pings, socket_options};
 use super::runtime::{duration_from_secs, refuse_if_forked, runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
@@ -294,6 +294,8 @@ impl<'py> IntoPyObject<'py> for Payload {
     recv_buffer = None,
     send_buffer = None,
     linger = None,
+    ping_interval = 20.0,
+    ping_timeout = 20.0,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn _connect<'py>(
@@ -317,6 +319,8 @@ pub(crate) fn _connect<'py>(
     #[pyo3(from_py_with = ints::recv_buffer)] recv_buffer: Option<usize>,
     #[pyo3(from_py_with = ints::send_buffer)] send_buffer: Option<usize>,
     linger: Option<f64>,
+    ping_interval: Option<f64>,
+    ping_timeout: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
     refuse_if_forked()?;
     let timeout = timeout_from_secs("timeout", timeout)?;
@@ -335,7 +339,7 @@ pub(crate) fn _connect<'py>(
         max_frame,
         (tls, retries, backoff),
         local_address,
-        socket,
+        (socket, pings(ping_interval, ping_timeout)?),
         download_dir,
         max_file_size,
     )?;

@@ -15,11 +15,11 @@ use std::net::ToSocketAddrs;
 
 use pyo3::exceptions::PyValueError;
 
-use super::options::socket_options;
+use super::options::{pings, socket_options};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Completions;
-use crate::config::{ClientConfig, SocketOptions};
+use crate::config::{ClientConfig, Pings, SocketOptions};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
@@ -42,7 +42,7 @@ pub(crate) fn client_config(
     max_frame: u32,
     (tls, retries, backoff): (Option<PyRef<'_, PyClientTls>>, u32, f64),
     local_address: Option<(String, u16)>,
-    socket: SocketOptions,
+    (socket, pings): (SocketOptions, Pings),
     download_dir: Option<PathBuf>,
     max_file_size: u64,
 ) -> PyResult<ClientConfig> {
@@ -71,6 +71,7 @@ pub(crate) fn client_config(
         tls: tls.map(|tls| tls.core.clone()),
         retries,
         backoff,
+        pings,
         ..ClientConfig::default()
     })
 }
@@ -99,6 +100,8 @@ impl PyClient {
         recv_buffer = None,
         send_buffer = None,
         linger = None,
+        ping_interval = 20.0,
+        ping_timeout = 20.0,
     ))]
     // Each argument is a Python keyword option.
     #[allow(clippy::too_many_arguments)]
@@ -123,6 +126,8 @@ impl PyClient {
         #[pyo3(from_py_with = ints::recv_buffer)] recv_buffer: Option<usize>,
         #[pyo3(from_py_with = ints::send_buffer)] send_buffer: Option<usize>,
         linger: Option<f64>,
+        ping_interval: Option<f64>,
+        ping_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
         refuse_if_forked()?;
         let timeout = timeout_from_secs("timeout", timeout)?;
@@ -141,7 +146,7 @@ impl PyClient {
             max_frame,
             (tls, retries, backoff),
             local_address,
-            socket,
+            (socket, pings(ping_interval, ping_timeout)?),
             download_dir,
             max_file_size,
         )?;
@@ -158,6 +163,13 @@ impl PyClient {
     #[getter]
     fn address(&self) -> (String, u16) {
         address(self.core.peer_addr())
+    }
+
+    /// The round trip of the last ping this client sent and the server answered, in seconds;
+    /// `None` before the first answer, with pings off, and in raw mode.
+    #[getter]
+    fn latency(&self) -> Option<f64> {
+        self.core.latency().map(|latency| latency.as_secs_f64())
     }
 
     /// The socket's file descriptor (to inspect it with `socket.socket(fileno=...)` on a

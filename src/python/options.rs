@@ -1,10 +1,11 @@
 //! The socket options the Python API takes as keyword arguments, shared by `Server`, `Client`
-//! and the asyncio client, and their conversion into the core's [`SocketOptions`].
+//! and the asyncio client, and their conversion into the core's [`SocketOptions`]; and the
+//! heartbeat options they share ([`Pings`]).
 
 use pyo3::prelude::*;
 
 use super::runtime::timeout_from_secs;
-use crate::config::{Keepalive, SocketOptions};
+use crate::config::{Keepalive, Pings, SocketOptions};
 
 /// Builds the options; `keepalive` is the idle time in seconds before the first probe.
 ///
@@ -39,5 +40,17 @@ pub(crate) fn socket_options(
         recv_buffer,
         send_buffer,
         linger: timeout_from_secs("linger", linger)?,
+    })
+}
+
+/// The heartbeat options, in seconds: `ping_interval` (None sends no pings) and `ping_timeout`
+/// (None never closes a silent peer). Zero is refused with the rest of the configuration.
+///
+/// # Errors
+/// `ValueError` naming the option for a negative or unusable value.
+pub(crate) fn pings(interval: Option<f64>, timeout: Option<f64>) -> PyResult<Pings> {
+    Ok(Pings {
+        interval: timeout_from_secs("ping_interval", interval)?,
+        timeout: timeout_from_secs("ping_timeout", timeout)?,
     })
 }

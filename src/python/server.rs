@@ -22,7 +22,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::ints;
-use super::options::socket_options;
+use super::options::{pings, socket_options};
 use super::runtime::{
     duration_from_secs, forked, refuse_if_forked, runtime, timeout_from_secs, wait,
 };
@@ -223,6 +223,8 @@ impl PyServer {
         workers = 1,
         event_queue = 4096,
         outbound_queue = 1024,
+        ping_interval = 20.0,
+        ping_timeout = 20.0,
     ))]
     // Each argument is a Python keyword option.
     #[allow(clippy::too_many_arguments)]
@@ -259,6 +261,8 @@ impl PyServer {
         #[pyo3(from_py_with = ints::workers)] workers: usize,
         #[pyo3(from_py_with = ints::event_queue)] event_queue: usize,
         #[pyo3(from_py_with = ints::outbound_queue)] outbound_queue: usize,
+        ping_interval: Option<f64>,
+        ping_timeout: Option<f64>,
     ) -> PyResult<PyServer> {
         refuse_if_forked()?;
         for (option, handler) in [
@@ -326,6 +330,7 @@ impl PyServer {
                 "tls_handshake_timeout",
                 tls_handshake_timeout,
             )?,
+            pings: pings(ping_interval, ping_timeout)?,
         };
         let addr = resolve(py, host, port)?;
         let core = Arc::new(py.detach(|| core::Server::bind(addr, config))?);
@@ -626,6 +631,23 @@ impl PyServer {
         let exclude = exclusions(exclude)?;
         let core = &self.core;
         Ok(wait(py, core.broadcast(data, &exclude), None)?.expect("waits without a timeout"))
+    }
+
+    /// The round trip of the last ping the server sent `conn_id` and the client answered, in
+    /// seconds; `None` before the first answer, with pings off, and for a raw client.
+    /// `ConnectionClosedError` when there is no such connection.
+    fn latency(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
+    ) -> PyResult<Option<f64>> {
+        let Some(conn) = self.core.connection(conn_id) else {
+            return Err(errors::closed(
+                py,
+                &format!("there is no connection {conn_id}: it has ended, or never existed"),
+            ));
+        };
+        Ok(conn.latency().map(|latency| latency.as_secs_f64()))
     }
 
     /// Closes the connection `conn_id` after what is queued for it, telling a framed client

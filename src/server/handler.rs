@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
-use crate::config::Mode;
+use crate::config::{Mode, Pings};
 use crate::connection::{
     drain_into, encode, is_message, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
 };
@@ -26,6 +26,7 @@ use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
     self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, LENGTH_PREFIX,
 };
+use crate::heartbeat::{Beat, Heartbeat, RawFd};
 use crate::tls::{handshake_error, PeerIdentity, ServerTls};
 use crate::transfer::{Delivery, ReceivedFile, Receiving};
 
@@ -46,14 +47,15 @@ pub(super) async fn serve(
     events: EventSender,
     slot: OwnedSemaphorePermit,
 ) {
+    let fd = socket_fd(&stream);
     let Some(tls) = hub.config.tls.clone() else {
-        return serve_on(hub, id, stream, peer, events, None, slot).await;
+        return serve_on(hub, id, (stream, fd), peer, events, None, slot).await;
     };
     // NOTE: boxed, so that the TLS states (rustls' connection is large) do not make every
     // plaintext connection's task that much bigger: a task holds its future inline.
     Box::pin(async move {
         if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
-            serve_on(hub, id, stream, peer, events, identity, slot).await;
+            serve_on(hub, id, (stream, fd), peer, events, identity, slot).await;
         }
     })
     .await;
@@ -133,11 +135,19 @@ async fn refuse_plaintext(hub: &Hub, mut stream: TcpStream, peer: SocketAddr, fi
     .await;
 }
 
-/// Serves one connection, plaintext or already secured, to its end.
+/// The descriptor of a TCP socket, for asking the kernel about it (see `heartbeat.rs`).
+fn socket_fd(stream: &TcpStream) -> Option<RawFd> {
+    #[cfg(unix)]
+    return Some(std::os::fd::AsRawFd::as_raw_fd(stream));
+    #[cfg(not(unix))]
+    return None;
+}
+
+/// Serves one connection, plaintext or already secured, to its end; `fd` is its TCP socket's.
 async fn serve_on<S: Transport>(
     hub: Arc<Hub>,
     id: ConnId,
-    stream: S,
+    (stream, fd): (S, Option<RawFd>),
     peer: SocketAddr,
     events: EventSender,
     identity: Option<Arc<PeerIdentity>>,
@@ -179,7 +189,7 @@ async fn serve_on<S: Transport>(
     // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
     // here, so that the connection is still unregistered, its slot freed and its Disconnected
     // event sent, and the server goes on serving the others.
-    let running = run(&hub, stream, &conn, &mut queued, &events, receiving);
+    let running = run(&hub, (stream, fd), &conn, &mut queued, &events, receiving);
     let reason = match AssertUnwindSafe(running).catch_unwind().await {
         Ok(reason) => reason,
         Err(panic) => internal_error(&hub, &conn, panic.as_ref()),
@@ -269,7 +279,7 @@ type Ending = (CloseInfo, Option<Frame>);
 
 async fn run<S: Transport>(
     hub: &Hub,
-    mut stream: S,
+    (mut stream, fd): (S, Option<RawFd>),
     conn: &Connection,
     queued: &mut mpsc::Receiver<Frame>,
     events: &EventSender,
@@ -331,6 +341,11 @@ async fn run<S: Transport>(
         read_buf: buffered,
         write_buf: BytesMut::new(),
         idle,
+        heartbeat: Heartbeat::new(
+            if raw { Pings::OFF } else { hub.config.pings },
+            Arc::clone(conn.outbox.state()),
+            fd,
+        ),
         receiving,
         messages_in: 0,
         messages_out: 0,
@@ -360,6 +375,7 @@ struct Driver<'a> {
     read_buf: BytesMut,
     write_buf: BytesMut,
     idle: IdleTimer,
+    heartbeat: Heartbeat,
     /// Files arriving on this connection.
     receiving: Receiving,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
@@ -413,6 +429,14 @@ impl Driver<'_> {
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
                     return (info, Some(frame));
                 }
+                beat = self.heartbeat.beat(), if self.heartbeat.armed() => match beat {
+                    Beat::Ping(ping) => encode(&ping, false, &mut self.write_buf),
+                    Beat::Gone(info) => {
+                        log::info!("connection {} from {}: {info}", self.conn.id, self.conn.peer);
+                        let frame = Frame::close(CloseCode::PING_TIMEOUT, &info.reason);
+                        return (info, Some(frame));
+                    }
+                },
                 written = writer.write(&self.write_buf), if writing => match written {
                     Ok(0) => return (CloseInfo::new(None, "the client stopped taking data"), None),
                     Ok(n) => {
@@ -438,6 +462,7 @@ impl Driver<'_> {
                         return (CloseInfo::new(None, format!("the client left: {e}")), None);
                     }
                     Ok(n) => {
+                        self.heartbeat.heard();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => return (io_ending(self.hub, &e), None),
@@ -459,19 +484,23 @@ impl Driver<'_> {
         {
             panic!("fault injection: a panic inside a connection's task");
         }
-        let before = self.read_buf.len();
-        let ending = self.handle_frames().await;
-        if self.read_buf.len() != before {
+        let mut active = false;
+        let ending = self.handle_frames(&mut active).await;
+        if active {
             self.idle.touch();
         }
         ending
     }
 
-    async fn handle_frames(&mut self) -> Option<Ending> {
+    /// Handles the whole frames buffered; `active` is set when one of them was more than a
+    /// heartbeat (pings and pongs keep a connection alive, not busy: `idle_timeout` still
+    /// applies to a client that only answers pings).
+    async fn handle_frames(&mut self, active: &mut bool) -> Option<Ending> {
         loop {
             if self.hub.config.mode.answers_in_place() {
                 match self.answer_in_place() {
                     Ok(InPlace::Answered) => {
+                        *active = true;
                         self.messages_in += 1;
                         self.messages_out += 1;
                         continue;
@@ -493,6 +522,7 @@ impl Driver<'_> {
                     Err(e) => return Some(self.protocol_error(e)),
                 }
             };
+            *active |= !matches!(frame, Frame::Ping(_) | Frame::Pong(_));
             if let Some(ended) = self.handle_frame(frame).await {
                 return Some((ended, None));
             }
@@ -599,7 +629,11 @@ impl Driver<'_> {
                 }
                 return None;
             }
-            Frame::Pong(_) | Frame::Reply { .. } | Frame::FileRange { .. } => {
+            Frame::Pong(token) => {
+                self.heartbeat.pong(token);
+                return None;
+            }
+            Frame::Reply { .. } | Frame::FileRange { .. } => {
                 log::debug!(
                     "connection {}: ignored a frame the server did not ask for",
                     self.conn.id

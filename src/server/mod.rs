@@ -73,6 +73,13 @@ impl Connection {
         self.identity.as_deref()
     }
 
+    /// The round trip of the last ping the server sent this client and it answered; `None`
+    /// before the first answer (the first ping goes out after `ping_interval`), with pings off,
+    /// and for a raw client.
+    pub fn latency(&self) -> Option<Duration> {
+        self.outbox.state().latency().get()
+    }
+
     /// Whether the client speaks socketcomm's framed protocol; false for a plain socket (raw
     /// mode), and until the client's first bytes have told which it is.
     pub fn is_framed(&self) -> bool {
