@@ -7,6 +7,8 @@ pub const MAGIC: [u8; 4] = [0x89, b'S', b'C', b'M'];
 pub const DATA: u8 = 0x01;
 pub const REQUEST: u8 = 0x02;
 pub const REPLY: u8 = 0x03;
+pub const PING: u8 = 0x20;
+pub const PONG: u8 = 0x21;
 
 /// A socketcomm hello announcing version 1 and a 16 MiB frame limit.
 pub fn hello() -> [u8; 12] {

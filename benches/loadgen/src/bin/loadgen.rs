@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socketcomm_bench::{cpu_time, hello, DATA, MAGIC};
+use socketcomm_bench::{cpu_time, hello, DATA, MAGIC, PING, PONG};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -182,7 +182,14 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(n) => n,
         };
         buffered += n;
-        let whole = buffered / message.len();
+        let mut out = Vec::new();
+        let (whole, used) = if options.raw {
+            let whole = buffered / message.len();
+            (whole, whole * message.len())
+        } else {
+            // A framed server also pings now and then: answered, and not counted.
+            answers(&buf[..buffered], &mut out)
+        };
         for _ in 0..whole {
             let started = sent_at.pop_front().expect("an echo for every message");
             if measuring.load(Ordering::Relaxed) {
@@ -190,12 +197,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 local.latencies_ns.push(started.elapsed().as_nanos() as u64);
             }
         }
-        buf.copy_within(whole * message.len()..buffered, 0);
-        buffered -= whole * message.len();
+        buf.copy_within(used..buffered, 0);
+        buffered -= used;
         for _ in 0..whole {
             sent_at.push_back(Instant::now());
         }
-        let mut out = Vec::with_capacity(whole * message.len());
+        out.reserve(whole * message.len());
         for _ in 0..whole {
             out.extend_from_slice(&message);
         }
@@ -209,4 +216,25 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             local.messages = 0;
         }
     }
+}
+
+/// The whole frames at the start of `received`: how many are answers to our messages, and how
+/// many bytes they take. A PING among them gets its PONG written to `out`.
+fn answers(received: &[u8], out: &mut Vec<u8>) -> (usize, usize) {
+    let (mut whole, mut used) = (0, 0);
+    while let Some(header) = received.get(used..used + 5) {
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let Some(frame) = received.get(used..used + 4 + length) else {
+            break;
+        };
+        if frame[4] == PING {
+            out.extend_from_slice(frame);
+            let pong = out.len() - frame.len() + 4;
+            out[pong] = PONG;
+        } else {
+            whole += 1;
+        }
+        used += 4 + length;
+    }
+    (whole, used)
 }
