@@ -4,6 +4,8 @@ not catch) and never a failure later, per connection."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 import socketcomm
+import socketcomm.aio as aio
 
 # Durations beyond a year, and every value that is no duration at all.
 BAD_SECONDS = [-1.0, math.nan, math.inf, 1e19, 1e300]
@@ -166,3 +169,136 @@ def test_broadcast_exclusions_out_of_range(echo_server: socketcomm.Server) -> No
         echo_server.broadcast(b"x", exclude=[-1])
     with pytest.raises(ValueError, match="invalid exclude: -1"):
         echo_server.broadcast(b"x", exclude=-1)
+
+
+# Every keyword option of every constructor, and every option of the methods, gets each of
+# these; what is not refused with a ValueError or TypeError naming the option fails.
+SWEEP = [-1, 0.5, math.nan, math.inf, 10**30, "x", object()]
+# Options for which some of the values above mean something (a reply of "x", half a second).
+MEANINGFUL: dict[str, set[str]] = {
+    "reply": {"'x'"},
+    **{
+        option: {"0.5"}
+        for option in (
+            "slow_handler",
+            "tls_handshake_timeout",
+            "idle_timeout",
+            "keepalive",
+            "keepalive_interval",
+            "linger",
+            "timeout",
+            "connect_timeout",
+            "backoff",
+            "ping_interval",
+            "ping_timeout",
+        )
+    },
+}
+# Folders: a name that does not exist is an OSError naming the option, as a user expects.
+FOLDERS = {"upload_dir", "download_dir"}
+
+
+def names(error: BaseException, option: str) -> bool:
+    """Whether the error's message, or a note PyO3 adds to it, names the option."""
+    return option in str(error) or any(option in note for note in getattr(error, "__notes__", []))
+
+
+def refused(option: str, make: Callable[[Any], object]) -> list[str]:
+    """The values of SWEEP that ``make`` does not refuse properly, with what happened."""
+    wrong = []
+    for value in SWEEP:
+        if repr(value) in MEANINGFUL.get(option, set()):
+            continue
+        try:
+            made = make(value)
+        except (ValueError, TypeError) as error:
+            if not names(error, option):
+                wrong.append(f"{value!r}: {type(error).__name__} without the name: {error}")
+            continue
+        except OSError as error:
+            if option not in FOLDERS or not names(error, option):
+                wrong.append(f"{value!r}: {type(error).__name__}: {error}")
+            continue
+        except BaseException as error:
+            wrong.append(f"{value!r}: {type(error).__name__}: {error}")
+            continue
+        close = getattr(made, "close", None)
+        if callable(close):
+            close()
+        wrong.append(f"{value!r}: accepted")
+    return wrong
+
+
+def keyword_options(callable_: Callable[..., object]) -> list[str]:
+    return [
+        p.name
+        for p in inspect.signature(callable_).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
+@pytest.mark.parametrize("option", keyword_options(socketcomm.Server))
+def test_every_server_option(option: str) -> None:
+    assert refused(option, lambda value: server_with(**{option: value})) == []
+
+
+@pytest.mark.parametrize("option", keyword_options(socketcomm.Client))
+def test_every_client_option(echo_server: socketcomm.Server, option: str) -> None:
+    def connect(value: Any) -> socketcomm.Client:
+        return socketcomm.Client(*echo_server.address, **{option: value})
+
+    assert refused(option, connect) == []
+
+
+@pytest.mark.parametrize("option", keyword_options(socketcomm.Client))
+def test_every_asyncio_client_option(echo_server: socketcomm.Server, option: str) -> None:
+    def connect(value: Any) -> None:
+        async def main() -> None:
+            async with aio.Client(*echo_server.address, **{option: value}):
+                pass
+
+        asyncio.run(main())
+
+    assert refused(option, connect) == []
+
+
+@pytest.mark.parametrize("option", ["max_frame", "idle_timeout", "ping_interval", "port"])
+def test_asyncio_server_options(option: str) -> None:
+    def serve(value: Any) -> None:
+        async def main() -> None:
+            async with aio.Server("127.0.0.1", **{"port": 0, option: value}):
+                pass
+
+        asyncio.run(main())
+
+    assert refused(option, serve) == []
+
+
+def test_every_option_of_the_methods(echo_server: socketcomm.Server, tmp_path: Any) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    server = socketcomm.Server("127.0.0.1", 0)
+    wrong: dict[str, list[str]] = {}
+    try:
+        with socketcomm.Client(*echo_server.address) as client:
+            calls: dict[str, Callable[[Any], object]] = {
+                "Server.recv timeout": lambda v: server.recv(timeout=v),
+                "Server.recv_many max": lambda v: server.recv_many(max=v, timeout=0.01),
+                "Server.recv_many timeout": lambda v: server.recv_many(timeout=v),
+                "Server.send conn_id": lambda v: server.send(v, b"x"),
+                "Server.disconnect conn_id": lambda v: server.disconnect(v),
+                "Server.latency conn_id": lambda v: server.latency(v),
+                "Server.broadcast exclude": lambda v: server.broadcast(b"x", exclude=v),
+                "Server.send_file conn_id": lambda v: server.send_file(v, path),
+                "Client.recv timeout": lambda v: client.recv(timeout=v),
+                "Client.request timeout": lambda v: client.request(b"x", timeout=v),
+                "Client.send_file timeout": lambda v: client.send_file(path, timeout=v),
+            }
+            for call, make in calls.items():
+                option = call.rsplit(" ", 1)[1]
+                found = refused(option, make)
+                if found:
+                    wrong[call] = found
+    finally:
+        server.close()
+    assert wrong == {}

@@ -448,6 +448,8 @@ class Server:
     async def recv_many(self, max: int = 256, timeout: float | None = None) -> list[Event]:
         """Up to ``max`` events: waits for the first, then takes those already queued. An empty
         list when none came within ``timeout``."""
+        if not isinstance(max, int) or isinstance(max, bool):
+            raise TypeError(f"invalid max: expected an integer, not {type(max).__name__}")
         if max < 1:
             raise ValueError("invalid max: must be at least 1")
         try:

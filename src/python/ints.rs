@@ -86,6 +86,8 @@ required! {
     event_queue: usize,
     outbound_queue: usize,
     conn_id: u64,
+    // `recv_many(max=...)`.
+    max: usize,
 }
 
 optional! {

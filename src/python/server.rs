@@ -301,7 +301,9 @@ impl PyServer {
         let config = ServerConfig {
             mode: parse_mode(mode, &handlers)?,
             ack_reply: match reply {
-                Some(reply) => payload(reply)?,
+                Some(reply) => payload(reply).map_err(|e| {
+                    pyo3::exceptions::PyTypeError::new_err(format!("invalid reply: {e}"))
+                })?,
                 None => bytes::Bytes::from_static(ACK_REPLY),
             },
             max_frame,
@@ -557,7 +559,7 @@ impl PyServer {
     fn recv_many(
         &self,
         py: Python<'_>,
-        max: usize,
+        #[pyo3(from_py_with = ints::max)] max: usize,
         timeout: Option<f64>,
     ) -> PyResult<Vec<Py<PyAny>>> {
         if max == 0 {
@@ -701,7 +703,17 @@ pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64
             Ok(vec![ints::int_option(one, "exclude")?])
         }
         Some(many) => many
-            .try_iter()?
+            .try_iter()
+            .map_err(|_| {
+                let kind = many
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default();
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "invalid exclude: expected a connection id or an iterable of them, not {kind}"
+                ))
+            })?
             .map(|id| id.and_then(|id| ints::int_option(&id, "exclude")))
             .collect(),
     }
