@@ -217,18 +217,10 @@ impl Pings {
     };
 
     fn validate(&self) -> Result<()> {
-        for (option, value) in [
+        positive_or_off(&[
             ("ping_interval", self.interval),
             ("ping_timeout", self.timeout),
-        ] {
-            if value.is_some_and(|t| t.is_zero()) {
-                return Err(Error::invalid(
-                    option,
-                    "must be positive (None disables it)",
-                ));
-            }
-        }
-        Ok(())
+        ])
     }
 }
 
@@ -267,6 +259,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Connections served at once; one more is told "server full" and closed.
     pub max_connections: usize,
+    /// Connections served at once from one IP address; `None`: no limit but `max_connections`.
+    pub max_connections_per_ip: Option<usize>,
     /// Close a connection after this long without a whole message from the client (the bytes
     /// of an unfinished frame do not count, so a slowloris is dropped too).
     pub idle_timeout: Option<Duration>,
@@ -280,6 +274,9 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::ServerTls>,
     /// How long a client may take to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How long a connection may take to send its first bytes (a framed client: its whole
+    /// hello) after it is accepted (after the TLS handshake, with TLS); `None` waits for ever.
+    pub hello_timeout: Option<Duration>,
     /// Heartbeats to framed clients.
     pub pings: Pings,
 }
@@ -298,12 +295,14 @@ impl Default for ServerConfig {
             reuse_port: false,
             workers: 1,
             max_connections: 10_000,
+            max_connections_per_ip: None,
             idle_timeout: None,
             slow_reader: SlowReader::Disconnect,
             upload_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Some(Duration::from_secs(10)),
             pings: Pings::default(),
         }
     }
@@ -333,18 +332,22 @@ impl ServerConfig {
                 ));
             }
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err(Error::invalid(
+                "max_connections_per_ip",
+                "must be at least 1 (None: no limit)",
+            ));
+        }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::invalid("workers", "must be between 1 and 256"));
         }
         if self.tls_handshake_timeout.is_zero() {
             return Err(Error::invalid("tls_handshake_timeout", "must be positive"));
         }
-        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::invalid(
-                "idle_timeout",
-                "must be positive (None disables it)",
-            ));
-        }
+        positive_or_off(&[
+            ("idle_timeout", self.idle_timeout),
+            ("hello_timeout", self.hello_timeout),
+        ])?;
         self.pings.validate()
     }
 }
@@ -422,6 +425,20 @@ impl ClientConfig {
             return Err(Error::invalid("outbound_queue", "must be at least 1"));
         }
         self.pings.validate()
+    }
+}
+
+/// Durations that are either off (`None`) or positive: zero would fire at once.
+fn positive_or_off(options: &[(&'static str, Option<Duration>)]) -> Result<()> {
+    match options
+        .iter()
+        .find(|(_, value)| value.is_some_and(|t| t.is_zero()))
+    {
+        Some((option, _)) => Err(Error::invalid(
+            option,
+            "must be positive (None disables it)",
+        )),
+        None => Ok(()),
     }
 }
 

@@ -411,7 +411,8 @@ impl FrameCodec {
 impl FrameCodec {
     /// Checks the frame at the start of `src` without consuming it: `Some((total, type))` when
     /// it is all buffered (`total` counts the length prefix), `None` when more bytes are needed
-    /// (room for them is reserved, within `max_frame`).
+    /// (room for more is reserved: as much as has arrived, at least 64 KiB, never beyond the
+    /// frame).
     ///
     /// # Errors
     /// [`FrameError::TooLarge`] for a declared length over `max_frame`, checked before any
@@ -434,12 +435,19 @@ impl FrameCodec {
         }
         let total = LENGTH_PREFIX + declared as usize;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // NOTE: a declared length is a promise, not bytes: room grows with what has really
+            // arrived (at most doubling), so a peer cannot make this side reserve `max_frame`
+            // for five bytes. A large frame costs a few reallocations on the way.
+            let step = src.len().max(FIRST_RESERVE);
+            src.reserve((total - src.len()).min(step));
             return Ok(None);
         }
         Ok(Some((total, src[LENGTH_PREFIX])))
     }
 }
+
+/// The most room reserved for a frame beyond its first bytes, before more of it arrives.
+const FIRST_RESERVE: usize = 64 * 1024;
 
 impl Decoder for FrameCodec {
     type Item = Frame;

@@ -6,8 +6,8 @@ mod common;
 
 use bytes::Bytes;
 
-use _socketcomm::{Error, Event, Mode, ServerConfig, FAULT_PANIC};
-use common::{client, next_event, server_with};
+use _socketcomm::{Error, Mode, ServerConfig, FAULT_PANIC};
+use common::{client, next_disconnected, server_with};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_panic_in_a_connection_ends_that_connection_and_nothing_else() {
@@ -25,13 +25,8 @@ async fn a_panic_in_a_connection_ends_that_connection_and_nothing_else() {
     assert!(info.reason.contains("closed"), "{info}");
 
     // Its Disconnected event says why, and its slot is free again (max_connections is 2).
-    let mut reason = None;
-    while reason.is_none() {
-        if let Event::Disconnected { reason: why, .. } = next_event(&server).await {
-            reason = Some(why);
-        }
-    }
-    assert!(reason.unwrap().reason.contains("internal error"));
+    let reason = next_disconnected(&server).await;
+    assert!(reason.reason.contains("internal error"));
     assert_eq!(server.connections().len(), 1);
     assert_eq!(server.stats().connection_errors, 1);
     let newcomer = client(&server).await;

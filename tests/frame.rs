@@ -117,6 +117,43 @@ fn an_oversized_length_is_refused_before_any_allocation() {
 }
 
 #[test]
+fn room_for_a_frame_grows_with_what_arrives_not_with_what_it_declares() {
+    // Five bytes that announce a 16 MiB frame used to reserve all 16 MiB at once.
+    let declared = 16 << 20;
+    let mut codec = FrameCodec::new(declared);
+    let mut buf = BytesMut::new();
+    buf.put_u32(declared);
+    buf.put_u8(0x01);
+    assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    assert!(
+        buf.capacity() <= 128 * 1024,
+        "reserved {} bytes",
+        buf.capacity()
+    );
+    // As the frame really arrives, room grows with it, and the frame decodes whole.
+    let body = vec![9u8; declared as usize - 1];
+    let mut fed = 0;
+    while fed < body.len() {
+        let chunk = (body.len() - fed).min(100_000);
+        buf.extend_from_slice(&body[fed..fed + chunk]);
+        fed += chunk;
+        let before = buf.len();
+        let decoded = codec.decode(&mut buf).unwrap();
+        if fed < body.len() {
+            assert_eq!(decoded, None);
+            // Proportional to what arrived (BytesMut's own growth doubles too), not 16 MiB.
+            assert!(
+                buf.capacity() <= 4 * before + 128 * 1024,
+                "{}",
+                buf.capacity()
+            );
+        } else {
+            assert_eq!(decoded, Some(Frame::Data(Bytes::from(body.clone()))));
+        }
+    }
+}
+
+#[test]
 fn a_frame_exactly_at_max_frame_is_accepted() {
     let frame = Frame::Data(Bytes::from(vec![7u8; 1023]));
     assert_eq!(frame.encoded_len(), 1024);

@@ -14,7 +14,7 @@ use _socketcomm::frame::{Hello, HELLO_LEN};
 use _socketcomm::{
     Client, ClientConfig, CloseCode, Error, Event, Frame, Mode, Pings, ServerConfig,
 };
-use common::{next_event, server_with, HandPeer, LIMIT};
+use common::{next_disconnected, next_event, server_with, HandPeer, LIMIT};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -118,11 +118,7 @@ async fn the_server_closes_a_client_that_never_answers_a_ping() {
     // The hand peer reads (its kernel acknowledges) but never answers: it is hung.
     let first = silent.recv().await;
     assert!(matches!(first, Some(Frame::Ping(_))), "{first:?}");
-    let reason = loop {
-        if let Event::Disconnected { reason, .. } = next_event(&server).await {
-            break reason;
-        }
-    };
+    let reason = next_disconnected(&server).await;
     let took = started.elapsed();
     assert_eq!(reason.code, Some(CloseCode::PING_TIMEOUT), "{reason}");
     assert!(reason.reason.contains("ping_timeout"), "{reason}");

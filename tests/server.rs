@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use _socketcomm::frame::{CloseCode, Frame, Hello, PROTOCOL_VERSION};
 use _socketcomm::{Error, Event, Mode, Server, ServerConfig};
-use common::{client, next_event, server, server_with, HandPeer, LIMIT};
+use common::{client, next_disconnected, next_event, server, server_with, HandPeer, LIMIT};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn port_zero_binds_a_free_port() {
@@ -387,16 +387,79 @@ async fn a_slot_is_free_again_once_its_disconnected_event_is_seen() {
     let mut current = client(&server).await;
     for round in 0..200 {
         current.close(Duration::from_secs(1)).await;
-        loop {
-            if let Event::Disconnected { .. } = next_event(&server).await {
-                break;
-            }
-        }
+        next_disconnected(&server).await;
         current = match _socketcomm::Client::connect("127.0.0.1", port, Default::default()).await {
             Ok(next) => next,
             Err(e) => panic!("round {round}: refused right after the Disconnected event: {e}"),
         };
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_says_nothing_is_closed_after_hello_timeout() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        hello_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::default()
+    });
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(server.local_addr()).await.unwrap();
+    // Half a hello is not a hello.
+    let mut half = TcpStream::connect(server.local_addr()).await.unwrap();
+    half.write_all(&Hello::client(1 << 20).encode()[..6])
+        .await
+        .unwrap();
+    let on_time = client(&server).await;
+    for stream in [&mut silent, &mut half] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(LIMIT, stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "closed, got {read:?}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too soon: {took:?}"
+    );
+    let reasons = [
+        next_disconnected(&server).await,
+        next_disconnected(&server).await,
+    ];
+    for reason in &reasons {
+        assert_eq!(reason.code, Some(CloseCode::IDLE_TIMEOUT), "{reason}");
+        assert!(reason.reason.contains("hello_timeout"), "{reason}");
+    }
+    assert_eq!(server.stats().idle_timeouts, 2);
+    // A client that spoke in time is served long after the deadline.
+    assert_eq!(
+        &on_time.request(Bytes::from_static(b"late")).await.unwrap()[..],
+        b"late"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_per_ip_refuses_one_more_from_the_same_address() {
+    let server = server_with(ServerConfig {
+        mode: Mode::Echo,
+        max_connections_per_ip: Some(2),
+        ..ServerConfig::default()
+    });
+    let port = server.local_addr().port();
+    let first = client(&server).await;
+    let _second = client(&server).await;
+    let Err(Error::Closed(info)) =
+        _socketcomm::Client::connect("127.0.0.1", port, Default::default()).await
+    else {
+        panic!("a third connection from 127.0.0.1 must be refused")
+    };
+    assert_eq!(info.code, Some(CloseCode::SERVER_FULL), "{info}");
+    assert!(info.reason.contains("max_connections_per_ip"), "{info}");
+    // One leaves: its address may connect again.
+    first.close(Duration::from_secs(1)).await;
+    next_disconnected(&server).await;
+    let again = _socketcomm::Client::connect("127.0.0.1", port, Default::default()).await;
+    assert!(again.is_ok(), "{:?}", again.err());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -606,3 +606,39 @@ async fn the_sender_learns_of_a_digest_mismatch_as_a_transfer_error() {
     assert_eq!(status, TransferStatus::DIGEST_MISMATCH);
     assert!(reason.contains("nothing was kept"), "{reason}");
 }
+
+/// Where the server keeps the partial file of `name` with `size` bytes (`receive.rs`'s key).
+fn partial_path(uploads: &Path, name: &str, size: u64) -> PathBuf {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&size.to_be_bytes());
+    let key: String = hasher.finalize().to_hex()[..32].to_owned();
+    uploads.join(PARTIAL_DIR).join(format!("{key}.part"))
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symbolic_link_planted_as_a_partial_file_is_never_followed() {
+    let uploads = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let victim = write_file(
+        elsewhere.path(),
+        "victim.txt",
+        b"precious, and 29 bytes long..",
+    );
+    let server = uploading_server(uploads.path(), None);
+    let data = pattern(29, 7);
+    let source = write_file(elsewhere.path(), "invoice.txt", &data);
+    // A local user with write access to upload_dir plants a link where the upload will go.
+    std::os::unix::fs::symlink(&victim, partial_path(uploads.path(), "invoice.txt", 29)).unwrap();
+    let client = client(&server).await;
+    send(&client, &source, None).await.unwrap();
+    let file = next_file(&server).await;
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"precious, and 29 bytes long.."
+    );
+    assert!(!std::fs::symlink_metadata(&file.path).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&file.path).unwrap(), data);
+}

@@ -182,6 +182,7 @@ MEANINGFUL: dict[str, set[str]] = {
         for option in (
             "slow_handler",
             "tls_handshake_timeout",
+            "hello_timeout",
             "idle_timeout",
             "keepalive",
             "keepalive_interval",

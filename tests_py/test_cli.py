@@ -380,7 +380,10 @@ def test_sigterm_stops_the_workers_even_when_the_parent_blocked_it() -> None:
     )
     args = ["server.py", "--port", "0", "--workers", "3"]
     process = Background([sys.executable, "-c", launcher, *args])
-    process.wait_for_line("stderr", "listening on")
+    # Every worker has its SIGTERM handler once it says it listens (before, SIGTERM just ends
+    # a process that is still starting, which is not what this test is about).
+    for _ in range(3):
+        process.wait_for_line("stderr", "listening on")
     workers = worker_pids(process, 2)
     try:
         process.process.send_signal(signal.SIGTERM)

@@ -400,9 +400,15 @@ class Server:
     Options: ``max_frame`` bounds a frame from a client (bytes). ``max_connections`` bounds the
     clients served at once: one more is accepted, told "server full" (close code 1005, or a
     line of text for a plain socket) and closed, so it fails at once instead of waiting in the
-    backlog. ``idle_timeout`` (seconds) closes a connection that completed no message for
-    that long (code 1006): the bytes of an unfinished frame do not count, so a client that
+    backlog. ``max_connections_per_ip`` (None: no limit) bounds those from one IP address the
+    same way, so that one host cannot take every slot. ``idle_timeout`` (seconds) closes a
+    connection that completed no message for that long (code 1006): the bytes of an unfinished
+    frame do not count, so a client that
     trickles a frame byte by byte (slowloris) is dropped too, and neither do pings.
+    ``hello_timeout`` (seconds, on by default) closes a connection that has not said what it
+    speaks that long after it was accepted (after its TLS handshake, with TLS): one that sent
+    nothing, or a framed client's unfinished hello (code 1006, counted in ``idle_timeouts``),
+    so silent connections cannot hold every ``max_connections`` slot. None waits for ever.
     Heartbeats: every ``ping_interval`` seconds the server pings each framed client; one from
     which nothing at all has arrived for ``ping_timeout`` seconds after a ping (not the pong,
     no data, and on Linux no acknowledgement of what the server sends it) is closed with code
@@ -473,8 +479,10 @@ class Server:
         max_file_size: int = ...,
         tls: ServerTls | None = None,
         tls_handshake_timeout: float = 10.0,
+        hello_timeout: float | None = 10.0,
         max_frame: int = ...,
         max_connections: int = 10000,
+        max_connections_per_ip: int | None = None,
         idle_timeout: float | None = None,
         slow_reader: str = "disconnect",
         backlog: int = 1024,

@@ -304,13 +304,15 @@ class _EventPrinter:
         elif isinstance(event, Disconnected):
             self.closing.discard(event.conn_id)
             if not self.quiet:
-                print(f"Communication with {event.peer} ended!", flush=True)
+                # Logged before the line is printed, so that whoever sees the line (and stops
+                # the server at once) finds the log record written too.
                 log.info("connection %d ended: %s", event.conn_id, event.reason)
+                print(f"Communication with {event.peer} ended!", flush=True)
         elif self.quiet:
             return
         elif isinstance(event, Connected):
-            print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
             log.info("connection %d from %s", event.conn_id, event.peer)
+            print(f"connected to {event.peer}{_worker_tag(' by ')}", flush=True)
         elif isinstance(event, FileReceived):
             print(
                 f"received file {event.name!r} ({_size(event.size)}, blake3 {event.digest}) "

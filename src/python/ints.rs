@@ -91,6 +91,7 @@ required! {
 }
 
 optional! {
+    max_connections_per_ip: usize,
     keepalive_count: u32,
     recv_buffer: usize,
     send_buffer: usize,

@@ -13,11 +13,11 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Wake};
+use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
 use crate::config::{Mode, Pings};
 use crate::connection::{
     drain_into, encode, is_message, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
@@ -45,7 +45,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     events: EventSender,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let fd = socket_fd(&stream);
     let Some(tls) = hub.config.tls.clone() else {
@@ -151,7 +151,7 @@ async fn serve_on<S: Transport>(
     peer: SocketAddr,
     events: EventSender,
     identity: Option<Arc<PeerIdentity>>,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
@@ -207,6 +207,34 @@ async fn serve_on<S: Transport>(
     log::debug!("connection {id} from {peer} ended: {reason}");
     hub.emit(&events, Event::Disconnected { conn, reason })
         .await;
+}
+
+/// Completes at `deadline`; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The ending of a connection that did not say what it speaks within `hello_timeout` (counted
+/// with the idle timeouts, by its code).
+fn silent(hub: &Hub, conn: &Connection, nothing: bool) -> CloseInfo {
+    let limit = hub.config.hello_timeout.unwrap_or_default();
+    let what = if nothing {
+        "sent nothing"
+    } else {
+        "did not complete its hello"
+    };
+    log::info!(
+        "connection {} from {}: {what} within {limit:?}",
+        conn.id,
+        conn.peer
+    );
+    CloseInfo::new(
+        Some(CloseCode::IDLE_TIMEOUT),
+        format!("{what} within {limit:?} of connecting (hello_timeout)"),
+    )
 }
 
 /// The ending of a connection whose loop panicked: logged as an error, counted as a connection
@@ -288,6 +316,9 @@ async fn run<S: Transport>(
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     // Room for the hello; a raw client's first message grows it as needed.
     let mut buffered = BytesMut::with_capacity(2 * HELLO_LEN);
+    // NOTE: on by default, so that connections that never say a word cannot hold every slot
+    // of `max_connections` for as long as they like.
+    let hello_deadline = hub.config.hello_timeout.map(|limit| Instant::now() + limit);
     let raw = loop {
         if frame::looks_like_tls(&buffered) {
             hub.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -304,6 +335,7 @@ async fn run<S: Transport>(
         let read = tokio::select! {
             () = conn.control.wake.fired() => return woken(hub, conn).0,
             () = idle.expired() => return idle.reason(),
+            () = until(hello_deadline) => return silent(hub, conn, buffered.is_empty()),
             read = stream.read_buf(&mut buffered) => read,
         };
         // The bytes of an unfinished hello are not activity (see `handle_buffered`).
@@ -841,13 +873,15 @@ async fn answer_hello<S: AsyncWrite + Unpin>(
     }
 }
 
-/// Tells a client that arrived over `max_connections` that the server is full, in its own
-/// protocol (a refusing hello and a close frame, or a line of text), then closes.
-pub(super) async fn refuse_full(hub: Arc<Hub>, mut stream: TcpStream, peer: SocketAddr) {
-    let reason = format!(
-        "server full: it serves at most {} connections; try again later",
-        hub.config.max_connections
-    );
+/// Tells a client that arrived over `max_connections` (or `max_connections_per_ip`) that the
+/// server is full, and why, in its own protocol (a refusing hello and a close frame, or a line
+/// of text), then closes.
+pub(super) async fn refuse_full(
+    hub: Arc<Hub>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    reason: String,
+) {
     hub.counters.refused_full.fetch_add(1, Ordering::Relaxed);
     log::info!("refused {peer}: {reason}");
     let mut first = BytesMut::with_capacity(HELLO_LEN);

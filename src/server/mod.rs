@@ -253,6 +253,8 @@ struct Hub {
     next_id: AtomicU64,
     /// One permit per connection served; see `max_connections`.
     slots: Arc<Semaphore>,
+    /// Connections served per client address, when `max_connections_per_ip` is set.
+    per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
     /// Bounds the tasks that tell extra clients the server is full, so a flood of connections
     /// costs a bounded amount of work; beyond it they are closed without a word.
     refusals: Arc<Semaphore>,
@@ -363,6 +365,8 @@ impl Server {
     /// bound (in use, not local, not permitted).
     pub fn bind(addr: SocketAddr, config: ServerConfig) -> Result<Server> {
         config.validate()?;
+        #[cfg(unix)]
+        raise_descriptor_limit(config.max_connections);
         let upload_dir = FileDir::open_optional(
             "upload_dir",
             config.upload_dir.as_deref(),
@@ -400,6 +404,7 @@ impl Server {
         let (sender, events) = flume::bounded(config.event_queue);
         let hub = Arc::new(Hub {
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            per_address: Arc::default(),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             config,
             upload_dir,
@@ -617,6 +622,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Descriptors kept for what is not a connection (listeners, files, the runtime's own).
+const SPARE_DESCRIPTORS: u64 = 64;
+
+/// Raises the soft limit of open descriptors to the hard one, since each connection takes one
+/// (many systems start programs at 1,024), and warns when `max_connections` is beyond it.
+#[cfg(unix)]
+fn raise_descriptor_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current;
+    if limit.current != limit.maximum && limit.maximum.is_some() {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = limit.maximum,
+            Err(e) => log::debug!("cannot raise the descriptor limit: {e}"),
+        }
+    }
+    let Some(soft) = soft else { return };
+    if max_connections as u64 + SPARE_DESCRIPTORS > soft {
+        log::warn!(
+            "max_connections is {max_connections}, but this process may open only {soft} \
+             descriptors (RLIMIT_NOFILE, hard limit included): accepts beyond about {} \
+             connections will fail. Raise the limit (ulimit -n) or lower max_connections",
+            soft.saturating_sub(SPARE_DESCRIPTORS)
+        );
+    }
+}
+
 fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // NOTE: SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT; on
@@ -657,6 +693,7 @@ async fn accept_loop(
             return;
         }
     };
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -670,7 +707,7 @@ async fn accept_loop(
                 }
                 // NOTE: the slot is taken after accept, never before: over the limit the
                 // client is told so at once instead of waiting unanswered in the backlog.
-                match Arc::clone(&hub.slots).try_acquire_owned() {
+                match take_slot(&hub, peer) {
                     Ok(slot) => {
                         // Ids follow the order of accepts.
                         let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
@@ -704,9 +741,9 @@ async fn accept_loop(
                             serving,
                         );
                     }
-                    Err(_) => match Arc::clone(&hub.refusals).try_acquire_owned() {
+                    Err(reason) => match Arc::clone(&hub.refusals).try_acquire_owned() {
                         Ok(permit) => {
-                            let task = handler::refuse_full(Arc::clone(&hub), stream, peer);
+                            let task = handler::refuse_full(Arc::clone(&hub), stream, peer, reason);
                             hub.tasks.spawn(async move {
                                 task.await;
                                 drop(permit);
@@ -723,13 +760,112 @@ async fn accept_loop(
                 log::debug!("a connection failed while being accepted: {e}");
             }
             Err(e) => {
-                // Out of file descriptors, most likely: wait instead of spinning on the error.
-                log::error!("accept failed: {e}; retrying in 100 ms");
+                // Out of file descriptors, most likely: wait instead of spinning on the error,
+                // and say so now and then rather than ten times a second.
+                accept_errors.failed(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
     log::debug!("stopped accepting on {:?}", listener.local_addr());
+}
+
+/// Logs failed accepts at most once per [`ACCEPT_ERROR_EVERY`], with how many were not logged.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+const ACCEPT_ERROR_EVERY: Duration = Duration::from_secs(5);
+
+impl AcceptErrors {
+    fn failed(&mut self, e: &io::Error) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|last| now - last < ACCEPT_ERROR_EVERY)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        let hint = if e.raw_os_error() == Some(24) {
+            " (out of file descriptors: raise `ulimit -n`, or lower max_connections)"
+        } else {
+            ""
+        };
+        let unlogged = std::mem::take(&mut self.unlogged);
+        let also = if unlogged > 0 {
+            format!("; {unlogged} more failed since the last report")
+        } else {
+            String::new()
+        };
+        log::error!("accept failed: {e}{hint}; retrying every 100 ms{also}");
+        self.last_logged = Some(now);
+    }
+}
+
+/// A connection's place under `max_connections` and `max_connections_per_ip`, given back when
+/// it is dropped.
+pub(super) struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
+}
+
+/// One connection counted against its client's address.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A slot for a connection from `peer`, or why there is none (for the client to be told).
+fn take_slot(hub: &Arc<Hub>, peer: SocketAddr) -> std::result::Result<Slot, String> {
+    let full = || {
+        format!(
+            "server full: it serves at most {} connections; try again later",
+            hub.config.max_connections
+        )
+    };
+    let address = match hub.config.max_connections_per_ip {
+        None => None,
+        Some(limit) => {
+            // NOTE: an IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+            let ip = peer.ip().to_canonical();
+            let mut counts = lock(&hub.per_address);
+            let count = counts.entry(ip).or_insert(0);
+            if *count >= limit {
+                return Err(format!(
+                    "too many connections from {ip}: the server takes at most {limit} from one                      address (max_connections_per_ip); try again later"
+                ));
+            }
+            *count += 1;
+            Some(AddressSlot {
+                counts: Arc::clone(&hub.per_address),
+                ip,
+            })
+        }
+    };
+    // Taken after the address's count, so that a refusal by either gives back nothing it took
+    // (the AddressSlot is dropped with the error).
+    let permit = Arc::clone(&hub.slots)
+        .try_acquire_owned()
+        .map_err(|_| full())?;
+    Ok(Slot {
+        _permit: permit,
+        _address: address,
+    })
 }
 
 fn is_connection_error(e: &io::Error) -> bool {

@@ -68,6 +68,12 @@ impl FileDir {
         let root = root.canonicalize().map_err(fail)?;
         let partial = root.join(PARTIAL_DIR);
         fs::create_dir_all(&partial).map_err(fail)?;
+        if fs::symlink_metadata(&partial).map_err(fail)?.is_symlink() {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{PARTIAL_DIR} in it is a symbolic link, not a folder of its own"),
+            )));
+        }
         // Creating the folder may have succeeded long ago: check that writing works now.
         let probe = partial.join(format!(".probe-{}", std::process::id()));
         File::create(&probe).map_err(fail)?;
@@ -548,12 +554,35 @@ impl Job {
 /// they are not more than the file's size), dropped otherwise. Returns the file, positioned at
 /// its end, and how many bytes it holds.
 fn open_partial(claim: &Claim, resume: bool, size: u64) -> io::Result<(File, u64)> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&claim.path)?;
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    // NOTE: never through a symbolic link: one planted where a partial file goes would make an
+    // upload overwrite (or a resume reveal) the file it points to.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+    );
+    let mut file = match options.open(&claim.path) {
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            // Someone planted a link there: it goes (never what it points to), and this
+            // transfer starts afresh in a file of its own.
+            log::warn!(
+                "removed a symbolic link planted as the partial file {}",
+                claim.path.display()
+            );
+            fs::remove_file(&claim.path)?;
+            options.open(&claim.path)?
+        }
+        opened => opened?,
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a partial file is not a regular file",
+        ));
+    }
     let mut held = file.metadata()?.len();
     if !(resume && claim.resumable) || held > size {
         file.set_len(0)?;

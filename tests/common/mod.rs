@@ -47,6 +47,15 @@ pub async fn next_event(server: &Server) -> Event {
         .expect("the server is running")
 }
 
+/// Why the next connection to end ended (the events before its Disconnected are skipped).
+pub async fn next_disconnected(server: &Server) -> _socketcomm::CloseInfo {
+    loop {
+        if let Event::Disconnected { reason, .. } = next_event(server).await {
+            return reason;
+        }
+    }
+}
+
 /// A framed peer written by hand, to send what a well-behaved client never would.
 pub struct HandPeer {
     pub stream: TcpStream,
