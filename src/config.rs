@@ -30,8 +30,8 @@ pub enum Mode {
     Broadcast,
 }
 
-/// What a broadcast does with a client whose outbound queue is full because it stopped reading.
-/// (A direct send always waits: backpressure on the sender.)
+/// What a send, a reply or a broadcast does with a client whose outbound queue is full because
+/// it stopped reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowReader {
     /// Disconnect that client with a reason, so that one slow reader never holds up the rest.

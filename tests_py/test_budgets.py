@@ -4,10 +4,12 @@ that its memory can be measured (and limited) from the outside."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,3 +128,117 @@ def test_one_address_cannot_take_every_slot() -> None:
         finally:
             for client in clients:
                 client.close()
+
+
+def own_rss() -> int:
+    return rss_bytes(os.getpid())
+
+
+def test_close_keeps_backpressure_and_honours_its_timeout() -> None:
+    # A thread sends 64 KiB messages to a client that never reads: it is held back. Once
+    # close() starts, its sends used to be accepted again (82 MB to 1.33 GB in a second) and
+    # close(timeout=1) returned only when the producer stopped.
+    # slow_reader="wait": the producer is held back for as long as the client stays.
+    server = socketcomm.Server("127.0.0.1", 0, slow_reader="wait")
+    sock = socket.create_connection(server.address, timeout=10)
+    try:
+        sock.sendall(b"a plain client that will never read")
+        message = server.recv(timeout=10)
+        while not isinstance(message, socketcomm.Message):
+            message = server.recv(timeout=10)
+        outcome: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                for _ in range(100_000):
+                    server.send(message.conn_id, b"x" * 65536)
+            except BaseException as e:  # the test reports what ended it
+                outcome.append(e)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        time.sleep(0.5)  # the queue and the socket buffers fill, then the producer waits
+        before = own_rss()
+        started = time.monotonic()
+        server.close(timeout=1)
+        took = time.monotonic() - started
+        producer.join(10)
+        assert not producer.is_alive(), "the producer was never told the connection ended"
+        assert took < 3, f"close(timeout=1) took {took:.1f} s"
+        assert outcome and isinstance(outcome[0], socketcomm.ConnectionClosedError), outcome
+        grown = own_rss() - before
+        assert grown < 200 * MiB, f"RSS grew by {grown / MiB:.0f} MiB during close"
+    finally:
+        sock.close()
+        server.close()
+
+
+def test_slow_readers_of_a_broadcast_cost_one_grace_period_together() -> None:
+    # Ten clients that never read: each was given a second's grace after the one before, so
+    # an honest reader waited ten seconds for what followed.
+    with socketcomm.Server(mode="broadcast", outbound_queue=16) as server:
+        slow = []
+        for _ in range(10):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(server.address)
+            sock.sendall(hello())  # framed, and then it never reads
+            slow.append(sock)
+        fast = socketcomm.Client(*server.address, timeout=20)
+        talker = socketcomm.Client(*server.address, timeout=20)
+        try:
+            deadline = time.monotonic() + 10
+            while len(server.connections) < 12:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            payload = b"z" * 16384
+            started = time.monotonic()
+            for _ in range(300):  # 4.8 MiB: more than each slow reader's buffers hold
+                talker.send(payload)
+            talker.send(b"done")
+            received = 0
+            while fast.recv() != b"done":
+                received += 1
+            took = time.monotonic() - started
+            assert received == 300, "the honest reader lost nothing"
+            assert took < 6, f"the honest reader waited {took:.1f} s"
+            assert server.stats()["slow_readers"] == 10
+        finally:
+            for sock in slow:
+                sock.close()
+            fast.close()
+            talker.close()
+
+
+def request_frame(n: int, body: bytes) -> bytes:
+    return struct.pack(">IBI", 5 + len(body), 2, n) + body
+
+
+def test_clients_that_never_read_their_replies_cannot_hold_the_handler_threads() -> None:
+    # Each request of 100 B gets a 100 KB answer that these clients never read: every
+    # dispatcher thread used to wait in reply() for as long as they stayed, and honest
+    # requests (and new clients) timed out.
+    server = socketcomm.Server(
+        "127.0.0.1", 0, on_message=lambda conn, data: data * 1000, outbound_queue=16
+    )
+    server.start()
+    greedy = []
+    try:
+        for _ in range(6):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(server.address)
+            sock.sendall(hello() + b"".join(request_frame(n, b"r" * 100) for n in range(400)))
+            greedy.append(sock)
+        time.sleep(0.5)
+        with socketcomm.Client(*server.address, timeout=10) as honest:
+            for _ in range(5):
+                assert honest.request(b"x") == b"x" * 1000
+        deadline = time.monotonic() + 10
+        while server.stats()["slow_readers"] < 6:
+            assert time.monotonic() < deadline, server.stats()
+            time.sleep(0.05)
+    finally:
+        for sock in greedy:
+            sock.close()
+        server.close()

@@ -117,7 +117,9 @@ def test_max_connections_refuses_the_extra_client_at_once() -> None:
 
 
 def test_a_client_that_stops_reading_gets_backpressure_and_bounded_memory() -> None:
-    with socketcomm.Server("127.0.0.1", 0, outbound_queue=16) as server:
+    # slow_reader="wait": the sender is held back for as long as the client stays (with the
+    # default, it would be dropped after a second; see test_budgets.py).
+    with socketcomm.Server("127.0.0.1", 0, outbound_queue=16, slow_reader="wait") as server:
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         reader.connect(server.address)

@@ -293,9 +293,9 @@ class Message:
     def reply(self, data: _Data) -> None:
         """Answers this message: the reply to a request, or a plain message otherwise.
 
-        Blocks (GIL released) only while the connection's outbound queue is full. Raises
-        ``ConnectionClosedError`` when the client has gone, ``FrameTooLargeError`` when the
-        client's ``max_frame`` is smaller.
+        Blocks (GIL released) only while the connection's outbound queue is full (as
+        ``Server.send``, within ``slow_reader``'s limit). Raises ``ConnectionClosedError`` when
+        the client has gone, ``FrameTooLargeError`` when the client's ``max_frame`` is smaller.
         """
 
 @final
@@ -417,11 +417,13 @@ class Server:
     round trip. None turns either off; raw clients are never pinged. ``event_queue`` and
     ``outbound_queue`` bound the events waiting for Python and the messages waiting to be
     written to one client: when either is full the connection waits
-    (backpressure, never unbounded memory). A broadcast that finds a client's queue full waits
-    for room; with ``slow_reader="disconnect"`` (the default) it waits at most one second, then
-    drops that client and what is queued for it (its ``Disconnected`` event has code 1007), so
-    one stalled reader never holds up the others for long; ``slow_reader="wait"`` waits for it
-    however long it takes.
+    (backpressure, never unbounded memory). A send, a reply or a broadcast that finds a
+    client's queue full waits for room; with ``slow_reader="disconnect"`` (the default) it waits
+    at most one second, then drops that client and what is queued for it (its ``Disconnected``
+    event has code 1007, and the send raises ``ConnectionClosedError``), so one client that
+    never reads cannot hold a handler thread, a task or a broadcast for long (the slow readers
+    of one broadcast share that one second); ``slow_reader="wait"`` waits for it however long
+    it takes.
     ``backlog`` is the listen backlog. The ``on_*`` handlers run on ``handler_threads``
     dispatcher threads that take one connection at a time: a connection's events are handled
     in order, one after another, and a handler that blocks (on I/O, a lock, a sleep) holds up
@@ -575,7 +577,8 @@ class Server:
         released; Ctrl-C raises ``KeyboardInterrupt`` within about 100 ms."""
     def send(self, conn_id: int, data: _Data) -> None:
         """Sends one message to a connection. Blocks (GIL released) only while its outbound
-        queue is full. ``ConnectionClosedError`` when the connection has ended."""
+        queue is full, for at most a second with ``slow_reader="disconnect"`` (then the client
+        is dropped). ``ConnectionClosedError`` when the connection has ended."""
     # The asyncio API's primitives (socketcomm.aio.Server uses them).
     def send_file(
         self,

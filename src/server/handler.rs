@@ -163,6 +163,7 @@ async fn serve_on<S: Transport>(
         control: Arc::new(Control {
             wake: Wake::default(),
             abort: hub.abort.child_token(),
+            slow_reader: hub.config.slow_reader,
         }),
         outgoing: Arc::default(),
         identity,
@@ -296,6 +297,8 @@ fn count_ending(hub: &Hub, reason: &CloseInfo) {
             CloseCode::PROTOCOL_ERROR | CloseCode::FRAME_TOO_LARGE | CloseCode::UNSUPPORTED_VERSION,
         ) => &hub.counters.protocol_errors,
         Some(CloseCode::IDLE_TIMEOUT) => &hub.counters.idle_timeouts,
+        // Dropped by a send, a reply or a broadcast whose wait ran out.
+        Some(CloseCode::SLOW_READER) => &hub.counters.slow_readers,
         // I/O failures are counted where they are seen (`io_ending`).
         _ => return,
     };
@@ -384,6 +387,12 @@ async fn run<S: Transport>(
     };
     let (reason, last_frame) = driver.run(&mut reader, &mut writer, queued).await;
     driver.flush_counts();
+    // NOTE: what was queued before the end is still written, but nothing queued after it is
+    // taken: senders learn of the end at once. Otherwise a producer that keeps sending while
+    // the server closes would grow the final flush without bound (backpressure gone the
+    // moment the queue is drained) and hold `close(timeout)` past its timeout.
+    conn.outbox.state().mark_closed(reason.clone());
+    queued.close();
     driver.finish(&mut writer, queued, last_frame).await;
     reason
 }

@@ -57,6 +57,8 @@ struct Control {
     wake: Wake,
     /// Drop what is queued and stop writing at once (a child of the server's hard stop).
     abort: CancellationToken,
+    /// What a send does when the connection's queue stays full (the server's `slow_reader`).
+    slow_reader: SlowReader,
 }
 
 impl Connection {
@@ -96,7 +98,45 @@ impl Connection {
     /// # Cancel safety
     /// Cancel safe: the message is queued whole or not at all.
     pub async fn send(&self, data: Bytes) -> Result<()> {
-        self.outbox.send(Frame::Data(data)).await
+        self.send_frame(Frame::Data(data)).await
+    }
+
+    /// Queues `frame`, waiting while the queue is full: as long as it takes with
+    /// `slow_reader="wait"`; with `"disconnect"` at most [`SLOW_READER_GRACE`], after which the
+    /// client is dropped as a slow reader (close code 1007) and this fails.
+    ///
+    /// NOTE: without the limit, one client that never reads would hold whoever answers it (a
+    /// dispatcher thread, an asyncio task) for as long as it stays connected.
+    async fn send_frame(&self, frame: Frame) -> Result<()> {
+        match self.control.slow_reader {
+            SlowReader::Wait => self.outbox.send(frame).await,
+            SlowReader::Disconnect => {
+                match tokio::time::timeout(SLOW_READER_GRACE, self.outbox.send(frame)).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        self.drop_as_slow_reader("a send");
+                        Err(self.outbox.state().closed_error())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the connection and what is queued for it: its queue stayed full while `during`.
+    fn drop_as_slow_reader(&self, during: &str) {
+        log::info!(
+            "connection {} from {}: outbound queue full for {SLOW_READER_GRACE:?} during \
+             {during}; disconnecting it",
+            self.id,
+            self.peer
+        );
+        self.close_with(
+            CloseInfo::new(
+                Some(CloseCode::SLOW_READER),
+                "too slow: the client did not read fast enough to keep up",
+            ),
+            true,
+        );
     }
 
     /// Queues `data` if the outbound queue has room; `Ok(false)` when it is full.
@@ -194,7 +234,7 @@ impl Message {
     /// # Cancel safety
     /// Cancel safe, as [`Connection::send`].
     pub async fn reply(&self, data: Bytes) -> Result<()> {
-        self.conn.outbox.send(self.answer(data)).await
+        self.conn.send_frame(self.answer(data)).await
     }
 
     /// Answers this message if the outbound queue has room; `Ok(false)` when it is full.
@@ -901,45 +941,40 @@ impl Hub {
             .cloned()
             .collect();
         let mut reached = 0;
+        let mut full = Vec::new();
         for conn in targets {
-            let sent = match self.config.slow_reader {
-                SlowReader::Wait => conn.send(data.clone()).await.is_ok(),
-                SlowReader::Disconnect => match conn.try_send(data.clone()) {
-                    Ok(true) => true,
-                    Ok(false) => {
-                        // A full queue may be a burst; a slow reader is one whose queue stays
-                        // full for the whole grace period.
-                        match tokio::time::timeout(SLOW_READER_GRACE, conn.send(data.clone())).await
-                        {
-                            Ok(sent) => sent.is_ok(),
-                            Err(_) => {
-                                log::info!(
-                                    "connection {} from {}: outbound queue full for {:?} \
-                                     during a broadcast; disconnecting it",
-                                    conn.id,
-                                    conn.peer,
-                                    SLOW_READER_GRACE
-                                );
-                                self.counters.slow_readers.fetch_add(1, Ordering::Relaxed);
-                                conn.close_with(
-                                    CloseInfo::new(
-                                        Some(CloseCode::SLOW_READER),
-                                        "too slow: the client did not read fast enough to keep up",
-                                    ),
-                                    true,
-                                );
-                                false
-                            }
-                        }
-                    }
-                    Err(_) => false,
-                },
-            };
-            reached += usize::from(sent);
-            self.counters
-                .messages_out
-                .fetch_add(u64::from(sent), Ordering::Relaxed);
+            match conn.try_send(data.clone()) {
+                Ok(true) => reached += 1,
+                Ok(false) => full.push(conn),
+                Err(_) => {}
+            }
         }
+        // NOTE: the full queues wait all at once, for one grace period in all: waiting for one
+        // slow reader after another added a second per slow reader to everyone's latency.
+        // A full queue may be a burst; a slow reader is one whose queue stays full for the
+        // whole grace period.
+        let deadline = tokio::time::Instant::now() + SLOW_READER_GRACE;
+        let waits = full.iter().map(|conn| async {
+            let send = conn.outbox.send(Frame::Data(data.clone()));
+            match self.config.slow_reader {
+                SlowReader::Wait => send.await.is_ok(),
+                SlowReader::Disconnect => match tokio::time::timeout_at(deadline, send).await {
+                    Ok(sent) => sent.is_ok(),
+                    Err(_) => {
+                        conn.drop_as_slow_reader("a broadcast");
+                        false
+                    }
+                },
+            }
+        });
+        reached += futures_util::future::join_all(waits)
+            .await
+            .into_iter()
+            .filter(|sent| *sent)
+            .count();
+        self.counters
+            .messages_out
+            .fetch_add(reached as u64, Ordering::Relaxed);
         reached
     }
 }
