@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -320,3 +321,72 @@ def test_the_interpreter_exits_cleanly(script: str) -> None:
         assert "Fatal Python error" not in result.stderr
     # Each run takes about a quarter of a second here; exit used to wait ~5 s after asyncio use.
     assert statistics.median(took) < 2, f"exits took {sorted(took)}"
+
+
+def test_an_awaited_handler_holds_up_its_own_connection_only(run: Runner) -> None:
+    handled: list[bytes] = []
+
+    async def on_message(conn_id: int, data: bytes) -> bytes:
+        if data == b"slow":
+            await asyncio.sleep(1.0)
+        handled.append(data)
+        return data
+
+    async def main() -> tuple[float, list[bytes]]:
+        async with aio.Server("127.0.0.1", 0, on_message=on_message) as server:
+            async with aio.Client(*server.address, timeout=10) as patient:
+                async with aio.Client(*server.address, timeout=10) as other:
+                    answered: list[bytes] = []
+
+                    async def ask(data: bytes) -> None:
+                        answered.append(await patient.request(data))
+
+                    slow = asyncio.create_task(ask(b"slow"))
+                    await asyncio.sleep(0.05)
+                    after = asyncio.create_task(ask(b"after"))  # waits behind "slow"
+                    await asyncio.sleep(0.05)
+                    started = time.monotonic()
+                    assert await other.request(b"meanwhile") == b"meanwhile"
+                    took = time.monotonic() - started
+                    await asyncio.gather(slow, after)
+                    return took, answered
+
+    handled.clear()
+    took, answered = run(main)
+    assert took < 0.5, f"another connection waited {took:.2f} s for a slow handler"
+    assert sorted(answered) == [b"after", b"slow"]
+    # One connection's messages are handled in order ("meanwhile" came on another).
+    assert handled == [b"meanwhile", b"slow", b"after"]
+
+
+def test_a_client_that_never_reads_its_answers_does_not_hold_up_the_others(run: Runner) -> None:
+    def request(n: int) -> bytes:
+        return struct.pack(">IBI", 5 + 100, 2, n) + b"r" * 100
+
+    async def main() -> float:
+        # slow_reader="wait": the greedy client is never dropped, so only the dispatch's
+        # design keeps the others going (one task awaited its answers in turn before).
+        async with aio.Server(
+            "127.0.0.1",
+            0,
+            on_message=lambda c, d: d * 1000,
+            outbound_queue=16,
+            slow_reader="wait",
+        ) as server:
+            greedy = socket.socket()
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            greedy.connect(server.address)
+            hello = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 1 << 20)
+            greedy.sendall(hello + b"".join(request(n) for n in range(3000)))
+            try:
+                await asyncio.sleep(0.3)
+                async with aio.Client(*server.address, timeout=10) as honest:
+                    started = time.monotonic()
+                    for _ in range(5):
+                        assert await honest.request(b"x") == b"x" * 1000
+                    return time.monotonic() - started
+            finally:
+                greedy.close()
+
+    took = run(main)
+    assert took < 3, f"the honest client waited {took:.1f} s"

@@ -24,8 +24,10 @@ its reply, if it comes, is discarded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
@@ -414,6 +416,8 @@ class Server:
             )
         self._core = _socketcomm.Server(host, port, **options)
         self._task: asyncio.Task[None] | None = None
+        # Tasks finishing a connection's handlers that had to be awaited (see `_dispatch`).
+        self._handling: set[asyncio.Future[None]] = set()
         self._wakeup = _Wakeup(self._core)
 
     @property
@@ -514,39 +518,89 @@ class Server:
             )
 
     async def _dispatch(self) -> None:
-        on_message, on_connect, on_disconnect, on_file = self._handlers
+        # NOTE: a connection whose handler (or answer) has to be awaited is handed to a task of
+        # its own, which takes that connection's next events in order; the others go on here.
+        # Awaiting it here instead let one slow coroutine, or one client that never reads its
+        # answers, hold up every connection. An event handled at once costs no task.
+        waiting: dict[int, collections.deque[Event]] = {}
         async for event in self:
-            try:
-                if isinstance(event, Message):
-                    if on_message is not None:
-                        answer = await _maybe_await(on_message(event.conn_id, event.data))
-                        if answer is not None:
-                            await event.reply(answer)
-                elif isinstance(event, Connected):
-                    if on_connect is not None:
-                        await _maybe_await(on_connect(event.conn_id, event.peer))
-                elif isinstance(event, FileReceived):
-                    if on_file is not None:
-                        await _maybe_await(on_file(event.conn_id, event))
-                elif on_disconnect is not None:
-                    await _maybe_await(on_disconnect(event.conn_id, event.reason))
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except ConnectionClosedError:
-                pass  # the client left before its answer
-            except Exception:
-                import logging
+            queued = waiting.get(event.conn_id)
+            if queued is not None:
+                queued.append(event)
+                continue
+            rest = self._handle(event)
+            if rest is not None:
+                waiting[event.conn_id] = collections.deque()
+                task = asyncio.ensure_future(self._finish(event, rest, waiting))
+                self._handling.add(task)
+                task.add_done_callback(self._handling.discard)
 
-                logging.getLogger("socketcomm.server").exception(
-                    "%s handler raised; the server keeps serving",
-                    _handler_name(event),
-                )
+    def _handle(self, event: Event) -> Awaitable[None] | None:
+        """Runs the event's handler; what is left to await, if anything."""
+        on_message, on_connect, on_disconnect, on_file = self._handlers
+        try:
+            if isinstance(event, Message):
+                if on_message is None:
+                    return None
+                answer = on_message(event.conn_id, event.data)
+                if inspect.isawaitable(answer):
+                    return self._reply_later(event, answer)
+                if answer is None:
+                    return None
+                replied = event.reply(answer)
+                return None if isinstance(replied, _socketcomm.Ready) else replied
+            args: tuple[Any, ...]
+            if isinstance(event, Connected):
+                handler, args = on_connect, (event.conn_id, event.peer)
+            elif isinstance(event, FileReceived):
+                handler, args = on_file, (event.conn_id, event)
+            else:
+                handler, args = on_disconnect, (event.conn_id, event.reason)
+            result = None if handler is None else handler(*args)
+            return result if inspect.isawaitable(result) else None
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except ConnectionClosedError:
+            return None  # the client left before its answer
+        except Exception:
+            _log_handler_failure(event)
+            return None
+
+    @staticmethod
+    async def _reply_later(event: Message, answer: Awaitable[Any]) -> None:
+        value = await answer
+        if value is not None:
+            await event.reply(value)
+
+    async def _finish(
+        self, event: Event, rest: Awaitable[None], waiting: dict[int, collections.deque[Event]]
+    ) -> None:
+        """Finishes `event`, then handles its connection's events that came meanwhile."""
+        conn_id = event.conn_id
+        try:
+            while True:
+                await _guarded(event, rest)
+                queued = waiting[conn_id]
+                while queued:
+                    event = queued.popleft()
+                    if (step := self._handle(event)) is not None:
+                        rest = step
+                        break
+                else:
+                    return
+        finally:
+            del waiting[conn_id]
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stops accepting, closes every connection after what is queued, and returns."""
         await self._core._close(timeout)
         if self._task is not None and self._task is not asyncio.current_task():
             await self._task
+        # Handlers still awaited belong to connections that are gone by now.
+        handling = [task for task in self._handling if task is not asyncio.current_task()]
+        for task in handling:
+            task.cancel()
+        await asyncio.gather(*handling, return_exceptions=True)
         self._wakeup.stop()
 
     def __aiter__(self) -> Server:
@@ -579,8 +633,22 @@ class Server:
         return repr(self._core).replace("socketcomm.Server", "socketcomm.aio.Server")
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+async def _guarded(event: Event, rest: Awaitable[None]) -> None:
+    """Awaits what is left of `event`'s handling, logging its failure as `_handle` does."""
+    try:
+        await rest
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except ConnectionClosedError:
+        pass  # the client left before its answer
+    except Exception:
+        _log_handler_failure(event)
+
+
+def _log_handler_failure(event: Event) -> None:
+    logging.getLogger("socketcomm.server").exception(
+        "%s handler raised; the server keeps serving", _handler_name(event)
+    )
 
 
 def _handler_name(event: Event | None) -> str:
