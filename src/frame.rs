@@ -330,6 +330,8 @@ impl TransferStatus {
     pub const BAD_TRANSFER: TransferStatus = TransferStatus(7);
     /// The receiver is shutting down.
     pub const GOING_AWAY: TransferStatus = TransferStatus(8);
+    /// Too many transfers are in progress (from this sender, or in all); try again later.
+    pub const BUSY: TransferStatus = TransferStatus(9);
 
     pub fn is_ok(self) -> bool {
         self == TransferStatus::OK
@@ -347,6 +349,7 @@ impl TransferStatus {
             TransferStatus::IO_ERROR => "io_error",
             TransferStatus::BAD_TRANSFER => "bad_transfer",
             TransferStatus::GOING_AWAY => "going_away",
+            TransferStatus::BUSY => "busy",
             _ => "unknown",
         }
     }

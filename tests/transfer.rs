@@ -642,3 +642,93 @@ async fn a_symbolic_link_planted_as_a_partial_file_is_never_followed() {
     assert!(!std::fs::symlink_metadata(&file.path).unwrap().is_symlink());
     assert_eq!(std::fs::read(&file.path).unwrap(), data);
 }
+
+/// Offers `count` files (ids from `first`) on `peer` and returns how many were accepted and how
+/// many refused as busy, with the reason of a refusal.
+///
+/// Names are distinct (`tag`): two transfers of one name and size would share a partial file.
+async fn offer_many(
+    peer: &mut HandPeer,
+    tag: &str,
+    first: u32,
+    count: u32,
+) -> (usize, usize, String) {
+    for id in first..first + count {
+        peer.send(&Frame::FileOffer {
+            id,
+            size: 10,
+            resume: false,
+            name: format!("offer-{tag}-{id}.bin"),
+        })
+        .await;
+    }
+    let (mut accepted, mut busy, mut reason) = (0, 0, String::new());
+    for _ in 0..count {
+        match peer.recv().await {
+            Some(Frame::FileAccept { .. }) => accepted += 1,
+            Some(Frame::FileResult { status, text, .. }) if status == TransferStatus::BUSY => {
+                busy += 1;
+                reason = text;
+            }
+            other => panic!("an answer to each offer, got {other:?}"),
+        }
+    }
+    (accepted, busy, reason)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_offers_is_refused_as_busy_and_honest_uploads_go_on() {
+    use _socketcomm::transfer::{MAX_TRANSFERS, MAX_TRANSFERS_PER_CONNECTION};
+    let uploads = tempfile::tempdir().unwrap();
+    let server = uploading_server(uploads.path(), None);
+    // One connection: a few transfers at once, the rest refused at once (no thread, no file).
+    let (mut flooder, _) = HandPeer::connect(&server, 1 << 20).await;
+    let (accepted, busy, reason) = offer_many(&mut flooder, "flood", 1, 10).await;
+    assert_eq!(
+        (accepted, busy),
+        (
+            MAX_TRANSFERS_PER_CONNECTION,
+            10 - MAX_TRANSFERS_PER_CONNECTION
+        )
+    );
+    assert!(reason.contains("in progress"), "{reason}");
+    // An honest client on another connection still uploads.
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = write_file(source_dir.path(), "honest.txt", b"twelve bytes");
+    let honest = client(&server).await;
+    send(&honest, &source, None).await.unwrap();
+    // Many connections together: at most MAX_TRANSFERS in all.
+    let mut peers = Vec::new();
+    let mut in_progress = MAX_TRANSFERS_PER_CONNECTION;
+    while in_progress < MAX_TRANSFERS {
+        let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+        let wanted = (MAX_TRANSFERS - in_progress).min(MAX_TRANSFERS_PER_CONNECTION) as u32;
+        let (accepted, busy, _) = offer_many(&mut peer, &peers.len().to_string(), 1, wanted).await;
+        assert_eq!((accepted, busy), (wanted as usize, 0));
+        in_progress += accepted;
+        peers.push(peer);
+    }
+    let (mut one_more, _) = HandPeer::connect(&server, 1 << 20).await;
+    let (accepted, busy, reason) = offer_many(&mut one_more, "more", 1, 1).await;
+    assert_eq!((accepted, busy), (0, 1));
+    assert!(reason.contains("into this folder"), "{reason}");
+    // A transfer that ends gives its place back.
+    flooder
+        .send(&Frame::FileCancel {
+            id: 1,
+            reason: "changed my mind".into(),
+        })
+        .await;
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let (accepted, _, _) = offer_many(&mut one_more, "again", 100, 1).await;
+        if accepted == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

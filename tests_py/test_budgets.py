@@ -242,3 +242,46 @@ def test_clients_that_never_read_their_replies_cannot_hold_the_handler_threads()
         for sock in greedy:
             sock.close()
         server.close()
+
+
+def file_offer(transfer: int, size: int, name: str) -> bytes:
+    body = struct.pack(">BIQB", 0x10, transfer, size, 0) + name.encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def test_a_flood_of_file_offers_makes_the_next_upload_busy_not_stuck(tmp_path: Path) -> None:
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = tmp_path / "honest.txt"
+    source.write_bytes(b"twelve bytes")
+    with socketcomm.Server(mode="echo", upload_dir=uploads) as server:
+        floods = []
+        try:
+            # 16 connections x 4 offers that never send a byte: every place in the folder.
+            for n in range(16):
+                sock = socket.create_connection(server.address, timeout=10)
+                offers = b"".join(file_offer(t, 10, f"flood-{n}-{t}") for t in range(4))
+                sock.sendall(hello() + offers)
+                floods.append(sock)
+            time.sleep(0.5)
+            with socketcomm.Client(*server.address, timeout=10) as client:
+                with pytest.raises(socketcomm.TransferError, match="in progress") as refused:
+                    client.send_file(source, timeout=10)
+                assert refused.value.status == "busy"
+            for sock in floods:
+                sock.close()
+            floods.clear()
+            # Their places come back once they are gone.
+            deadline = time.monotonic() + 10
+            while True:
+                with socketcomm.Client(*server.address, timeout=10) as client:
+                    try:
+                        client.send_file(source, timeout=10)
+                        break
+                    except socketcomm.TransferError as e:
+                        assert e.status == "busy" and time.monotonic() < deadline
+                        time.sleep(0.1)
+        finally:
+            for sock in floods:
+                sock.close()
+    assert (uploads / "honest.txt").read_bytes() == b"twelve bytes"

@@ -176,7 +176,9 @@ class TransferError(SocketCommError):
 
     ``status`` names the kind: ``"refused"`` (the peer takes no files), ``"bad_name"``,
     ``"too_large"`` (over ``max_file_size``), ``"no_space"``, ``"digest_mismatch"``,
-    ``"io_error"``, ``"bad_transfer"``.
+    ``"io_error"``, ``"bad_transfer"``, ``"going_away"`` (the peer is shutting down), ``"busy"``
+    (too many transfers in progress: 4 from one sender, 64 into one folder; send it again once
+    one has finished).
     """
 
     status: str

@@ -42,7 +42,18 @@ pub(crate) struct FileDir {
     busy: Mutex<HashSet<String>>,
     /// Notified when a key is released.
     released: Condvar,
+    /// One permit per transfer in progress into this folder, from every sender together.
+    transfers: Arc<tokio::sync::Semaphore>,
 }
+
+/// Transfers in progress from one connection at once; one more offer is refused as busy.
+pub const MAX_TRANSFERS_PER_CONNECTION: usize = 4;
+/// Transfers in progress into one folder (a server's `upload_dir`) at once, from every sender.
+///
+/// NOTE: each holds a thread of the runtime's blocking pool while it waits for data, and an
+/// open file: without the limit, one connection's flood of offers took 521 threads and 512
+/// descriptors, and honest uploads waited behind it.
+pub const MAX_TRANSFERS: usize = 64;
 
 impl FileDir {
     /// Checks that `root` is a folder this process can write to, and prepares the folder for
@@ -84,6 +95,7 @@ impl FileDir {
             max_file_size,
             busy: Mutex::new(HashSet::new()),
             released: Condvar::new(),
+            transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
         })
     }
 
@@ -258,6 +270,21 @@ impl Receiving {
                 resume,
                 name,
             } => {
+                let permit = match self.admit() {
+                    Ok(permit) => permit,
+                    Err(reason) => {
+                        log::info!("refused file {name:?} from {}: {reason}", self.peer);
+                        let refusal = Frame::FileResult {
+                            id,
+                            status: TransferStatus::BUSY,
+                            digest: [0; 32],
+                            text: reason,
+                        };
+                        // Waits while the sender does not read: its own reading stops meanwhile.
+                        let _ = self.outbox.send(refusal).await;
+                        return;
+                    }
+                };
                 let (ops, queued) = mpsc::channel(CHUNKS_QUEUED);
                 let job = Job {
                     dir: self.dir.clone(),
@@ -271,7 +298,10 @@ impl Receiving {
                 };
                 // An id offered again replaces the old transfer, whose worker sees its queue end.
                 self.active.insert(id, ops);
-                tokio::task::spawn_blocking(move || job.run(queued));
+                tokio::task::spawn_blocking(move || {
+                    job.run(queued);
+                    drop(permit);
+                });
                 return;
             }
             Frame::FileChunk { id, data } => (id, Op::Chunk(data)),
@@ -290,6 +320,30 @@ impl Receiving {
         if !delivered {
             // Refused or failed already (and the sender told), or never offered.
             log::debug!("ignored a file frame for transfer {id}, which is not in progress");
+        }
+    }
+}
+
+impl Receiving {
+    /// Whether one more transfer may start: this connection's and the folder's limits, and the
+    /// folder's permit for it (`None` without a folder: the offer is refused at once anyway).
+    fn admit(&mut self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, String> {
+        // Transfers that ended (answered, refused or failed) no longer count.
+        self.active.retain(|_, ops| !ops.is_closed());
+        if self.active.len() >= MAX_TRANSFERS_PER_CONNECTION {
+            return Err(format!(
+                "{MAX_TRANSFERS_PER_CONNECTION} transfers from this sender are in progress \
+                 already; send this file once one has finished"
+            ));
+        }
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        match Arc::clone(&dir.transfers).try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => Err(format!(
+                "{MAX_TRANSFERS} transfers into this folder are in progress; try again later"
+            )),
         }
     }
 }
