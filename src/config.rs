@@ -270,6 +270,9 @@ pub struct ServerConfig {
     pub upload_dir: Option<PathBuf>,
     /// The largest file accepted into `upload_dir`, in bytes.
     pub max_file_size: u64,
+    /// How long an interrupted upload's partial file is kept for a resume (swept at start and
+    /// now and then); partial files also give way, oldest first, to new uploads short of space.
+    pub partial_ttl: Duration,
     /// Serve TLS only (plaintext clients are told so and closed).
     pub tls: Option<crate::tls::ServerTls>,
     /// How long a client may take to complete the TLS handshake.
@@ -300,6 +303,7 @@ impl Default for ServerConfig {
             slow_reader: SlowReader::Disconnect,
             upload_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            partial_ttl: crate::transfer::DEFAULT_PARTIAL_TTL,
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
             hello_timeout: Some(Duration::from_secs(10)),
@@ -343,6 +347,9 @@ impl ServerConfig {
         }
         if self.tls_handshake_timeout.is_zero() {
             return Err(Error::invalid("tls_handshake_timeout", "must be positive"));
+        }
+        if self.partial_ttl.is_zero() {
+            return Err(Error::invalid("partial_ttl", "must be positive"));
         }
         positive_or_off(&[
             ("idle_timeout", self.idle_timeout),

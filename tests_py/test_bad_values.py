@@ -183,6 +183,7 @@ MEANINGFUL: dict[str, set[str]] = {
             "slow_handler",
             "tls_handshake_timeout",
             "hello_timeout",
+            "partial_ttl",
             "idle_timeout",
             "keepalive",
             "keepalive_interval",

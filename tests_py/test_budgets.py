@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,56 @@ def test_a_flood_of_file_offers_makes_the_next_upload_busy_not_stuck(tmp_path: P
             for sock in floods:
                 sock.close()
     assert (uploads / "honest.txt").read_bytes() == b"twelve bytes"
+
+
+PARTIAL_DIR = ".socketcomm-partial"
+
+
+def test_partial_files_expire_after_partial_ttl(tmp_path: Path) -> None:
+    partials = tmp_path / PARTIAL_DIR
+    partials.mkdir()
+    stale, fresh = partials / ("a" * 32 + ".part"), partials / ("b" * 32 + ".part")
+    stale.write_bytes(b"left by an upload two hours ago")
+    fresh.write_bytes(b"left a minute ago")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    with socketcomm.Server(mode="echo", upload_dir=tmp_path, partial_ttl=3600):
+        assert not stale.exists(), "swept at start"
+        assert fresh.exists(), "still within partial_ttl: kept for a resume"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB file system of the test's own (tmpfs), unmounted afterwards."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_interrupted_uploads_cannot_fill_the_disk_for_good(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # Partial files of uploads that were cut off fill the 1 MiB disk; an honest upload used
+    # to be refused as no_space for as long as they stayed.
+    partials = small_disk / PARTIAL_DIR
+    partials.mkdir()
+    for n in range(3):
+        (partials / (f"{n}" * 32 + ".part")).write_bytes(b"p" * 300_000)
+    source = tmp_path / "honest.bin"
+    source.write_bytes(os.urandom(400_000))
+    with socketcomm.Server(mode="echo", upload_dir=small_disk) as server:
+        with socketcomm.Client(*server.address, timeout=10) as client:
+            sent = client.send_file(source)
+    assert (small_disk / "honest.bin").read_bytes() == source.read_bytes()
+    assert sent.size == 400_000
+    assert len(list(partials.iterdir())) < 3, "the oldest partial files made room"

@@ -55,6 +55,7 @@ impl Client {
             "download_dir",
             config.download_dir.as_deref(),
             config.max_file_size,
+            crate::transfer::DEFAULT_PARTIAL_TTL,
         )?;
         let first = connect_with_retries(host, port, &config, &download_dir, None).await?;
         Ok(Client {

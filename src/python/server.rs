@@ -204,6 +204,7 @@ impl PyServer {
         slow_handler = 5.0,
         upload_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
+        partial_ttl = 86400.0,
         tls = None,
         tls_handshake_timeout = 10.0,
         hello_timeout = 10.0,
@@ -244,6 +245,7 @@ impl PyServer {
         slow_handler: f64,
         upload_dir: Option<PathBuf>,
         #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
+        partial_ttl: f64,
         tls: Option<PyRef<'_, PyServerTls>>,
         tls_handshake_timeout: f64,
         hello_timeout: Option<f64>,
@@ -332,6 +334,7 @@ impl PyServer {
             slow_reader: SlowReader::parse(slow_reader)?,
             upload_dir,
             max_file_size,
+            partial_ttl: duration_from_secs("partial_ttl", partial_ttl)?,
             tls: tls.map(|tls| tls.core.clone()),
             tls_handshake_timeout: duration_from_secs(
                 "tls_handshake_timeout",

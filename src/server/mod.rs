@@ -411,6 +411,7 @@ impl Server {
             "upload_dir",
             config.upload_dir.as_deref(),
             config.max_file_size,
+            config.partial_ttl,
         )?;
         let listener = bind_listener(addr, &config).map_err(|e| {
             let hint = match e.kind() {

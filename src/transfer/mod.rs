@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use names::{safe_name, MAX_NAME_LEN, PARTIAL_DIR};
 pub(crate) use receive::{Delivery, FileDir, Receiving};
-pub use receive::{MAX_TRANSFERS, MAX_TRANSFERS_PER_CONNECTION};
+pub use receive::{DEFAULT_PARTIAL_TTL, MAX_TRANSFERS, MAX_TRANSFERS_PER_CONNECTION};
 pub(crate) use send::send_file;
 
 use crate::frame::{Digest, Frame, TransferStatus};

@@ -14,6 +14,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -26,7 +27,7 @@ use crate::frame::{Digest, Frame, TransferStatus};
 
 /// How long an offer waits for an earlier transfer of the same file to let go of it (see
 /// [`FileDir::claim`]).
-const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Chunks that may wait for a file's worker before the connection stops reading (each at most
 /// one frame): the disk pushes back on the sender through TCP.
@@ -44,7 +45,16 @@ pub(crate) struct FileDir {
     released: Condvar,
     /// One permit per transfer in progress into this folder, from every sender together.
     transfers: Arc<tokio::sync::Semaphore>,
+    /// Partial files untouched for this long are removed.
+    partial_ttl: Duration,
+    /// When partial files were last looked at for expiry.
+    swept: Mutex<Instant>,
 }
+
+/// How long an interrupted transfer's partial file is kept for a resume by default.
+pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often, at most, partial files are looked at for expiry (when transfers begin).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Transfers in progress from one connection at once; one more offer is refused as busy.
 pub const MAX_TRANSFERS_PER_CONNECTION: usize = 4;
@@ -61,7 +71,12 @@ impl FileDir {
     ///
     /// # Errors
     /// [`Error::Io`] naming the path when it is missing, not a folder, or not writable.
-    pub(crate) fn open(option: &'static str, root: &Path, max_file_size: u64) -> Result<FileDir> {
+    pub(crate) fn open(
+        option: &'static str,
+        root: &Path,
+        max_file_size: u64,
+        partial_ttl: Duration,
+    ) -> Result<FileDir> {
         let fail = |e: io::Error| {
             Error::io_with_hint(
                 format!("{option} {} cannot receive files", root.display()),
@@ -89,14 +104,91 @@ impl FileDir {
         let probe = partial.join(format!(".probe-{}", std::process::id()));
         File::create(&probe).map_err(fail)?;
         let _ = fs::remove_file(&probe);
-        Ok(FileDir {
+        let dir = FileDir {
             root,
             partial,
             max_file_size,
             busy: Mutex::new(HashSet::new()),
             released: Condvar::new(),
             transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
-        })
+            partial_ttl,
+            swept: Mutex::new(Instant::now()),
+        };
+        dir.sweep();
+        Ok(dir)
+    }
+
+    /// The partial files that no transfer is writing now, oldest first, with their sizes.
+    /// Called with the `busy` keys locked, so that none is claimed meanwhile.
+    fn idle_partials(&self, busy: &HashSet<String>) -> Vec<(SystemTime, PathBuf, u64)> {
+        let Ok(entries) = fs::read_dir(&self.partial) else {
+            return Vec::new();
+        };
+        let mut idle: Vec<(SystemTime, PathBuf, u64)> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let name = entry.file_name().into_string().ok()?;
+                let key = name.strip_suffix(".part")?;
+                if busy.contains(key) {
+                    return None;
+                }
+                // The entry itself, never what a planted link points to.
+                let meta = entry.metadata().ok()?;
+                Some((meta.modified().ok()?, entry.path(), meta.len()))
+            })
+            .collect();
+        idle.sort();
+        idle
+    }
+
+    /// Removes the partial files untouched for longer than `partial_ttl`.
+    fn sweep(&self) {
+        let busy = lock(&self.busy);
+        *lock(&self.swept) = Instant::now();
+        let now = SystemTime::now();
+        for (modified, path, _) in self.idle_partials(&busy) {
+            if now.duration_since(modified).unwrap_or_default() > self.partial_ttl {
+                log::info!(
+                    "removed the partial file {} (untouched for over {:?}, partial_ttl)",
+                    path.display(),
+                    self.partial_ttl
+                );
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Sweeps if the last sweep is [`SWEEP_EVERY`] old.
+    fn sweep_now_and_then(&self) {
+        if lock(&self.swept).elapsed() >= SWEEP_EVERY {
+            self.sweep();
+        }
+    }
+
+    /// The free space once at least `needed` bytes are free, if removing other transfers'
+    /// partial files (oldest first) can make that much room: a new transfer goes before an
+    /// interrupted one that may never be resumed.
+    ///
+    /// NOTE: without this, a few interrupted uploads could fill the disk for good, and every
+    /// honest upload after them was refused as `no_space`.
+    fn make_room(&self, needed: u64) -> io::Result<u64> {
+        let mut free = self.free_space()?;
+        if free >= needed {
+            return Ok(free);
+        }
+        let busy = lock(&self.busy);
+        for (_, path, size) in self.idle_partials(&busy) {
+            log::info!(
+                "removed the partial file {} ({size} bytes) to make room for a new transfer",
+                path.display()
+            );
+            fs::remove_file(&path)?;
+            free = self.free_space()?;
+            if free >= needed {
+                break;
+            }
+        }
+        Ok(free)
     }
 
     /// [`FileDir::open`] for an optional folder (`upload_dir`, `download_dir`): called when a
@@ -109,8 +201,9 @@ impl FileDir {
         option: &'static str,
         root: Option<&Path>,
         max_file_size: u64,
+        partial_ttl: Duration,
     ) -> Result<Option<Arc<FileDir>>> {
-        root.map(|root| FileDir::open(option, root, max_file_size).map(Arc::new))
+        root.map(|root| FileDir::open(option, root, max_file_size, partial_ttl).map(Arc::new))
             .transpose()
     }
 
@@ -121,6 +214,7 @@ impl FileDir {
     /// before this side has noticed the loss and released the first transfer's file, so a busy
     /// key is waited for up to [`RELEASE_WAIT`] before another file is taken.
     fn claim(self: &Arc<FileDir>, name: &str, size: u64) -> Claim {
+        self.sweep_now_and_then();
         let key = {
             let mut hasher = blake3::Hasher::new();
             hasher.update(name.as_bytes());
@@ -497,7 +591,7 @@ impl Job {
         let (mut file, held) = open_partial(claim, self.resume, self.size)
             .map_err(|e| Failure::io("cannot create the file", &e))?;
         let free = dir
-            .free_space()
+            .make_room(self.size - held)
             .map_err(|e| Failure::io("cannot check the free space", &e))?;
         if self.size - held > free {
             if held == 0 {
