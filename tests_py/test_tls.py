@@ -4,6 +4,7 @@ module and the ``openssl s_client`` tool in both roles."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import select
@@ -384,3 +385,22 @@ def test_asyncio_client_over_tls(pki: Pki, tls_server: socketcomm.Server) -> Non
     assert asyncio.run(main()) == socketcomm.ACK_REPLY
     with pytest.raises(socketcomm.TlsError, match="requires TLS"):
         asyncio.run(socketcomm.aio.connect(*tls_server.address, timeout=10))
+
+
+def test_a_client_silent_after_its_handshake_is_dropped_by_hello_timeout(pki: Pki) -> None:
+    # It completes the TLS handshake, then says nothing: it used to be held for ever.
+    cert, key = pki.issue("server", "127.0.0.1")
+    tls = socketcomm.ServerTls(cert, key)
+    with socketcomm.Server(tls=tls, hello_timeout=0.3) as server:
+        context = ssl_client_context(pki)
+        with socket.create_connection(server.address, timeout=10) as raw_socket:
+            with context.wrap_socket(raw_socket, server_hostname="127.0.0.1") as tls_socket:
+                started = time.monotonic()
+                # Closed by the server (with or without a close_notify: closed either way).
+                with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                    assert tls_socket.recv(1024) == b""
+                assert 0.25 < time.monotonic() - started < 5
+        deadline = time.monotonic() + 5
+        while server.stats()["idle_timeouts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats()["idle_timeouts"] == 1
