@@ -339,3 +339,27 @@ def test_interrupted_uploads_cannot_fill_the_disk_for_good(
     assert (small_disk / "honest.bin").read_bytes() == source.read_bytes()
     assert sent.size == 400_000
     assert len(list(partials.iterdir())) < 3, "the oldest partial files made room"
+
+
+DESCRIPTOR_LIMITS = """
+import logging, resource, socketcomm
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+socketcomm.Server("127.0.0.1", 0, max_connections=10000).close()
+print(resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def test_the_descriptor_limit_is_raised_and_a_low_one_is_said() -> None:
+    # Each connection takes a descriptor; many systems start programs at a soft limit of 1,024.
+    done = subprocess.run(
+        [sys.executable, "-c", DESCRIPTOR_LIMITS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(512, 512)", "the soft limit is raised to the hard one"
+    assert "max_connections is 10000, but this process may open only 512" in done.stderr

@@ -39,7 +39,11 @@ pub(crate) fn stop_at_exit(stop: Stopper) {
         .push(stop);
 }
 
-/// The `atexit` callback: stops registered threads, then closes the gate.
+/// How long exit waits for the log records still queued to reach `logging`.
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The `atexit` callback: stops registered threads, lets the queued log records through, then
+/// closes the gate.
 #[pyfunction]
 pub(crate) fn _at_exit(py: Python<'_>) {
     let stoppers = std::mem::take(&mut *STOPPERS.lock().unwrap_or_else(PoisonError::into_inner));
@@ -53,6 +57,8 @@ pub(crate) fn _at_exit(py: Python<'_>) {
         for stop in stoppers {
             stop();
         }
+        // The forwarding thread still gets in while the gate is open.
+        super::logging::wait_forwarded(LOG_FLUSH);
         *GATE.write().unwrap_or_else(PoisonError::into_inner) = true;
     });
 }

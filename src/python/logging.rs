@@ -7,7 +7,9 @@
 //! stuck in pyo3-log). So records are queued here, and one forwarding thread hands them to
 //! pyo3-log, taking the GIL once per batch. A full queue drops records rather than wait.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
@@ -19,6 +21,11 @@ const QUEUE: usize = 4096;
 
 /// Records forwarded per GIL acquisition.
 const BATCH: usize = 256;
+
+/// Records queued, and records handed to `logging`, since the start: [`flush_logs`] waits for
+/// the second to catch up with the first.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+static FORWARDED: AtomicU64 = AtomicU64::new(0);
 
 struct QueuedRecord {
     level: Level,
@@ -37,11 +44,14 @@ impl Log for ToForwarder {
 
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
-            let _ = self.queue.try_send(QueuedRecord {
+            let queued = self.queue.try_send(QueuedRecord {
                 level: record.level(),
                 target: public_target(record.target()),
                 message: record.args().to_string(),
             });
+            if queued.is_ok() {
+                QUEUED.fetch_add(1, Ordering::Release);
+            }
         }
     }
 
@@ -87,10 +97,22 @@ fn forward(queued: &Receiver<QueuedRecord>, python: &pyo3_log::Logger) {
                         .args(format_args!("{}", record.message))
                         .build(),
                 );
+                FORWARDED.fetch_add(1, Ordering::Release);
             }
         });
         if forwarded.is_none() {
             return; // the interpreter is exiting
         }
+    }
+}
+
+/// Waits up to `timeout` until every record queued so far has reached `logging`; called (with
+/// the GIL released) at exit, so that what the core logged just before the program ends (a
+/// warning at start-up, a connection's end) is not lost with the forwarding thread.
+pub(crate) fn wait_forwarded(timeout: Duration) {
+    let target = QUEUED.load(Ordering::Acquire);
+    let deadline = Instant::now() + timeout;
+    while FORWARDED.load(Ordering::Acquire) < target && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

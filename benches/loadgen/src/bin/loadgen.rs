@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socketcomm_bench::{cpu_time, hello, DATA, MAGIC, PING, PONG};
+use socketcomm_bench::{cpu_time, hello, stop_with_parent, DATA, MAGIC, PING, PONG};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -56,6 +56,7 @@ struct Tally {
 }
 
 fn main() {
+    stop_with_parent();
     let options = Arc::new(options());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
