@@ -194,6 +194,9 @@ impl SocketOptions {
     }
 }
 
+/// The bytes one connection's outbound queue may hold by default (see `outbound_bytes`).
+pub const DEFAULT_OUTBOUND_BYTES: usize = 4 << 20;
+
 /// The largest `event_queue` and `outbound_queue` (in messages).
 pub const MAX_QUEUE: usize = 1 << 20;
 /// The largest `max_connections`.
@@ -248,6 +251,9 @@ pub struct ServerConfig {
     pub event_queue: usize,
     /// Frames waiting to be written to one connection; when full, senders wait.
     pub outbound_queue: usize,
+    /// Bytes those frames may hold together; when full, senders wait too (a larger frame waits
+    /// for an empty queue).
+    pub outbound_bytes: usize,
     /// Options set on every accepted connection.
     pub socket: SocketOptions,
     /// `SO_REUSEADDR` on the listener: restart while old connections sit in TIME_WAIT.
@@ -293,6 +299,7 @@ impl Default for ServerConfig {
             backlog: 1024,
             event_queue: 4096,
             outbound_queue: 1024,
+            outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             socket: SocketOptions::default(),
             reuse_addr: true,
             reuse_port: false,
@@ -342,6 +349,12 @@ impl ServerConfig {
                 "must be at least 1 (None: no limit)",
             ));
         }
+        if !(1..=u32::MAX as usize).contains(&self.outbound_bytes) {
+            return Err(Error::invalid(
+                "outbound_bytes",
+                format!("{} is not between 1 and {}", self.outbound_bytes, u32::MAX),
+            ));
+        }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::invalid("workers", "must be between 1 and 256"));
         }
@@ -372,6 +385,8 @@ pub struct ClientConfig {
     pub inbound_queue: usize,
     /// Frames waiting to be written; when full, `send` waits.
     pub outbound_queue: usize,
+    /// Bytes those frames may hold together; when full, `send` waits too.
+    pub outbound_bytes: usize,
     /// Options of the connected socket.
     pub socket: SocketOptions,
     /// The local address to connect from (`None`: any).
@@ -398,6 +413,7 @@ impl Default for ClientConfig {
             max_frame: DEFAULT_MAX_FRAME,
             inbound_queue: 1024,
             outbound_queue: 1024,
+            outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             socket: SocketOptions::default(),
             local_addr: None,
             download_dir: None,

@@ -34,18 +34,40 @@ pub(crate) struct ConnState {
     sends_files: AtomicBool,
     /// The round trip of the last ping this side sent and the peer answered.
     latency: Latency,
+    /// Bytes the outbound queue may hold (see [`Outbox`]), and what is left of them.
+    budget: usize,
+    room: tokio::sync::Semaphore,
     closed: OnceLock<CloseInfo>,
 }
 
 impl ConnState {
-    pub(crate) fn new(peer_max_frame: u32) -> Arc<ConnState> {
+    /// The state of a connection whose outbound queue may hold `budget` bytes.
+    pub(crate) fn new(peer_max_frame: u32, budget: usize) -> Arc<ConnState> {
+        // Within what a semaphore counts, and never zero (a frame always fits an empty queue).
+        let budget = budget.clamp(1, u32::MAX as usize);
         Arc::new(ConnState {
             peer_max_frame: AtomicU32::new(peer_max_frame),
             framed: AtomicBool::new(false),
             sends_files: AtomicBool::new(false),
             latency: Latency::default(),
+            budget,
+            room: tokio::sync::Semaphore::new(budget),
             closed: OnceLock::new(),
         })
+    }
+
+    /// What `frame` takes of the byte budget: its size, or the whole budget for a frame larger
+    /// than that (which then waits for an empty queue, and has it to itself).
+    fn cost(&self, frame: &Frame) -> u32 {
+        // The budget is at most u32::MAX (see `new`).
+        frame.encoded_len().min(self.budget) as u32
+    }
+
+    /// Gives back the budget of frames taken from the queue.
+    fn release(&self, cost: u64) {
+        if cost > 0 {
+            self.room.add_permits(cost as usize);
+        }
     }
 
     /// Records the limit from the peer's hello, which also marks the connection as framed.
@@ -146,7 +168,7 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(queue: mpsc::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
+    fn new(queue: mpsc::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
         Outbox { queue, state }
     }
 
@@ -179,21 +201,26 @@ impl Outbox {
         if let Err(e) = self.check_size(&frame) {
             return Err((e, Some(frame)));
         }
-        self.queue
-            .send(frame)
-            .await
-            .map_err(|unsent| (self.state.closed_error(), Some(unsent.0)))
+        let cost = self.state.cost(&frame);
+        // NOTE: room in bytes is taken first, then a place in the queue: the queue is bounded
+        // in messages and in bytes, whichever fills first.
+        let Ok(room) = self.state.room.acquire_many(cost).await else {
+            return Err((self.state.closed_error(), Some(frame)));
+        };
+        room.forget(); // given back by the writer (`Queued`)
+        self.queue.send(frame).await.map_err(|unsent| {
+            self.state.release(u64::from(cost));
+            (self.state.closed_error(), Some(unsent.0))
+        })
     }
 
-    /// Queues `frame` from a thread outside the runtime, blocking while the queue is full.
+    /// Queues `frame` from a blocking thread of the runtime (a file transfer's), blocking while
+    /// the queue is full.
     ///
     /// # Errors
     /// As [`Outbox::send`].
     pub(crate) fn blocking_send(&self, frame: Frame) -> Result<()> {
-        self.check_size(&frame)?;
-        self.queue
-            .blocking_send(frame)
-            .map_err(|_| self.state.closed_error())
+        tokio::runtime::Handle::current().block_on(self.send(frame))
     }
 
     /// The largest frame the peer accepts.
@@ -206,12 +233,13 @@ impl Outbox {
     /// # Errors
     /// As [`Outbox::send`].
     pub(crate) fn try_send(&self, frame: Frame) -> Result<bool> {
-        self.check_size(&frame)?;
-        match self.queue.try_send(frame) {
-            Ok(()) => Ok(true),
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.state.closed_error()),
-        }
+        Ok(match self.try_reserve(frame)? {
+            Some(reserved) => {
+                reserved.send();
+                true
+            }
+            None => false,
+        })
     }
 
     /// Takes a place in the queue for `frame` if there is room (`Ok(None)` when it is full),
@@ -221,10 +249,25 @@ impl Outbox {
     /// As [`Outbox::send`].
     pub(crate) fn try_reserve(&self, frame: Frame) -> Result<Option<Reserved>> {
         self.check_size(&frame)?;
+        let cost = self.state.cost(&frame);
+        match self.state.room.try_acquire_many(cost) {
+            Ok(room) => room.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Ok(None),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(self.state.closed_error()),
+        }
         match self.queue.clone().try_reserve_owned() {
-            Ok(permit) => Ok(Some(Reserved { permit, frame })),
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(None),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.state.closed_error()),
+            Ok(permit) => Ok(Some(Reserved {
+                place: Some((permit, frame)),
+                cost,
+                state: Arc::clone(&self.state),
+            })),
+            Err(full_or_closed) => {
+                self.state.release(u64::from(cost));
+                match full_or_closed {
+                    mpsc::error::TrySendError::Full(_) => Ok(None),
+                    mpsc::error::TrySendError::Closed(_) => Err(self.state.closed_error()),
+                }
+            }
         }
     }
 
@@ -245,13 +288,80 @@ impl Outbox {
 /// inside the runtime the task runs on, where a wake-up costs no system call.
 #[derive(Debug)]
 pub struct Reserved {
-    permit: mpsc::OwnedPermit<Frame>,
-    frame: Frame,
+    /// The place in the queue and the frame for it, until sent.
+    place: Option<(mpsc::OwnedPermit<Frame>, Frame)>,
+    /// Its share of the byte budget, taken already: given back if it is never sent.
+    cost: u32,
+    state: Arc<ConnState>,
 }
 
 impl Reserved {
-    pub fn send(self) {
-        drop(self.permit.send(self.frame));
+    pub fn send(mut self) {
+        if let Some((permit, frame)) = self.place.take() {
+            drop(permit.send(frame));
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.place.is_some() {
+            self.state.release(u64::from(self.cost));
+        }
+    }
+}
+
+/// The writer's end of a connection's outbound queue: each frame taken gives its bytes back to
+/// the budget ([`Outbox`] takes them).
+#[derive(Debug)]
+pub(crate) struct Queued {
+    queue: mpsc::Receiver<Frame>,
+    state: Arc<ConnState>,
+}
+
+/// A connection's outbound queue: `capacity` frames and `state`'s budget of bytes.
+pub(crate) fn outbound(capacity: usize, state: Arc<ConnState>) -> (Outbox, Queued) {
+    let (queue, queued) = mpsc::channel(capacity);
+    let outbox = Outbox::new(queue, Arc::clone(&state));
+    (
+        outbox,
+        Queued {
+            queue: queued,
+            state,
+        },
+    )
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Senders waiting for bytes that nobody will give back learn of the end at once.
+        self.state.room.close();
+    }
+}
+
+impl Queued {
+    /// The next frame; `None` once every sender is gone and the queue is empty.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub(crate) async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.queue.recv().await?;
+        self.state.release(u64::from(self.state.cost(&frame)));
+        Some(frame)
+    }
+
+    /// The next frame if one is queued.
+    pub(crate) fn try_recv(&mut self) -> Option<Frame> {
+        let frame = self.queue.try_recv().ok()?;
+        self.state.release(u64::from(self.state.cost(&frame)));
+        Some(frame)
+    }
+
+    /// Accepts no more frames (what is queued can still be taken), and ends the byte budget's
+    /// waits too.
+    pub(crate) fn close(&mut self) {
+        self.queue.close();
+        self.state.room.close();
     }
 }
 
@@ -334,7 +444,7 @@ pub(crate) type Finish = oneshot::Sender<Option<Frame>>;
 /// The first write error; the connection is unusable after it.
 pub(crate) async fn write_loop<W: SendFile>(
     mut io: W,
-    mut queue: mpsc::Receiver<Frame>,
+    mut queue: Queued,
     mut finish: oneshot::Receiver<Option<Frame>>,
     raw: bool,
     abort: CancellationToken,
@@ -354,7 +464,7 @@ pub(crate) async fn write_loop<W: SendFile>(
                 None => queue_open = false,
             },
             last = &mut finish => {
-                if let Ok(frame) = queue.try_recv() {
+                if let Some(frame) = queue.try_recv() {
                     write_frames(&mut io, frame, &mut queue, raw, &mut buf, usize::MAX, &abort)
                         .await?;
                 }
@@ -373,7 +483,7 @@ pub(crate) async fn write_loop<W: SendFile>(
 async fn write_frames<W: SendFile>(
     io: &mut W,
     first: Frame,
-    queue: &mut mpsc::Receiver<Frame>,
+    queue: &mut Queued,
     raw: bool,
     buf: &mut BytesMut,
     limit: usize,
@@ -393,7 +503,7 @@ async fn write_frames<W: SendFile>(
             _ => encode(&frame, raw, buf),
         }
         if buf.len() < limit {
-            next = queue.try_recv().ok();
+            next = queue.try_recv();
         }
     }
     write_buffer(io, buf, abort).await
@@ -567,22 +677,21 @@ async fn write_buffer<W: AsyncWrite + Unpin>(
 
 /// Encodes queued frames into `buf` until the queue is empty or `buf` holds `limit` bytes;
 /// returns how many of them were messages (see [`is_message`]).
-pub(crate) fn drain_into(
-    queue: &mut mpsc::Receiver<Frame>,
-    raw: bool,
-    buf: &mut BytesMut,
-    limit: usize,
-) -> u64 {
+pub(crate) fn drain_into(queue: &mut Queued, raw: bool, buf: &mut BytesMut, limit: usize) -> u64 {
     let mut messages = 0;
+    let mut taken = 0;
     while buf.len() < limit {
-        match queue.try_recv() {
+        match queue.queue.try_recv() {
             Ok(frame) => {
+                taken += u64::from(queue.state.cost(&frame));
                 encode(&frame, raw, buf);
                 messages += u64::from(is_message(&frame));
             }
             Err(_) => break,
         }
     }
+    // NOTE: the budget is given back once per batch: each give-back takes the semaphore's lock.
+    queue.state.release(taken);
     messages
 }
 

@@ -92,6 +92,8 @@ def test_call_timeouts(echo_server: socketcomm.Server, seconds: float, tmp_path:
         ("max_connections", 0),
         ("max_connections", 10_000_001),
         *((option, 2**61) for option in ("event_queue", "outbound_queue", "max_connections")),
+        ("outbound_bytes", 0),
+        ("outbound_bytes", 2**32),
     ],
 )
 def test_server_counts(option: str, value: int) -> None:

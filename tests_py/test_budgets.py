@@ -4,6 +4,7 @@ that its memory can be measured (and limited) from the outside."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -45,6 +46,26 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@contextlib.contextmanager
+def process_serving(code: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Runs `code`, a server that prints its port and serves until its standard input closes;
+    yields the process and the port."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None and server.stdin is not None
+    try:
+        yield server, int(server.stdout.readline())
+    finally:
+        server.stdin.close()
+        server.wait(timeout=20)
+        server.stdout.close()
+
+
 def hello(max_frame: int = MiB) -> bytes:
     return MAGIC + bytes([1, 1]) + b"\0\0" + struct.pack(">I", max_frame)
 
@@ -53,36 +74,25 @@ def test_a_frame_announced_is_not_reserved_before_it_arrives() -> None:
     # 300 connections each announcing a 16 MiB frame and sending 5 bytes of it would take
     # 4.8 GB if each promise were reserved; under the 1 GiB limit the server used to abort
     # ("memory allocation of 16777220 bytes failed").
-    server = subprocess.Popen(
-        [sys.executable, "-c", LIMITED_SERVER],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None and server.stdin is not None
     attackers: list[socket.socket] = []
-    try:
-        port = int(server.stdout.readline())
-        before = rss_bytes(server.pid)
-        for _ in range(300):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(hello() + struct.pack(">I", 16 * MiB) + b"\x01")
-            attackers.append(sock)
-        for sock in attackers:
-            assert len(sock.recv(12)) == 12  # each hello was answered: the server read it all
-        time.sleep(0.3)  # and the frame starts after them
-        with socketcomm.Client("127.0.0.1", port, timeout=10) as honest:
-            assert honest.request(b"still serving") == b"still serving"
-        assert server.poll() is None, "the server died"
-        grown = rss_bytes(server.pid) - before
-        assert grown < 64 * MiB, f"RSS grew by {grown / MiB:.1f} MiB for 300 x 5 bytes"
-    finally:
-        for sock in attackers:
-            sock.close()
-        server.stdin.close()
-        server.wait(timeout=20)
-        server.stdout.close()
+    with process_serving(LIMITED_SERVER) as (server, port):
+        try:
+            before = rss_bytes(server.pid)
+            for _ in range(300):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(hello() + struct.pack(">I", 16 * MiB) + b"\x01")
+                attackers.append(sock)
+            for sock in attackers:
+                assert len(sock.recv(12)) == 12  # each hello was answered: all was read
+            time.sleep(0.3)  # and the frame starts after them
+            with socketcomm.Client("127.0.0.1", port, timeout=10) as honest:
+                assert honest.request(b"still serving") == b"still serving"
+            assert server.poll() is None, "the server died"
+            grown = rss_bytes(server.pid) - before
+            assert grown < 64 * MiB, f"RSS grew by {grown / MiB:.1f} MiB for 300 x 5 bytes"
+        finally:
+            for sock in attackers:
+                sock.close()
 
 
 def test_silent_connections_cannot_lock_honest_clients_out() -> None:
@@ -363,3 +373,31 @@ def test_the_descriptor_limit_is_raised_and_a_low_one_is_said() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(512, 512)", "the soft limit is raised to the hard one"
     assert "max_connections is 10000, but this process may open only 512" in done.stderr
+
+
+AMPLIFYING_SERVER = """
+import sys, socketcomm
+server = socketcomm.Server(
+    "127.0.0.1", 0, on_message=lambda conn, data: data * 1000, slow_reader="wait"
+)
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+def test_answers_that_amplify_are_bounded_in_bytes_not_only_in_messages() -> None:
+    # 1,100 requests of 1 KiB, each answered with 1 MB that the client never reads: with a
+    # queue bounded in messages only (1,024) that was 1.05 GB of RSS, kept after the client left.
+    with process_serving(AMPLIFYING_SERVER) as (server, port):
+        before = rss_bytes(server.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as greedy:
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            requests = b"".join(request_frame(n, b"q" * 1024) for n in range(1100))
+            greedy.sendall(hello(max_frame=16 * MiB) + requests)
+            time.sleep(3)  # bounded: about 10 MiB here, flat; unbounded: 150 MiB in 2 s
+            grown = rss_bytes(server.pid) - before
+            assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+            with socketcomm.Client("127.0.0.1", port, timeout=10) as honest:
+                assert honest.request(b"x") == b"x" * 1000

@@ -387,6 +387,9 @@ def test_sigterm_stops_the_workers_even_when_the_parent_blocked_it() -> None:
     workers = worker_pids(process, 2)
     try:
         process.process.send_signal(signal.SIGTERM)
+        # Waited for before stop(), whose own SIGTERM would cut the graceful stop short (a
+        # second signal during the shutdown stops at once, as a second Ctrl-C does).
+        process.process.wait(timeout=15)
         code, _, err = process.stop(timeout=15)
         assert code == 0, err
         assert err.count("served ") == 3, err

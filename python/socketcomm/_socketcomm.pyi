@@ -418,7 +418,9 @@ class Server:
     noticed within ``ping_interval + ping_timeout``. ``latency(conn_id)`` is the last ping's
     round trip. None turns either off; raw clients are never pinged. ``event_queue`` and
     ``outbound_queue`` bound the events waiting for Python and the messages waiting to be
-    written to one client: when either is full the connection waits
+    written to one client, and ``outbound_bytes`` (4 MiB) the bytes of those messages (a larger
+    message waits for an empty queue and has it to itself): when either is full the connection
+    waits
     (backpressure, never unbounded memory). A send, a reply or a broadcast that finds a
     client's queue full waits for room; with ``slow_reader="disconnect"`` (the default) it waits
     at most one second, then drops that client and what is queued for it (its ``Disconnected``
@@ -505,6 +507,7 @@ class Server:
         workers: int = 1,
         event_queue: int = 4096,
         outbound_queue: int = 1024,
+        outbound_bytes: int = ...,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
     ) -> Self: ...

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientConfig, Pings};
 use crate::connection::{
-    write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
+    outbound, write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
 };
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
@@ -190,7 +190,7 @@ impl Session {
         config: &ClientConfig,
         download_dir: Option<Arc<FileDir>>,
     ) -> Result<Session> {
-        let state = ConnState::new(u32::MAX);
+        let state = ConnState::new(u32::MAX, config.outbound_bytes);
         let mut buffered = BytesMut::new();
         if !config.raw {
             let hello = read_hello(&mut stream, link.peer, config.max_frame, &mut buffered).await?;
@@ -223,11 +223,10 @@ impl Session {
         } = link;
         let (reader, writer) = stream.into_halves();
         state.set_sends_files(SendFile::sends_files(&writer));
-        let (queue, queued) = tokio::sync::mpsc::channel(config.outbound_queue);
+        let (outbox, queued) = outbound(config.outbound_queue, state);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
         let (finish, finished) = oneshot::channel();
         let abort = CancellationToken::new();
-        let outbox = Outbox::new(queue, state);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             finish: Mutex::new(Some(finish)),

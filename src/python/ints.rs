@@ -85,6 +85,7 @@ required! {
     workers: usize,
     event_queue: usize,
     outbound_queue: usize,
+    outbound_bytes: usize,
     conn_id: u64,
     // `recv_many(max=...)`.
     max: usize,

@@ -30,7 +30,7 @@ use super::tls::PyServerTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Wakeup;
 use super::watchdog::{watch, Clocks, HandlerClock, HANDLER_NAMES};
-use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY};
+use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY, DEFAULT_OUTBOUND_BYTES};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
@@ -226,6 +226,7 @@ impl PyServer {
         workers = 1,
         event_queue = 4096,
         outbound_queue = 1024,
+        outbound_bytes = DEFAULT_OUTBOUND_BYTES,
         ping_interval = 20.0,
         ping_timeout = 20.0,
     ))]
@@ -267,6 +268,7 @@ impl PyServer {
         #[pyo3(from_py_with = ints::workers)] workers: usize,
         #[pyo3(from_py_with = ints::event_queue)] event_queue: usize,
         #[pyo3(from_py_with = ints::outbound_queue)] outbound_queue: usize,
+        #[pyo3(from_py_with = ints::outbound_bytes)] outbound_bytes: usize,
         ping_interval: Option<f64>,
         ping_timeout: Option<f64>,
     ) -> PyResult<PyServer> {
@@ -316,6 +318,7 @@ impl PyServer {
             backlog,
             event_queue,
             outbound_queue,
+            outbound_bytes,
             socket: socket_options(
                 nodelay,
                 keepalive,

@@ -13,14 +13,14 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
 use crate::config::{Mode, Pings};
 use crate::connection::{
-    drain_into, encode, is_message, ConnState, Outbox, ServerTlsStream, Transport, WaitReadable,
+    drain_into, encode, is_message, outbound, ConnState, Queued, ServerTlsStream, Transport,
+    WaitReadable,
 };
 use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
@@ -153,13 +153,13 @@ async fn serve_on<S: Transport>(
     identity: Option<Arc<PeerIdentity>>,
     slot: Slot,
 ) {
-    let (queue, mut queued) = mpsc::channel(hub.config.outbound_queue);
     // Raw clients have no frame limit; a framed client's comes with its hello.
-    let state = ConnState::new(u32::MAX);
+    let state = ConnState::new(u32::MAX, hub.config.outbound_bytes);
+    let (outbox, mut queued) = outbound(hub.config.outbound_queue, state);
     let conn = Connection {
         id,
         peer,
-        outbox: Outbox::new(queue, state),
+        outbox,
         control: Arc::new(Control {
             wake: Wake::default(),
             abort: hub.abort.child_token(),
@@ -312,7 +312,7 @@ async fn run<S: Transport>(
     hub: &Hub,
     (mut stream, fd): (S, Option<RawFd>),
     conn: &Connection,
-    queued: &mut mpsc::Receiver<Frame>,
+    queued: &mut Queued,
     events: &EventSender,
     receiving: Receiving,
 ) -> CloseInfo {
@@ -440,12 +440,7 @@ impl Driver<'_> {
         }
     }
 
-    async fn run<R, W>(
-        &mut self,
-        reader: &mut R,
-        writer: &mut W,
-        queued: &mut mpsc::Receiver<Frame>,
-    ) -> Ending
+    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W, queued: &mut Queued) -> Ending
     where
         R: AsyncRead + WaitReadable + Unpin,
         W: AsyncWrite + Unpin,
@@ -707,7 +702,7 @@ impl Driver<'_> {
     async fn finish<W: AsyncWrite + Unpin>(
         &mut self,
         writer: &mut W,
-        queued: &mut mpsc::Receiver<Frame>,
+        queued: &mut Queued,
         last: Option<Frame>,
     ) {
         if self.conn.control.abort.is_cancelled() {
