@@ -564,12 +564,16 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     type Writer<'a>: AsyncWrite + Unpin + Send
     where
         Self: 'a;
+    /// Whether a write may leave bytes in a buffer of the writer's own (TLS's records), which
+    /// then need a flush; a TCP socket's writes go straight to the kernel.
+    const BUFFERS_WRITES: bool;
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
 }
 
 impl Transport for tokio::net::TcpStream {
     type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
     type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+    const BUFFERS_WRITES: bool = false;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         // NOTE: borrowed halves of a TCP stream cost nothing; `tokio::io::split` takes a lock on
@@ -583,6 +587,7 @@ pub(crate) type ServerTlsStream = tokio_rustls::server::TlsStream<tokio::net::Tc
 impl Transport for ServerTlsStream {
     type Reader<'a> = tokio::io::ReadHalf<&'a mut ServerTlsStream>;
     type Writer<'a> = tokio::io::WriteHalf<&'a mut ServerTlsStream>;
+    const BUFFERS_WRITES: bool = true;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         tokio::io::split(self)
@@ -666,9 +671,14 @@ async fn write_buffer<W: AsyncWrite + Unpin>(
     if buf.is_empty() {
         return Ok(());
     }
+    // Flushed too: a TLS writer may keep part of what it took in a buffer of its own until then
+    // (see the server's connection loop), and nothing else may follow to push it out.
     tokio::select! {
         () = abort.cancelled() => Ok(()),
-        written = io.write_all(buf) => {
+        written = async {
+            io.write_all(buf).await?;
+            io.flush().await
+        } => {
             buf.clear();
             written
         }

@@ -404,3 +404,17 @@ def test_a_client_silent_after_its_handshake_is_dropped_by_hello_timeout(pki: Pk
         while server.stats()["idle_timeouts"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.stats()["idle_timeouts"] == 1
+
+
+def test_large_echoes_over_tls_never_stall(pki: Pki) -> None:
+    # A TLS writer may keep the last records of a large answer in its own buffer when the
+    # socket would block; unflushed, they waited for the connection's next write (about one
+    # echo of 2 MB in 250 stalled here under load).
+    cert, key = pki.issue("server", "127.0.0.1")
+    trust = socketcomm.ClientTls(ca=pki.ca_file)
+    payload = b"x" * 2_000_000
+    with socketcomm.Server(mode="echo", tls=socketcomm.ServerTls(cert, key)) as server:
+        for _ in range(60):
+            with socketcomm.Client(*server.address, tls=trust, timeout=5) as client:
+                for _ in range(5):
+                    assert client.request(payload) == payload

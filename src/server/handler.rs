@@ -385,7 +385,9 @@ async fn run<S: Transport>(
         messages_in: 0,
         messages_out: 0,
     };
-    let (reason, last_frame) = driver.run(&mut reader, &mut writer, queued).await;
+    let (reason, last_frame) = driver
+        .run(&mut reader, &mut writer, queued, S::BUFFERS_WRITES)
+        .await;
     driver.flush_counts();
     // NOTE: what was queued before the end is still written, but nothing queued after it is
     // taken: senders learn of the end at once. Otherwise a producer that keeps sending while
@@ -440,12 +442,23 @@ impl Driver<'_> {
         }
     }
 
-    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W, queued: &mut Queued) -> Ending
+    async fn run<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        queued: &mut Queued,
+        buffers_writes: bool,
+    ) -> Ending
     where
         R: AsyncRead + WaitReadable + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut queue_open = true;
+        // NOTE: a TLS writer may take bytes into its own buffer without writing them all to
+        // the socket (when it would block); they go out only on a later write or a flush. So
+        // once our buffer is empty, the writer is flushed: without it the end of a large
+        // answer could wait, unsent, until the connection next had something to say.
+        let mut unflushed = false;
         loop {
             if let Some(ending) = self.handle_buffered().await {
                 return ending;
@@ -473,14 +486,20 @@ impl Driver<'_> {
                         return (info, Some(frame));
                     }
                 },
-                written = writer.write(&self.write_buf), if writing => match written {
-                    Ok(0) => return (CloseInfo::new(None, "the client stopped taking data"), None),
-                    Ok(n) => {
-                        self.write_buf.advance(n);
-                        self.hub.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                written = write_or_flush(writer, &self.write_buf), if writing || unflushed => {
+                    match written {
+                        Ok(Some(0)) => {
+                            return (CloseInfo::new(None, "the client stopped taking data"), None);
+                        }
+                        Ok(Some(n)) => {
+                            self.write_buf.advance(n);
+                            self.hub.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                            unflushed = buffers_writes;
+                        }
+                        Ok(None) => unflushed = false,
+                        Err(e) => return (io_ending(self.hub, &e), None),
                     }
-                    Err(e) => return (io_ending(self.hub, &e), None),
-                },
+                }
                 frame = queued.recv(), if queue_open && reading => match frame {
                     Some(frame) => {
                         encode(&frame, self.raw, &mut self.write_buf);
@@ -731,6 +750,19 @@ impl Driver<'_> {
                 self.write_buf.len()
             ),
         }
+    }
+}
+
+/// Writes what `buf` holds (`Some(bytes written)`), or with nothing to write flushes the writer
+/// (`None`).
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buf: &[u8],
+) -> io::Result<Option<usize>> {
+    if buf.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write(buf).await.map(Some)
     }
 }
 
