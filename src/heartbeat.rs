@@ -214,6 +214,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for Heard<R> {
     }
 }
 
+/// More than this many bytes acknowledged between two looks count as the peer reading.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const ACKED_SIGN_OF_LIFE: u64 = 256;
+
 /// Asks the kernel how much of what we sent the peer has acknowledged.
 struct AckProbe {
     #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
@@ -247,7 +251,10 @@ impl AckProbe {
             return false;
         }
         let before = std::mem::replace(&mut self.acked, info.tcpi_bytes_acked);
-        info.tcpi_bytes_acked > before
+        // NOTE: the acknowledgement of our own PING (and of a TLS record around it) is not
+        // a sign of life: a host that has lost the peer's application (a proxy, a NAT box)
+        // may still acknowledge it. A peer taking a transfer moves far more than this.
+        info.tcpi_bytes_acked > before + ACKED_SIGN_OF_LIFE
     }
 
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -122,8 +122,8 @@ async fn the_server_closes_a_client_that_never_answers_a_ping() {
     let took = started.elapsed();
     assert_eq!(reason.code, Some(CloseCode::PING_TIMEOUT), "{reason}");
     assert!(reason.reason.contains("ping_timeout"), "{reason}");
-    // Within ping_interval + ping_timeout, plus one look (a quarter of the timeout) and slack.
-    assert!(took < INTERVAL + TIMEOUT * 3, "took {took:?}");
+    // Within ping_interval + ping_timeout, and slack for a loaded machine.
+    assert!(took < INTERVAL + TIMEOUT * 2, "took {took:?}");
     // It is told why, in a close frame.
     let mut closed = None;
     while let Some(frame) = silent.recv().await {
@@ -150,7 +150,7 @@ async fn the_client_closes_a_connection_to_a_server_gone_silent() {
         panic!("the connection must end, got {ended:?}")
     };
     assert_eq!(info.code, Some(CloseCode::PING_TIMEOUT), "{info}");
-    assert!(took < INTERVAL + TIMEOUT * 3, "took {took:?}");
+    assert!(took < INTERVAL + TIMEOUT * 2, "took {took:?}");
     hung.abort();
 }
 

@@ -18,9 +18,8 @@ import socketcomm.aio as aio
 
 INTERVAL = 0.2
 TIMEOUT = 0.4
-# ping_interval + ping_timeout, a quarter of the timeout (how often silence is looked at),
-# and room for a loaded machine.
-WITHIN = INTERVAL + TIMEOUT * 1.25 + 2.0
+# ping_interval + ping_timeout, and a second's room for a loaded machine.
+WITHIN = INTERVAL + TIMEOUT + 1.0
 QUICK: dict[str, Any] = {"ping_interval": INTERVAL, "ping_timeout": TIMEOUT}
 OFF: dict[str, Any] = {"ping_interval": None, "ping_timeout": None}
 
