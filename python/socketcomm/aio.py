@@ -179,15 +179,16 @@ class _Wakeup(_Watched):
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._fd, 4096)
-        self._woken_all()
+        self.release_waiters()
 
     def stop(self) -> None:
         """As `_Watched.stop`; the tasks waiting look again, so that none waits for a byte
         nobody will read."""
         super().stop()
-        self._woken_all()
+        self.release_waiters()
 
-    def _woken_all(self) -> None:
+    def release_waiters(self) -> None:
+        """Has every task waiting now look again."""
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -594,6 +595,10 @@ class Server:
     async def close(self, timeout: float = 5.0) -> None:
         """Stops accepting, closes every connection after what is queued, and returns."""
         await self._core._close(timeout)
+        # Tasks that began to wait before the close look again now, and from then on poll
+        # (see `_Wakeup.wait`) until the last events are taken: none waits for a byte that
+        # may never come (the dispatch task once did, and close() with it).
+        self._wakeup.release_waiters()
         if self._task is not None and self._task is not asyncio.current_task():
             await self._task
         # Handlers still awaited belong to connections that are gone by now.
