@@ -194,8 +194,17 @@ impl SocketOptions {
     }
 }
 
+pub use crate::budget::default_max_buffered;
+
 /// The bytes one connection's outbound queue may hold by default (see `outbound_bytes`).
 pub const DEFAULT_OUTBOUND_BYTES: usize = 4 << 20;
+
+/// The bytes of one connection's messages that may wait for the application by default (see
+/// `inbound_bytes`).
+pub const DEFAULT_INBOUND_BYTES: usize = 4 << 20;
+
+/// The largest `max_buffered`.
+pub const MAX_BUFFERED: usize = 1 << 50;
 
 /// The largest `event_queue` and `outbound_queue` (in messages).
 pub const MAX_QUEUE: usize = 1 << 20;
@@ -254,6 +263,14 @@ pub struct ServerConfig {
     /// Bytes those frames may hold together; when full, senders wait too (a larger frame waits
     /// for an empty queue).
     pub outbound_bytes: usize,
+    /// Bytes of one connection's messages that may wait for the application (events mode);
+    /// when spent, the connection stops reading until the application takes some (a larger
+    /// message waits until none of that connection's wait).
+    pub inbound_bytes: usize,
+    /// Bytes the server may hold for all its clients together: messages waiting for the
+    /// application, and frames still arriving beyond a connection's first 64 KiB of buffer.
+    /// When spent, connections stop reading (TCP pushes back on their clients).
+    pub max_buffered: usize,
     /// Options set on every accepted connection.
     pub socket: SocketOptions,
     /// `SO_REUSEADDR` on the listener: restart while old connections sit in TIME_WAIT.
@@ -300,6 +317,8 @@ impl Default for ServerConfig {
             event_queue: 4096,
             outbound_queue: 1024,
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
+            inbound_bytes: DEFAULT_INBOUND_BYTES,
+            max_buffered: default_max_buffered(),
             socket: SocketOptions::default(),
             reuse_addr: true,
             reuse_port: false,
@@ -335,6 +354,9 @@ impl ServerConfig {
             ("event_queue", self.event_queue, MAX_QUEUE),
             ("outbound_queue", self.outbound_queue, MAX_QUEUE),
             ("max_connections", self.max_connections, MAX_CONNECTIONS),
+            ("outbound_bytes", self.outbound_bytes, u32::MAX as usize),
+            ("inbound_bytes", self.inbound_bytes, u32::MAX as usize),
+            ("max_buffered", self.max_buffered, MAX_BUFFERED),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(Error::invalid(
@@ -347,12 +369,6 @@ impl ServerConfig {
             return Err(Error::invalid(
                 "max_connections_per_ip",
                 "must be at least 1 (None: no limit)",
-            ));
-        }
-        if !(1..=u32::MAX as usize).contains(&self.outbound_bytes) {
-            return Err(Error::invalid(
-                "outbound_bytes",
-                format!("{} is not between 1 and {}", self.outbound_bytes, u32::MAX),
             ));
         }
         if !(1..=256).contains(&self.workers) {

@@ -182,6 +182,9 @@ impl CloseCode {
     /// Nothing arrived from the peer for `ping_timeout` after a ping. The peer is most likely
     /// unreachable, so this code is mostly seen on the side that gave up.
     pub const PING_TIMEOUT: CloseCode = CloseCode(1009);
+    /// The server holds as much of its clients' data as it may (`max_buffered`) and found no
+    /// room for the rest of a large frame in time. Sending it again later may work.
+    pub const SERVER_BUSY: CloseCode = CloseCode(1010);
 }
 
 /// Frame type bytes. 0x10..=0x1F belong to file transfer, 0x40..=0x7F are reserved for later

@@ -6,6 +6,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`frame`] | the wire format: hello, frame types, the codec (pure, no I/O) |
+//! | `budget` | the bytes a server holds for its clients until the application takes them |
 //! | `heartbeat` | pings on a framed connection: a peer gone silent, the latency |
 //! | `connection` | the outbound queue both sides use; the client's reader and writer |
 //! | [`server`] | binding, the accept loop, limits, broadcast; `server/handler.rs`: one connection's loop |
@@ -15,6 +16,7 @@
 //! | [`config`] | settings and their defaults, validated at construction |
 //! | [`error`] | the error types |
 
+pub(crate) mod budget;
 pub mod client;
 pub mod config;
 pub(crate) mod connection;

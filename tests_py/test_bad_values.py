@@ -94,6 +94,10 @@ def test_call_timeouts(echo_server: socketcomm.Server, seconds: float, tmp_path:
         *((option, 2**61) for option in ("event_queue", "outbound_queue", "max_connections")),
         ("outbound_bytes", 0),
         ("outbound_bytes", 2**32),
+        ("inbound_bytes", 0),
+        ("inbound_bytes", 2**32),
+        ("max_buffered", 0),
+        ("max_buffered", 2**51),
     ],
 )
 def test_server_counts(option: str, value: int) -> None:
@@ -131,6 +135,8 @@ def test_huge_values_that_used_to_break_every_connection_are_refused() -> None:
         ("event_queue", -1),
         ("outbound_queue", -1),
         ("handler_threads", -1),
+        ("inbound_bytes", -1),
+        ("max_buffered", -1),
     ],
 )
 def test_server_integers_out_of_range(option: str, value: int) -> None:

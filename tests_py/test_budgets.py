@@ -401,3 +401,99 @@ def test_answers_that_amplify_are_bounded_in_bytes_not_only_in_messages() -> Non
             assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
             with socketcomm.Client("127.0.0.1", port, timeout=10) as honest:
                 assert honest.request(b"x") == b"x" * 1000
+
+
+# A pull-loop server whose application takes nothing until told (a line on its standard
+# input), then counts the messages and their bytes.
+WAITING_SERVER = """
+import sys, socketcomm
+server = socketcomm.Server("127.0.0.1", 0, max_buffered=64 << 20)
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.readline()
+count = size = 0
+for event in server:
+    if isinstance(event, socketcomm.Message):
+        count += 1
+        size += len(event.data)
+        if count == int(sys.argv[1]):
+            break
+print(count, size, flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+def send_in_threads(port: int, clients: int, messages: list[bytes]) -> list[threading.Thread]:
+    def send() -> None:
+        with socketcomm.Client("127.0.0.1", port, timeout=60) as client:
+            for data in messages:
+                client.send(data)
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_messages_waiting_for_the_application_are_bounded_in_bytes() -> None:
+    # 4 clients x 24 messages of 8 MiB (768 MiB) to an application that takes nothing yet:
+    # event_queue counts 4,096 events, so they used to be read and held (60 x 16 MiB took a
+    # server from 15 MB to 998 MB in 1.5 s). max_buffered (64 MiB here) bounds them in bytes.
+    messages = [bytes([n]) * (8 * MiB) for n in range(24)]
+    with process_serving(WAITING_SERVER.replace("sys.argv[1]", "96")) as (server, port):
+        assert server.stdin is not None and server.stdout is not None
+        before = rss_bytes(server.pid)
+        senders = send_in_threads(port, 4, messages)
+        time.sleep(3)
+        grown = rss_bytes(server.pid) - before
+        assert grown < 160 * MiB, f"RSS grew by {grown / MiB:.0f} MiB with 64 MiB allowed"
+        assert all(sender.is_alive() for sender in senders), "the senders are held back"
+        server.stdin.write("take\n")
+        server.stdin.flush()
+        assert server.stdout.readline().split() == ["96", str(96 * 8 * MiB)], "all arrived"
+        for sender in senders:
+            sender.join(30)
+            assert not sender.is_alive()
+
+
+# A server whose handler blocks for one connection until told (a line on its standard input).
+BLOCKED_HANDLER_SERVER = """
+import sys, threading, socketcomm
+go = threading.Event()
+count = 0
+def on_message(conn_id, data):
+    global count
+    go.wait(60)
+    count += 1
+    if count == 300:
+        print(count, flush=True)
+server = socketcomm.Server("127.0.0.1", 0, on_message=on_message, event_queue=16)
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.readline()
+go.set()
+sys.stdin.read()
+server.close()
+"""
+
+
+def test_a_blocked_handler_holds_back_its_own_connection_in_bytes() -> None:
+    # The dispatcher's per-connection queues used to keep taking from event_queue while the
+    # handler was blocked: 300 x 1 MiB (324 MB) in 1.3 s with event_queue=16. inbound_bytes
+    # (4 MiB) bounds what waits for one connection's handler.
+    with process_serving(BLOCKED_HANDLER_SERVER) as (server, port):
+        assert server.stdin is not None and server.stdout is not None
+        before = rss_bytes(server.pid)
+        (sender,) = send_in_threads(port, 1, [b"m" * MiB] * 300)
+        time.sleep(2)
+        grown = rss_bytes(server.pid) - before
+        assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.0f} MiB behind a blocked handler"
+        assert sender.is_alive(), "the sender is held back"
+        with socketcomm.Client("127.0.0.1", port, timeout=10) as other:
+            other.send(b"another connection is still read")
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        assert server.stdout.readline().split() == ["300"], "every message was handled"
+        sender.join(30)
+        assert not sender.is_alive()

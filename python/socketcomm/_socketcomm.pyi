@@ -79,7 +79,8 @@ class ConnectionClosedError(SocketCommError, ConnectionError):
     """The close code when the ending side sent one (1000 normal, 1001 server shutting down,
     1002 protocol error, 1003 unsupported version, 1004 frame too large, 1005 server full,
     1006 idle timeout, 1007 too slow a reader, 1009 nothing arrived after a ping: the peer is
-    unreachable); docs/protocol.md lists them."""
+    unreachable, 1010 the server is busy: too much data in flight); docs/protocol.md lists
+    them."""
     reason: str
     """Why the connection ended, in words."""
 
@@ -420,14 +421,21 @@ class Server:
     ``outbound_queue`` bound the events waiting for Python and the messages waiting to be
     written to one client, and ``outbound_bytes`` (4 MiB) the bytes of those messages (a larger
     message waits for an empty queue and has it to itself): when either is full the connection
-    waits
-    (backpressure, never unbounded memory). A send, a reply or a broadcast that finds a
-    client's queue full waits for room; with ``slow_reader="disconnect"`` (the default) it waits
-    at most one second, then drops that client and what is queued for it (its ``Disconnected``
-    event has code 1007, and the send raises ``ConnectionClosedError``), so one client that
-    never reads cannot hold a handler thread, a task or a broadcast for long (the slow readers
-    of one broadcast share that one second); ``slow_reader="wait"`` waits for it however long
-    it takes.
+    waits (backpressure, never unbounded memory). In bytes too: ``inbound_bytes`` (4 MiB) bounds
+    one connection's messages that wait for the application (a handler that blocks holds back
+    its own connection's reading, not only its events), and ``max_buffered`` (None: a quarter of
+    the machine's memory, or of the control group's limit) what the server holds for all its
+    clients together, with the frames still arriving beyond a connection's first 64 KiB; a
+    connection whose share is spent stops reading its socket (TCP pushes back on its client)
+    until the application takes what came, and loses nothing. A frame in progress that finds no
+    room within 10 s ends its connection with code 1010 (server busy), so that large frames
+    arriving at once cannot wait for each other's room for ever. A send, a reply or a broadcast
+    that finds a client's queue full waits for room; with ``slow_reader="disconnect"`` (the
+    default) it waits at most one second, then drops that client and what is queued for it (its
+    ``Disconnected`` event has code 1007, and the send raises ``ConnectionClosedError``), so one
+    client that never reads cannot hold a handler thread, a task or a broadcast for long (the
+    slow readers of one broadcast share that one second); ``slow_reader="wait"`` waits for it
+    however long it takes.
     ``backlog`` is the listen backlog. The ``on_*`` handlers run on ``handler_threads``
     dispatcher threads that take one connection at a time: a connection's events are handled
     in order, one after another, and a handler that blocks (on I/O, a lock, a sleep) holds up
@@ -436,8 +444,8 @@ class Server:
     thread; the next joins in once every thread before it has been stuck in one handler for
     20 ms, so a blocked handler delays the other connections by about that much. A warning on
     the ``socketcomm`` logger names a handler and its connection once it has run for
-    ``slow_handler`` seconds; when every thread is blocked, all events wait (in
-    ``event_queue``, bounded).
+    ``slow_handler`` seconds; when every thread is blocked, all events wait (bounded by
+    ``event_queue``, ``inbound_bytes`` and ``max_buffered``).
 
     TLS: with ``tls=ServerTls(...)`` the server speaks TLS only. A plaintext client is told
     that TLS is required (a close frame with code 1008, or a line of text) and closed; a client
@@ -508,6 +516,8 @@ class Server:
         event_queue: int = 4096,
         outbound_queue: int = 1024,
         outbound_bytes: int = ...,
+        inbound_bytes: int = ...,
+        max_buffered: int | None = None,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
     ) -> Self: ...

@@ -53,7 +53,10 @@ struct MessageFields {
 }
 
 impl MessageFields {
-    fn new(py: Python<'_>, message: core::Message) -> MessageFields {
+    fn new(py: Python<'_>, mut message: core::Message) -> MessageFields {
+        // The application has the message now: however long it keeps this object, the
+        // connection may read on.
+        message.release();
         // NOTE: the peer's address is made into Python values only when asked for: most
         // loops never look at it, and every message would pay for formatting it.
         MessageFields {

@@ -86,6 +86,7 @@ required! {
     event_queue: usize,
     outbound_queue: usize,
     outbound_bytes: usize,
+    inbound_bytes: usize,
     conn_id: u64,
     // `recv_many(max=...)`.
     max: usize,
@@ -93,6 +94,7 @@ required! {
 
 optional! {
     max_connections_per_ip: usize,
+    max_buffered: usize,
     keepalive_count: u32,
     recv_buffer: usize,
     send_buffer: usize,

@@ -30,7 +30,10 @@ use super::tls::PyServerTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Wakeup;
 use super::watchdog::{watch, Clocks, HandlerClock, HANDLER_NAMES};
-use crate::config::{Mode, ServerConfig, SlowReader, ACK_REPLY, DEFAULT_OUTBOUND_BYTES};
+use crate::config::{
+    default_max_buffered, Mode, ServerConfig, SlowReader, ACK_REPLY, DEFAULT_INBOUND_BYTES,
+    DEFAULT_OUTBOUND_BYTES,
+};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
@@ -227,6 +230,8 @@ impl PyServer {
         event_queue = 4096,
         outbound_queue = 1024,
         outbound_bytes = DEFAULT_OUTBOUND_BYTES,
+        inbound_bytes = DEFAULT_INBOUND_BYTES,
+        max_buffered = None,
         ping_interval = 20.0,
         ping_timeout = 20.0,
     ))]
@@ -269,6 +274,8 @@ impl PyServer {
         #[pyo3(from_py_with = ints::event_queue)] event_queue: usize,
         #[pyo3(from_py_with = ints::outbound_queue)] outbound_queue: usize,
         #[pyo3(from_py_with = ints::outbound_bytes)] outbound_bytes: usize,
+        #[pyo3(from_py_with = ints::inbound_bytes)] inbound_bytes: usize,
+        #[pyo3(from_py_with = ints::max_buffered)] max_buffered: Option<usize>,
         ping_interval: Option<f64>,
         ping_timeout: Option<f64>,
     ) -> PyResult<PyServer> {
@@ -319,6 +326,8 @@ impl PyServer {
             event_queue,
             outbound_queue,
             outbound_bytes,
+            inbound_bytes,
+            max_buffered: max_buffered.unwrap_or_else(default_max_buffered),
             socket: socket_options(
                 nodelay,
                 keepalive,

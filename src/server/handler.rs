@@ -2,9 +2,11 @@
 //! hello, the read loop (native answers or events), the idle timer, and the close with a reason.
 //! Also the short answer to a client that arrives when the server is full.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +15,12 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
+use crate::budget::{Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
 use crate::config::{Mode, Pings};
 use crate::connection::{
     drain_into, encode, is_message, outbound, ConnState, Queued, ServerTlsStream, Transport,
@@ -382,6 +386,8 @@ async fn run<S: Transport>(
             fd,
         ),
         receiving,
+        inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
+        stall: None,
         messages_in: 0,
         messages_out: 0,
     };
@@ -421,6 +427,10 @@ struct Driver<'a> {
     heartbeat: Heartbeat,
     /// Files arriving on this connection.
     receiving: Receiving,
+    /// What this connection holds for the application, against its budget and the server's.
+    inbound: Inbound,
+    /// Set while a budget is spent: nothing more is read until it has room again.
+    stall: Option<Stall>,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
     /// the loop, not per message).
     messages_in: u64,
@@ -465,20 +475,30 @@ impl Driver<'_> {
             }
             self.flush_counts();
             let writing = !self.write_buf.is_empty();
-            let reading = self.write_buf.len() < HIGH_WATER;
+            let taking = self.write_buf.len() < HIGH_WATER;
             let capacity = self.read_buf.capacity();
-            if reading && capacity > 0 && capacity - self.read_buf.len() < READ_CHUNK / 2 {
+            if taking && capacity > 0 && capacity - self.read_buf.len() < READ_CHUNK / 2 {
                 self.read_buf.reserve(READ_CHUNK);
             }
+            self.fit_read_buffer();
+            let reading = taking && self.stall.is_none();
+            // NOTE: a connection held back for its budget is neither idle nor silent: its
+            // client is sending, and the application has yet to take what came.
+            let stalled = self.stall.is_some();
             tokio::select! {
                 biased;
                 () = self.conn.control.wake.fired() => return woken(self.hub, self.conn),
-                () = self.idle.expired(), if self.idle.armed() => {
+                () = self.idle.expired(), if self.idle.armed() && !stalled => {
                     let info = self.idle.reason();
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
                     return (info, Some(frame));
                 }
-                beat = self.heartbeat.beat(), if self.heartbeat.armed() => match beat {
+                room = room_for(self.stall.as_mut()), if stalled => {
+                    if let Some(ending) = self.resume(room).await {
+                        return ending;
+                    }
+                }
+                beat = self.heartbeat.beat(), if self.heartbeat.armed() && !stalled => match beat {
                     Beat::Ping(ping) => encode(&ping, false, &mut self.write_buf),
                     Beat::Gone(info) => {
                         log::info!("connection {} from {}: {info}", self.conn.id, self.conn.peer);
@@ -500,7 +520,7 @@ impl Driver<'_> {
                         Err(e) => return (io_ending(self.hub, &e), None),
                     }
                 }
-                frame = queued.recv(), if queue_open && reading => match frame {
+                frame = queued.recv(), if queue_open && taking => match frame {
                     Some(frame) => {
                         encode(&frame, self.raw, &mut self.write_buf);
                         self.messages_out += u64::from(is_message(&frame))
@@ -552,6 +572,9 @@ impl Driver<'_> {
     /// applies to a client that only answers pings).
     async fn handle_frames(&mut self, active: &mut bool) -> Option<Ending> {
         loop {
+            if self.stall.is_some() {
+                return None;
+            }
             if self.hub.config.mode.answers_in_place() {
                 match self.answer_in_place() {
                     Ok(InPlace::Answered) => {
@@ -646,16 +669,8 @@ impl Driver<'_> {
     /// Handles one frame from the client; returns why the connection ends, if it does.
     async fn handle_frame(&mut self, frame: Frame) -> Option<CloseInfo> {
         let message = match frame {
-            Frame::Data(data) => Message {
-                conn: self.conn.clone(),
-                data,
-                request_id: None,
-            },
-            Frame::Request { id, body } => Message {
-                conn: self.conn.clone(),
-                data: body,
-                request_id: Some(id),
-            },
+            Frame::Data(data) => Message::new(self.conn.clone(), data, None),
+            Frame::Request { id, body } => Message::new(self.conn.clone(), body, Some(id)),
             Frame::Ping(token) => {
                 encode(&Frame::Pong(token), self.raw, &mut self.write_buf);
                 return None;
@@ -698,7 +713,19 @@ impl Driver<'_> {
         };
         self.messages_in += 1;
         match self.hub.config.mode {
-            Mode::Events => self.hub.emit(self.events, Event::Message(message)).await,
+            Mode::Events => {
+                let mut message = message;
+                let charge = self.inbound.charge(message.data.len());
+                // What follows the message in the read buffer keeps the buffer's share.
+                self.release_read_room();
+                match charge {
+                    Ok(charge) => {
+                        message.charge = charge;
+                        self.hub.emit(self.events, Event::Message(message)).await;
+                    }
+                    Err(room) => self.stall = Some(Stall::Message(message, room)),
+                }
+            }
             Mode::Echo => {
                 let answer = message.answer(message.data.clone());
                 encode(&answer, self.raw, &mut self.write_buf);
@@ -712,6 +739,72 @@ impl Driver<'_> {
             Mode::Broadcast => {
                 self.hub.broadcast(message.data, &[self.conn.id]).await;
             }
+        }
+        None
+    }
+
+    /// Gives back the read buffer's room left over from a large frame: what follows it is
+    /// moved to a buffer of its own, so that the large one (which the frame's message may
+    /// still share) is no longer this connection's, and its share of `max_buffered` goes back.
+    fn release_read_room(&mut self) {
+        if self.read_buf.capacity() > FREE_READ_BUFFER && self.read_buf.len() < READ_CHUNK {
+            let mut rest = BytesMut::with_capacity(READ_CHUNK);
+            rest.extend_from_slice(&self.read_buf);
+            self.read_buf = rest;
+        }
+        self.inbound.shrink_buffer(self.read_buf.capacity());
+    }
+
+    /// Brings the read buffer's share of `max_buffered` in line with its size; when the server
+    /// has no room for a frame's growth, stalls until it has.
+    fn fit_read_buffer(&mut self) {
+        if self.stall.is_some() {
+            return;
+        }
+        if let Err(more) = self.inbound.fit_buffer(self.read_buf.capacity()) {
+            let room = tokio::time::timeout(BUFFER_STALL_LIMIT, self.inbound.buffer_room(more));
+            self.stall = Some(Stall::Buffer(Box::pin(room)));
+        }
+    }
+
+    /// A budget has room again: the held-back message goes to the application, or the read
+    /// buffer has its share; reading resumes. Returns why the connection ends if the server
+    /// found no room for its frame in time.
+    async fn resume(&mut self, room: Room) -> Option<Ending> {
+        let stall = self.stall.take();
+        // What comes next is the client's, not silence: it was sending all along.
+        self.idle.touch();
+        self.heartbeat.heard();
+        match (stall, room) {
+            (Some(Stall::Message(mut message, _)), Room::Message(charge)) => {
+                message.charge = charge;
+                self.hub.emit(self.events, Event::Message(message)).await;
+            }
+            (_, Room::Buffer(Ok(permit))) => {
+                if let Some(permit) = permit {
+                    self.inbound.add_to_buffer(permit);
+                }
+            }
+            (_, Room::Buffer(Err(_))) => {
+                let reason = format!(
+                    "the server holds as much of its clients' data as it may (max_buffered) and \
+                     found no room within {}s for more of a large message ({} bytes of it had \
+                     arrived); send it again later",
+                    BUFFER_STALL_LIMIT.as_secs(),
+                    self.read_buf.len()
+                );
+                log::warn!(
+                    "connection {} from {}: {reason}",
+                    self.conn.id,
+                    self.conn.peer
+                );
+                let frame = Frame::close(CloseCode::SERVER_BUSY, &reason);
+                return Some((
+                    CloseInfo::new(Some(CloseCode::SERVER_BUSY), reason),
+                    Some(frame),
+                ));
+            }
+            (_, Room::Message(_)) => {}
         }
         None
     }
@@ -750,6 +843,38 @@ impl Driver<'_> {
                 self.write_buf.len()
             ),
         }
+    }
+}
+
+/// What a connection waits for before it reads again.
+enum Stall {
+    /// Its share of the budgets for a message it has read: the message waits here (not in the
+    /// event queue) until the application has taken enough of what came before.
+    Message(Message, ChargeWait),
+    /// The server's budget for its read buffer to grow (a large frame in progress), for at most
+    /// [`BUFFER_STALL_LIMIT`].
+    Buffer(Pin<Box<dyn Future<Output = BufferRoom> + Send>>),
+}
+
+type BufferRoom = Result<Option<OwnedSemaphorePermit>, tokio::time::error::Elapsed>;
+
+/// What a [`Stall`] waited for.
+enum Room {
+    Message(Charge),
+    Buffer(BufferRoom),
+}
+
+/// How long a frame in progress may wait for room in `max_buffered` before its connection is
+/// closed (code 1010), so that large frames arriving at once cannot hold each other's room
+/// for ever: each holds what it has received and waits for more.
+const BUFFER_STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits for what `stall` needs (for ever without a stall).
+async fn room_for(stall: Option<&mut Stall>) -> Room {
+    match stall {
+        Some(Stall::Message(_, room)) => Room::Message(room.await),
+        Some(Stall::Buffer(room)) => Room::Buffer(room.await),
+        None => std::future::pending().await,
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{Budget, Charge};
 use crate::config::{ServerConfig, SlowReader};
 pub use crate::connection::Reserved;
 use crate::connection::{Outbox, Readiness};
@@ -209,15 +210,45 @@ impl Wake {
 }
 
 /// A message from a client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Message {
     pub conn: Connection,
     pub data: Bytes,
     /// Set when the client sent a request and waits for the reply with this id.
     pub request_id: Option<u32>,
+    /// Its share of the inbound budgets, given back when this is dropped or
+    /// [`Message::release`]d.
+    charge: Charge,
+}
+
+impl Clone for Message {
+    /// A copy carries no share of the budgets: the original gives it back.
+    fn clone(&self) -> Message {
+        Message {
+            conn: self.conn.clone(),
+            data: self.data.clone(),
+            request_id: self.request_id,
+            charge: Charge::default(),
+        }
+    }
 }
 
 impl Message {
+    pub(crate) fn new(conn: Connection, data: Bytes, request_id: Option<u32>) -> Message {
+        Message {
+            conn,
+            data,
+            request_id,
+            charge: Charge::default(),
+        }
+    }
+
+    /// Gives back the message's share of the inbound budgets: the application has it now, and
+    /// whatever it does with it no longer holds the connection back.
+    pub fn release(&mut self) {
+        self.charge = Charge::default();
+    }
+
     /// The frame that answers this message: the reply to its request, or a plain message.
     fn answer(&self, body: Bytes) -> Frame {
         match self.request_id {
@@ -307,6 +338,8 @@ struct Hub {
     /// event without taking it ([`Server::event_ready`]).
     events_ready: Readiness,
     counters: Counters,
+    /// The bytes held for all clients together (`max_buffered`).
+    buffered: Budget,
 }
 
 /// The event queue's sending side, held by the accept loop and each connection task. When the
@@ -443,6 +476,7 @@ impl Server {
             );
         }
         let (sender, events) = flume::bounded(config.event_queue);
+        let buffered = Budget::new(config.max_buffered);
         let hub = Arc::new(Hub {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             per_address: Arc::default(),
@@ -456,6 +490,7 @@ impl Server {
             tasks: TaskTracker::new(),
             events_ready: Readiness::default(),
             counters: Counters::default(),
+            buffered,
         });
         let sender = EventSender {
             queue: Some(sender),
