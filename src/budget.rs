@@ -6,9 +6,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// What a waiting message costs beyond its bytes (its event, its place in the queues), so that a
 /// flood of empty messages is bounded too.
@@ -56,20 +57,13 @@ impl Budget {
 /// dropped: when the application has taken the message (a handler returned, a loop got it).
 #[derive(Debug, Default)]
 pub struct Charge {
-    _held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    held: Option<(Arc<Shares>, u32, u32)>,
 }
 
-impl Charge {
-    fn new(
-        connection: OwnedSemaphorePermit,
-        mut server: OwnedSemaphorePermit,
-        from_buffer: Option<OwnedSemaphorePermit>,
-    ) -> Charge {
-        if let Some(part) = from_buffer {
-            server.merge(part);
-        }
-        Charge {
-            _held: Some((connection, server)),
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((shares, connection, server)) = self.held.take() {
+            shares.give_back(connection as usize, server as usize);
         }
     }
 }
@@ -77,21 +71,130 @@ impl Charge {
 /// Waits for a message's [`Charge`].
 pub(crate) type ChargeWait = Pin<Box<dyn Future<Output = Charge> + Send>>;
 
+/// Server room a connection keeps at hand while messages of its own wait, so that a run of
+/// messages is charged and given back with a few atomic operations each, not the server
+/// semaphore's lock; beyond twice this the surplus goes back to the server at once, and all of
+/// it once none of the connection's messages waits.
+const CREDIT: usize = 64 * 1024;
+
+/// What one connection's messages hold, shared with them (they are given back on whichever
+/// thread the application drops them).
+#[derive(Debug)]
+struct Shares {
+    /// Free bytes of the connection's own budget (`inbound_bytes`).
+    free: AtomicUsize,
+    total: usize,
+    /// Room taken from the server's budget and not charged to a message (see [`CREDIT`]).
+    credit: AtomicUsize,
+    server: Budget,
+    /// Set while the connection waits for its own budget; a give-back then wakes it.
+    waiting: AtomicBool,
+    freed: Notify,
+}
+
+impl Shares {
+    // NOTE: `free` and `waiting` are written and read in sequentially consistent order, so
+    // that a give-back and a connection starting to wait cannot both miss the other.
+    fn try_connection(&self, cost: usize) -> bool {
+        self.free
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                free.checked_sub(cost)
+            })
+            .is_ok()
+    }
+
+    /// `cost` of the server's budget from the credit, else from the server: `false` when
+    /// neither has that much now.
+    fn try_server(&self, cost: usize) -> bool {
+        if self
+            .credit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| {
+                credit.checked_sub(cost)
+            })
+            .is_ok()
+        {
+            return true;
+        }
+        // Some credit for the messages that follow too, if the server has it to spare.
+        for wanted in [cost + CREDIT, cost] {
+            let wanted = wanted.min(self.server.total);
+            if let Ok(permit) = self.server.room.try_acquire_many(wanted as u32) {
+                permit.forget();
+                self.credit.fetch_add(wanted - cost, Ordering::AcqRel);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Waits for `cost` of the server's budget (see [`Shares::try_server`]).
+    async fn server_room(&self, cost: usize) {
+        if self.try_server(cost) {
+            return;
+        }
+        let credit = self.credit.swap(0, Ordering::AcqRel);
+        if credit >= cost {
+            self.credit.fetch_add(credit - cost, Ordering::AcqRel);
+        } else if let Some(permit) = self.server.take(cost - credit).await {
+            permit.forget();
+        }
+    }
+
+    fn give_back(&self, connection: usize, server: usize) {
+        let free = self.free.fetch_add(connection, Ordering::SeqCst) + connection;
+        let credit = self.credit.fetch_add(server, Ordering::AcqRel) + server;
+        if free == self.total {
+            // No message of this connection waits any more: its credit is the server's again,
+            // so that connections with nothing waiting hold none of the server's budget.
+            self.return_credit(self.credit.swap(0, Ordering::AcqRel));
+        } else if credit > 2 * CREDIT
+            && self
+                .credit
+                .compare_exchange(credit, CREDIT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.return_credit(credit - CREDIT);
+        }
+        if self.waiting.load(Ordering::SeqCst) {
+            self.freed.notify_one();
+        }
+    }
+
+    fn return_credit(&self, credit: usize) {
+        if credit > 0 {
+            self.server.room.add_permits(credit);
+        }
+    }
+}
+
+impl Drop for Shares {
+    fn drop(&mut self) {
+        self.server.room.add_permits(*self.credit.get_mut());
+    }
+}
+
 /// One connection's inbound accounting: its messages waiting for the application, and its read
 /// buffer's growth, against the server's total.
 #[derive(Debug)]
 pub(crate) struct Inbound {
-    connection: Budget,
-    server: Budget,
-    /// The read buffer's share of `server`: its capacity beyond [`FREE_READ_BUFFER`].
+    shares: Arc<Shares>,
+    /// The read buffer's share of the server's budget: its capacity beyond
+    /// [`FREE_READ_BUFFER`].
     buffer: Option<OwnedSemaphorePermit>,
 }
 
 impl Inbound {
     pub(crate) fn new(connection: usize, server: &Budget) -> Inbound {
+        let total = connection.clamp(1, u32::MAX as usize);
         Inbound {
-            connection: Budget::new(connection),
-            server: server.clone(),
+            shares: Arc::new(Shares {
+                free: AtomicUsize::new(total),
+                total,
+                credit: AtomicUsize::new(0),
+                server: server.clone(),
+                waiting: AtomicBool::new(false),
+                freed: Notify::new(),
+            }),
             buffer: None,
         }
     }
@@ -104,27 +207,44 @@ impl Inbound {
     /// budget is taken from the buffer's first: a connection never waits for room that it
     /// holds itself.
     pub(crate) fn charge(&mut self, len: usize) -> Result<Charge, ChargeWait> {
-        let cost = len + MESSAGE_OVERHEAD;
-        let server_cost = self.server.cost(cost);
-        let mut from_buffer = self
-            .buffer
-            .as_mut()
-            .and_then(|held| held.split(server_cost.min(held.num_permits() as u32) as usize));
-        let rest = server_cost as usize - from_buffer.as_ref().map_or(0, |p| p.num_permits());
-        if let Some(connection) = self.connection.try_take(cost) {
-            if let Some(server) = self.server.try_take(rest) {
-                return Ok(Charge::new(connection, server, from_buffer.take()));
+        let shares = &self.shares;
+        let cost = (len + MESSAGE_OVERHEAD).min(shares.total);
+        let server_cost = shares.server.cost(len + MESSAGE_OVERHEAD) as usize;
+        if let Some(held) = self.buffer.as_mut() {
+            if let Some(part) = held.split(server_cost.min(held.num_permits())) {
+                shares
+                    .credit
+                    .fetch_add(part.num_permits(), Ordering::AcqRel);
+                part.forget();
             }
         }
-        let connection = self.connection.take(cost);
-        let server = self.server.take(rest);
-        Err(Box::pin(async move {
-            match (connection.await, server.await) {
-                (Some(connection), Some(server)) => Charge::new(connection, server, from_buffer),
-                // Budgets are never closed; were one, nothing would be counted any more.
-                _ => Charge::default(),
+        if shares.try_connection(cost) {
+            if shares.try_server(server_cost) {
+                return Ok(Self::charged(shares, cost, server_cost));
             }
+            shares.give_back(cost, 0);
+        }
+        let shares = Arc::clone(shares);
+        Err(Box::pin(async move {
+            while !shares.try_connection(cost) {
+                shares.waiting.store(true, Ordering::SeqCst);
+                // A give-back between here and the wait leaves a permit: it is not missed.
+                let freed = shares.freed.notified();
+                if shares.try_connection(cost) {
+                    break;
+                }
+                freed.await;
+            }
+            shares.waiting.store(false, Ordering::SeqCst);
+            shares.server_room(server_cost).await;
+            Self::charged(&shares, cost, server_cost)
         }))
+    }
+
+    fn charged(shares: &Arc<Shares>, connection: usize, server: usize) -> Charge {
+        Charge {
+            held: Some((Arc::clone(shares), connection as u32, server as u32)),
+        }
     }
 
     /// Brings the read buffer's share in line with its `capacity`: gives back what it no longer
@@ -135,11 +255,11 @@ impl Inbound {
     /// `max_buffered` is received once it has all of it (and has it to itself).
     pub(crate) fn fit_buffer(&mut self, capacity: usize) -> Result<(), usize> {
         let held = self.shrink_buffer(capacity);
-        let wanted = Self::buffer_share(capacity, &self.server);
+        let wanted = Self::buffer_share(capacity, &self.shares.server);
         if wanted <= held {
             return Ok(());
         }
-        match self.server.try_take(wanted - held) {
+        match self.shares.server.try_take(wanted - held) {
             Some(more) => {
                 self.add_to_buffer(more);
                 Ok(())
@@ -151,7 +271,7 @@ impl Inbound {
     /// Gives back what the read buffer's share holds beyond what a buffer of `capacity` needs
     /// (a message taken out of it has a share of its own); returns what it still holds.
     pub(crate) fn shrink_buffer(&mut self, capacity: usize) -> usize {
-        let wanted = Self::buffer_share(capacity, &self.server);
+        let wanted = Self::buffer_share(capacity, &self.shares.server);
         let Some(held) = self.buffer.as_mut() else {
             return 0;
         };
@@ -170,7 +290,7 @@ impl Inbound {
         &self,
         bytes: usize,
     ) -> impl Future<Output = Option<OwnedSemaphorePermit>> + Send + use<> {
-        self.server.take(bytes)
+        self.shares.server.take(bytes)
     }
 
     pub(crate) fn add_to_buffer(&mut self, more: OwnedSemaphorePermit) {
@@ -282,5 +402,47 @@ mod tests {
         );
         drop(message);
         assert_eq!(server.room.available_permits(), 100_000);
+    }
+
+    #[test]
+    fn credit_goes_back_to_the_server_once_nothing_waits() {
+        let server = Budget::new(1 << 20);
+        let mut inbound = Inbound::new(1 << 20, &server);
+        let held: Vec<Charge> = (0..100)
+            .map(|_| inbound.charge(100).ok().expect("room"))
+            .collect();
+        let charged = 100 * (100 + MESSAGE_OVERHEAD);
+        let available = server.room.available_permits();
+        assert!(available <= (1 << 20) - charged, "each message is charged");
+        assert!(
+            available >= (1 << 20) - charged - 2 * CREDIT,
+            "little credit kept at hand"
+        );
+        drop(held);
+        assert_eq!(
+            server.room.available_permits(),
+            1 << 20,
+            "all of it given back"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_waits_for_its_connection_budget_and_is_woken_by_a_give_back() {
+        let server = Budget::new(1 << 20);
+        let mut inbound = Inbound::new(1000, &server);
+        let first = inbound.charge(800).ok().expect("room");
+        let Err(waiting) = inbound.charge(800) else {
+            panic!("the connection's budget is spent")
+        };
+        let waiter = tokio::spawn(waiting);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        // Given back on another thread, as the application does.
+        std::thread::spawn(move || drop(first)).join().unwrap();
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(second.held.is_some());
     }
 }
