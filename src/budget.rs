@@ -17,7 +17,11 @@ const MESSAGE_OVERHEAD: usize = 128;
 
 /// A read buffer up to this size is part of a connection's fixed cost; only what a frame in
 /// progress makes it grow beyond this counts towards `max_buffered`.
-pub(crate) const FREE_READ_BUFFER: usize = 64 * 1024;
+///
+/// NOTE: well above the largest read (64 KiB) and the room a buffer reallocated for it may
+/// have, so that a busy connection's buffer does not take and give back a share of the
+/// server's budget (a semaphore's lock each way) on every read.
+pub(crate) const FREE_READ_BUFFER: usize = 256 * 1024;
 
 /// A pool of bytes. A request larger than the pool takes all of it (so a message larger than
 /// `inbound_bytes` waits until the pool is whole, and then has it to itself).

@@ -268,7 +268,7 @@ pub struct ServerConfig {
     /// message waits until none of that connection's wait).
     pub inbound_bytes: usize,
     /// Bytes the server may hold for all its clients together: messages waiting for the
-    /// application, and frames still arriving beyond a connection's first 64 KiB of buffer.
+    /// application, and frames still arriving beyond a connection's first 256 KiB of buffer.
     /// When spent, connections stop reading (TCP pushes back on their clients).
     pub max_buffered: usize,
     /// Options set on every accepted connection.

@@ -536,3 +536,27 @@ async fn the_application_can_close_one_connection_with_a_reason() {
     };
     assert_eq!(reason.reason, "maintenance");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_socket_gets_large_echoes_back_intact() {
+    // Reads grow to 64 KiB and the echo hands its read buffer over to be written: the bytes
+    // must come back whole and in order whatever the chunking.
+    let server = server(Mode::Echo);
+    let stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let expected = sent.clone();
+    let writing = tokio::spawn(async move {
+        for chunk in sent.chunks(100_000) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        writer
+    });
+    let mut received = vec![0u8; expected.len()];
+    tokio::time::timeout(LIMIT, reader.read_exact(&mut received))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert!(received == expected, "the echo differs from what was sent");
+    drop(writing.await.unwrap());
+}

@@ -425,7 +425,7 @@ class Server:
     one connection's messages that wait for the application (a handler that blocks holds back
     its own connection's reading, not only its events), and ``max_buffered`` (None: a quarter of
     the machine's memory, or of the control group's limit) what the server holds for all its
-    clients together, with the frames still arriving beyond a connection's first 64 KiB; a
+    clients together, with the frames still arriving beyond a connection's first 256 KiB; a
     connection whose share is spent stops reading its socket (TCP pushes back on its client)
     until the application takes what came, and loses nothing. A frame in progress that finds no
     room within 10 s ends its connection with code 1010 (server busy), so that large frames

@@ -388,6 +388,7 @@ async fn run<S: Transport>(
         receiving,
         inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
         stall: None,
+        read_size: READ_CHUNK,
         messages_in: 0,
         messages_out: 0,
     };
@@ -409,8 +410,13 @@ async fn run<S: Transport>(
 /// written: the client that does not read is pushed back on, and memory stays bounded.
 const HIGH_WATER: usize = 256 * 1024;
 
-/// Room kept free in the read buffer before each read.
+/// Room kept free in the read buffer before each read, at first and on a quiet connection.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// The most room kept free before a read: reached by doubling while each read fills all the
+/// room it had (large messages, a burst), so that a 64 KiB message costs one read and not
+/// eight, as in the minimal tokio server; halved again while reads come back small.
+const MAX_READ: usize = 64 * 1024;
 
 /// One connection's loop, in one task: read, decode, answer, write. Native answers are encoded
 /// straight into the write buffer, and the application's messages arrive through the queue, so
@@ -431,6 +437,8 @@ struct Driver<'a> {
     inbound: Inbound,
     /// Set while a budget is spent: nothing more is read until it has room again.
     stall: Option<Stall>,
+    /// The room kept free before a read (see [`MAX_READ`]).
+    read_size: usize,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
     /// the loop, not per message).
     messages_in: u64,
@@ -477,9 +485,10 @@ impl Driver<'_> {
             let writing = !self.write_buf.is_empty();
             let taking = self.write_buf.len() < HIGH_WATER;
             let capacity = self.read_buf.capacity();
-            if taking && capacity > 0 && capacity - self.read_buf.len() < READ_CHUNK / 2 {
-                self.read_buf.reserve(READ_CHUNK);
+            if taking && capacity > 0 && capacity - self.read_buf.len() < self.read_size / 2 {
+                self.read_buf.reserve(self.read_size);
             }
+            let room = self.read_buf.capacity() - self.read_buf.len();
             self.fit_read_buffer();
             let reading = taking && self.stall.is_none();
             // NOTE: a connection held back for its budget is neither idle nor silent: its
@@ -528,7 +537,7 @@ impl Driver<'_> {
                     }
                     None => queue_open = false,
                 },
-                read = read_lazily(reader, &mut self.read_buf), if reading => match read {
+                read = read_lazily(reader, &mut self.read_buf, self.read_size), if reading => match read {
                     Ok(0) if self.read_buf.is_empty() => {
                         return (CloseInfo::new(None, "closed by the client"), None);
                     }
@@ -539,6 +548,7 @@ impl Driver<'_> {
                     Ok(n) => {
                         self.heartbeat.heard();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.adapt_read_size(n, room);
                     }
                     Err(e) => return (io_ending(self.hub, &e), None),
                 },
@@ -616,6 +626,12 @@ impl Driver<'_> {
         if self.raw {
             if self.read_buf.is_empty() {
                 return Ok(InPlace::NeedMore);
+            }
+            if echo && self.write_buf.is_empty() {
+                // The bytes read are the answer: the buffers change places, nothing is copied
+                // (the emptied write buffer is read into next).
+                std::mem::swap(&mut self.write_buf, &mut self.read_buf);
+                return Ok(InPlace::Answered);
             }
             if echo {
                 self.write_buf.extend_from_slice(&self.read_buf);
@@ -753,6 +769,15 @@ impl Driver<'_> {
             self.read_buf = rest;
         }
         self.inbound.shrink_buffer(self.read_buf.capacity());
+    }
+
+    /// Grows the room read into while reads fill it, and shrinks it while they come back small.
+    fn adapt_read_size(&mut self, read: usize, room: usize) {
+        if read >= room && room > 0 {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if read < self.read_size / 8 {
+            self.read_size = (self.read_size / 2).max(READ_CHUNK);
+        }
     }
 
     /// Brings the read buffer's share of `max_buffered` in line with its size; when the server
@@ -918,10 +943,11 @@ fn take_chunk(buf: &mut BytesMut) -> bytes::Bytes {
 async fn read_lazily<R: AsyncRead + WaitReadable + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    size: usize,
 ) -> io::Result<usize> {
     if buf.capacity() == 0 {
         reader.wait_readable().await?;
-        buf.reserve(READ_CHUNK);
+        buf.reserve(size);
     }
     reader.read_buf(buf).await
 }
