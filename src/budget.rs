@@ -97,6 +97,17 @@ struct Shares {
 }
 
 impl Shares {
+    fn new(total: usize, server: &Budget) -> Arc<Shares> {
+        Arc::new(Shares {
+            free: AtomicUsize::new(total),
+            total,
+            credit: AtomicUsize::new(0),
+            server: server.clone(),
+            waiting: AtomicBool::new(false),
+            freed: Notify::new(),
+        })
+    }
+
     // NOTE: `free` and `waiting` are written and read in sequentially consistent order, so
     // that a give-back and a connection starting to wait cannot both miss the other.
     fn try_connection(&self, cost: usize) -> bool {
@@ -181,7 +192,11 @@ impl Drop for Shares {
 /// buffer's growth, against the server's total.
 #[derive(Debug)]
 pub(crate) struct Inbound {
-    shares: Arc<Shares>,
+    /// Made with the first message, so that a connection that sends none holds none.
+    shares: Option<Arc<Shares>>,
+    /// The connection's own budget (`inbound_bytes`).
+    total: usize,
+    server: Budget,
     /// The read buffer's share of the server's budget: its capacity beyond
     /// [`FREE_READ_BUFFER`].
     buffer: Option<OwnedSemaphorePermit>,
@@ -189,16 +204,10 @@ pub(crate) struct Inbound {
 
 impl Inbound {
     pub(crate) fn new(connection: usize, server: &Budget) -> Inbound {
-        let total = connection.clamp(1, u32::MAX as usize);
         Inbound {
-            shares: Arc::new(Shares {
-                free: AtomicUsize::new(total),
-                total,
-                credit: AtomicUsize::new(0),
-                server: server.clone(),
-                waiting: AtomicBool::new(false),
-                freed: Notify::new(),
-            }),
+            shares: None,
+            total: connection.clamp(1, u32::MAX as usize),
+            server: server.clone(),
             buffer: None,
         }
     }
@@ -211,7 +220,9 @@ impl Inbound {
     /// budget is taken from the buffer's first: a connection never waits for room that it
     /// holds itself.
     pub(crate) fn charge(&mut self, len: usize) -> Result<Charge, ChargeWait> {
-        let shares = &self.shares;
+        let shares = &*self
+            .shares
+            .get_or_insert_with(|| Shares::new(self.total, &self.server));
         let cost = (len + MESSAGE_OVERHEAD).min(shares.total);
         let server_cost = shares.server.cost(len + MESSAGE_OVERHEAD) as usize;
         if let Some(held) = self.buffer.as_mut() {
@@ -259,11 +270,11 @@ impl Inbound {
     /// `max_buffered` is received once it has all of it (and has it to itself).
     pub(crate) fn fit_buffer(&mut self, capacity: usize) -> Result<(), usize> {
         let held = self.shrink_buffer(capacity);
-        let wanted = Self::buffer_share(capacity, &self.shares.server);
+        let wanted = Self::buffer_share(capacity, &self.server);
         if wanted <= held {
             return Ok(());
         }
-        match self.shares.server.try_take(wanted - held) {
+        match self.server.try_take(wanted - held) {
             Some(more) => {
                 self.add_to_buffer(more);
                 Ok(())
@@ -275,7 +286,7 @@ impl Inbound {
     /// Gives back what the read buffer's share holds beyond what a buffer of `capacity` needs
     /// (a message taken out of it has a share of its own); returns what it still holds.
     pub(crate) fn shrink_buffer(&mut self, capacity: usize) -> usize {
-        let wanted = Self::buffer_share(capacity, &self.shares.server);
+        let wanted = Self::buffer_share(capacity, &self.server);
         let Some(held) = self.buffer.as_mut() else {
             return 0;
         };
@@ -294,7 +305,7 @@ impl Inbound {
         &self,
         bytes: usize,
     ) -> impl Future<Output = Option<OwnedSemaphorePermit>> + Send + use<> {
-        self.shares.server.take(bytes)
+        self.server.take(bytes)
     }
 
     pub(crate) fn add_to_buffer(&mut self, more: OwnedSemaphorePermit) {

@@ -436,7 +436,8 @@ struct Driver<'a> {
     /// What this connection holds for the application, against its budget and the server's.
     inbound: Inbound,
     /// Set while a budget is spent: nothing more is read until it has room again.
-    stall: Option<Stall>,
+    /// (Boxed: an idle connection's task carries a pointer, not the message.)
+    stall: Option<Box<Stall>>,
     /// The room kept free before a read (see [`MAX_READ`]).
     read_size: usize,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
@@ -502,8 +503,10 @@ impl Driver<'_> {
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
                     return (info, Some(frame));
                 }
-                room = room_for(self.stall.as_mut()), if stalled => {
-                    if let Some(ending) = self.resume(room).await {
+                room = room_for(self.stall.as_deref_mut()), if stalled => {
+                    // Boxed: this rare path's future would otherwise be part of every
+                    // connection's task, idle ones too.
+                    if let Some(ending) = Box::pin(self.resume(room)).await {
                         return ending;
                     }
                 }
@@ -711,7 +714,9 @@ impl Driver<'_> {
                 tokio::select! {
                     biased;
                     () = self.conn.control.wake.fired() => {}
-                    () = self.receiving.handle(frame) => {}
+                    // Boxed: a file chunk's future is large, and would otherwise be part of
+                    // every connection's task.
+                    () = Box::pin(self.receiving.handle(frame)) => {}
                 }
                 return None;
             }
@@ -739,7 +744,7 @@ impl Driver<'_> {
                         message.charge = charge;
                         self.hub.emit(self.events, Event::Message(message)).await;
                     }
-                    Err(room) => self.stall = Some(Stall::Message(message, room)),
+                    Err(room) => self.stall = Some(Box::new(Stall::Message(message, room))),
                 }
             }
             Mode::Echo => {
@@ -788,7 +793,7 @@ impl Driver<'_> {
         }
         if let Err(more) = self.inbound.fit_buffer(self.read_buf.capacity()) {
             let room = tokio::time::timeout(BUFFER_STALL_LIMIT, self.inbound.buffer_room(more));
-            self.stall = Some(Stall::Buffer(Box::pin(room)));
+            self.stall = Some(Box::new(Stall::Buffer(Box::pin(room))));
         }
     }
 
@@ -796,7 +801,7 @@ impl Driver<'_> {
     /// buffer has its share; reading resumes. Returns why the connection ends if the server
     /// found no room for its frame in time.
     async fn resume(&mut self, room: Room) -> Option<Ending> {
-        let stall = self.stall.take();
+        let stall = self.stall.take().map(|stall| *stall);
         // What comes next is the client's, not silence: it was sending all along.
         self.idle.touch();
         self.heartbeat.heard();
