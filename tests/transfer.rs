@@ -732,3 +732,32 @@ async fn a_flood_of_offers_is_refused_as_busy_and_honest_uploads_go_on() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Transfers that wait for their data hold no thread: with a blocking pool of two threads,
+/// eight offers whose data never comes are all accepted, and an honest upload still goes
+/// through (each transfer used to keep a blocking thread until its data came).
+#[test]
+fn transfers_waiting_for_data_hold_no_thread() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let uploads = tempfile::tempdir().unwrap();
+        let server = uploading_server(uploads.path(), None);
+        let mut stalled = Vec::new();
+        for n in 0..2 {
+            let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+            let (accepted, busy, _) = offer_many(&mut peer, &format!("stalled-{n}"), 1, 4).await;
+            assert_eq!((accepted, busy), (4, 0));
+            stalled.push(peer);
+        }
+        let source_dir = tempfile::tempdir().unwrap();
+        let source = write_file(source_dir.path(), "honest.txt", b"twelve bytes");
+        let honest = client(&server).await;
+        send(&honest, &source, None).await.unwrap();
+        assert_eq!(next_file(&server).await.name, "honest.txt");
+    });
+}

@@ -497,3 +497,54 @@ def test_a_blocked_handler_holds_back_its_own_connection_in_bytes() -> None:
         assert server.stdout.readline().split() == ["300"], "every message was handled"
         sender.join(30)
         assert not sender.is_alive()
+
+
+# A server with few descriptors; its log goes to its standard error.
+FEW_DESCRIPTORS_SERVER = """
+import logging, resource, sys, socketcomm
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+server = socketcomm.Server("127.0.0.1", 0, mode="echo", max_connections=40)
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.readline()
+with socketcomm.Client("127.0.0.1", server.address[1], timeout=10) as client:
+    print(client.request(b"served again").decode(), flush=True)
+server.close()
+"""
+
+
+def test_a_failing_accept_is_logged_once_not_ten_times_a_second() -> None:
+    # Out of descriptors, accept fails at once every time it is retried (every 100 ms): the
+    # log line used to be written each time.
+    server = subprocess.Popen(
+        [sys.executable, "-c", FEW_DESCRIPTORS_SERVER],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    clients: list[socket.socket] = []
+    try:
+        port = int(server.stdout.readline())
+        # More than the process may open: the kernel completes the handshakes (the backlog)
+        # and the server's accept fails for those it has no descriptor for.
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(80)]
+        time.sleep(1.5)  # about 15 retries
+        for sock in clients:
+            sock.close()
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        assert server.stdout.readline().strip() == "served again", "accepting resumed"
+        _, log = server.communicate(timeout=20)
+    finally:
+        for sock in clients:
+            sock.close()
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    failures = [line for line in log.splitlines() if "accept failed" in line]
+    assert len(failures) == 1, log
+    assert "out of file descriptors" in failures[0]

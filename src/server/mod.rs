@@ -724,9 +724,14 @@ fn raise_descriptor_limit(max_connections: usize) {
             "max_connections is {max_connections}, but this process may open only {soft} \
              descriptors (RLIMIT_NOFILE, hard limit included): accepts beyond about {} \
              connections will fail. Raise the limit (ulimit -n) or lower max_connections",
-            soft.saturating_sub(SPARE_DESCRIPTORS)
+            soft.saturating_sub(descriptors_in_use())
         );
     }
+}
+
+/// How many descriptors this process holds now (an estimate where it cannot be counted).
+fn descriptors_in_use() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(SPARE_DESCRIPTORS, |fds| fds.count() as u64)
 }
 
 fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> io::Result<std::net::TcpListener> {
