@@ -239,6 +239,8 @@ impl Session {
             outbox.clone(),
             Arc::new(Downloads(downloaded)),
             peer,
+            // The server is the only sender on this connection.
+            None,
         );
         let writer = tokio::spawn(write_loop(
             writer,

@@ -190,6 +190,8 @@ async fn serve_on<S: Transport>(
             runtime: tokio::runtime::Handle::current(),
         }),
         peer,
+        conn.peer_identity()
+            .map(|identity| identity.fingerprint.clone()),
     );
     // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
     // here, so that the connection is still unregistered, its slot freed and its Disconnected

@@ -215,20 +215,37 @@ impl FileDir {
     /// NOTE: a sender that reconnects after losing its connection often offers the file again
     /// before this side has noticed the loss and released the first transfer's file, so a busy
     /// key is waited for up to [`RELEASE_WAIT`] before another file is taken.
-    fn claim(self: &Arc<FileDir>, name: &str, size: u64) -> Claim {
+    ///
+    /// A partial file belongs to its sender where the sender can be told apart: the key
+    /// includes the fingerprint of its TLS client certificate (`owner`), so that another
+    /// client offering the same name and size neither continues it nor learns its digest. An
+    /// offer that does not ask to resume never truncates a partial file kept for a resume: it
+    /// gets a file of its own.
+    fn claim(
+        self: &Arc<FileDir>,
+        name: &str,
+        size: u64,
+        owner: Option<&str>,
+        resume: bool,
+    ) -> Claim {
         self.sweep_now_and_then();
         let key = {
             let mut hasher = blake3::Hasher::new();
             hasher.update(name.as_bytes());
             hasher.update(&[0]);
             hasher.update(&size.to_be_bytes());
+            if let Some(owner) = owner {
+                hasher.update(&[0]);
+                hasher.update(owner.as_bytes());
+            }
             hex(hasher.finalize().as_bytes())[..32].to_owned()
         };
         let (mut busy, _) = self
             .released
             .wait_timeout_while(lock(&self.busy), RELEASE_WAIT, |busy| busy.contains(&key))
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (key, resumable) = if busy.contains(&key) {
+        let kept = !resume && self.partial.join(format!("{key}.part")).exists();
+        let (key, resumable) = if busy.contains(&key) || kept {
             let unique = (1..)
                 .map(|n| format!("{key}-{n}"))
                 .find(|candidate| !busy.contains(candidate))
@@ -332,6 +349,8 @@ pub(crate) struct Receiving {
     outbox: Outbox,
     delivery: Arc<dyn Delivery>,
     peer: SocketAddr,
+    /// The fingerprint of the peer's TLS client certificate: its partial files are its own.
+    owner: Option<String>,
     active: HashMap<u32, mpsc::Sender<Op>>,
 }
 
@@ -341,12 +360,14 @@ impl Receiving {
         outbox: Outbox,
         delivery: Arc<dyn Delivery>,
         peer: SocketAddr,
+        owner: Option<String>,
     ) -> Receiving {
         Receiving {
             dir,
             outbox,
             delivery,
             peer,
+            owner,
             active: HashMap::new(),
         }
     }
@@ -391,6 +412,7 @@ impl Receiving {
                     outbox: self.outbox.clone(),
                     delivery: Arc::clone(&self.delivery),
                     peer: self.peer,
+                    owner: self.owner.clone(),
                 };
                 // An id offered again replaces the old transfer, whose worker sees its queue end.
                 self.active.insert(id, ops);
@@ -492,6 +514,7 @@ struct Job {
     outbox: Outbox,
     delivery: Arc<dyn Delivery>,
     peer: SocketAddr,
+    owner: Option<String>,
 }
 
 /// Runs file work on the blocking pool; a panic there fails the transfer, never the task.
@@ -663,9 +686,9 @@ impl Job {
         }
         let (size, resume) = (self.size, self.resume);
         let (claim, prepared) = blocking({
-            let (dir, name) = (Arc::clone(&dir), name.clone());
+            let (dir, name, owner) = (Arc::clone(&dir), name.clone(), self.owner.clone());
             move || {
-                let mut claim = dir.claim(&name, size);
+                let mut claim = dir.claim(&name, size, owner.as_deref(), resume);
                 let prepared = prepare(&dir, &mut claim, resume, size);
                 (claim, prepared)
             }
@@ -854,4 +877,47 @@ fn open_partial(claim: &Claim, resume: bool, size: u64) -> io::Result<(File, u64
     }
     file.seek(SeekFrom::Start(held))?;
     Ok((file, held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder() -> (tempfile::TempDir, Arc<FileDir>) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = FileDir::open("upload_dir", root.path(), 1 << 20, Duration::from_secs(60));
+        (root, Arc::new(dir.unwrap()))
+    }
+
+    #[test]
+    fn a_partial_file_belongs_to_the_certificate_that_sent_it() {
+        let (_root, dir) = folder();
+        let path = |owner: Option<&str>| dir.claim("a.bin", 10, owner, true).path.clone();
+        let (alice, bob, anonymous) = (path(Some("ab:cd")), path(Some("ef:01")), path(None));
+        assert_ne!(alice, bob, "two senders' partial files are apart");
+        assert_ne!(alice, anonymous);
+        assert_eq!(
+            alice,
+            path(Some("ab:cd")),
+            "the same sender finds its own again"
+        );
+    }
+
+    #[test]
+    fn an_offer_that_does_not_resume_gets_a_file_of_its_own() {
+        let (_root, dir) = folder();
+        let kept = dir.claim("a.bin", 10, None, true);
+        let kept_path = kept.path.clone();
+        drop(kept);
+        std::fs::write(&kept_path, b"12345").unwrap();
+        let fresh = dir.claim("a.bin", 10, None, false);
+        assert_ne!(fresh.path, kept_path, "the kept partial file is left alone");
+        assert!(!fresh.resumable);
+        drop(fresh);
+        let resumed = dir.claim("a.bin", 10, None, true);
+        assert_eq!(
+            resumed.path, kept_path,
+            "and still there for its sender's resume"
+        );
+    }
 }
