@@ -30,14 +30,20 @@ def test_1000_connections_are_answered_in_order_over_every_handler_thread() -> N
     need_descriptors(4096)
     threads: set[int] = set()
     lock = threading.Lock()
+    # The first messages of connections 0, 10, 20 and 30 wait for one another: each thread
+    # that takes one is stuck until all four are taken, so every helper thread must join in
+    # (a helper joins once the threads before it are stuck), however loaded the machine.
+    gathering = threading.Barrier(4, timeout=30)
 
     def on_message(conn_id: int, data: bytes) -> bytes:
         with lock:
             threads.add(threading.get_ident())
         client_no, seq = data.split(b":")
-        # Every tenth connection's first message takes a while, so that the helper threads
-        # join in and connections move from thread to thread between their messages.
-        if int(client_no) % 10 == 0 and seq == b"0":
+        if seq == b"0" and int(client_no) in (0, 10, 20, 30):
+            gathering.wait()
+        # Every tenth connection's first message takes a while, so that connections move
+        # from thread to thread between their messages.
+        elif int(client_no) % 10 == 0 and seq == b"0":
             time.sleep(0.06)
         return data.upper() + b"!"
 

@@ -166,6 +166,13 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _say(line: str) -> None:
+    """Writes one line to standard error in one write: the processes of `--workers` share it,
+    and a line written in pieces (print writes its text, then its newline) mixes with theirs."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_server(args: argparse.Namespace) -> int:
     settings = resolve(args, SERVER_SETTINGS, "server")
     if args.print_config:
@@ -205,20 +212,16 @@ def run_server(args: argparse.Namespace) -> int:
     if workers > 1:
         os.environ[WORKER_ENV] = "0"  # this process is worker 0
     host, bound_port = server.address
-    print(
+    _say(
         f"listening on {host}:{bound_port} (mode {settings['mode']}"
-        f"{_worker_tag(', ')}); Ctrl-C stops",
-        file=sys.stderr,
+        f"{_worker_tag(', ')}); Ctrl-C stops"
     )
     if tls is not None:
         kind = "self-signed certificate" if settings["tls_self_signed"] else "certificate"
         mutual = "; clients must present a certificate" if tls.mutual else ""
-        print(f"serving TLS, {kind} {tls.fingerprint}{mutual}", file=sys.stderr)
+        _say(f"serving TLS, {kind} {tls.fingerprint}{mutual}")
         if settings["tls_self_signed"]:
-            print(
-                f"clients connect with: python client.py --tls-fingerprint {tls.fingerprint}",
-                file=sys.stderr,
-            )
+            _say(f"clients connect with: python client.py --tls-fingerprint {tls.fingerprint}")
     sys.stderr.flush()
     children = _start_workers(args, settings, bound_port) if workers > 1 else []
     printer = _EventPrinter(server, settings["reply"], settings["keep_open"], args.quiet)
@@ -226,7 +229,7 @@ def run_server(args: argparse.Namespace) -> int:
         for event in server:
             printer.handle(event)
     except KeyboardInterrupt:
-        print("stopping: closing connections", file=sys.stderr)
+        _say("stopping: closing connections")
     finally:
         server.close()
         _stop_workers(children)
@@ -235,11 +238,10 @@ def run_server(args: argparse.Namespace) -> int:
         printer.handle(event)
     stats = server.stats()
     files = f", {stats['files_received']} files received" if settings["upload_dir"] else ""
-    print(
+    _say(
         f"served {stats['connections_total']} connections, {stats['messages_in']} messages in "
         f"and {stats['messages_out']} out ({stats['bytes_in']} and {stats['bytes_out']} bytes)"
-        f"{files}" + _worker_tag(" by "),
-        file=sys.stderr,
+        f"{files}" + _worker_tag(" by ")
     )
     return 0
 
@@ -329,7 +331,7 @@ class _EventPrinter:
             message.reply(self.reply)
         except SocketCommError as e:
             # The client left before the answer; the server goes on with the others.
-            print(f"could not answer {message.peer}: {e}", file=sys.stderr)
+            _say(f"could not answer {message.peer}: {e}")
             return
         if message.raw and not self.keep_open:
             self.closing.add(message.conn_id)
@@ -414,7 +416,7 @@ def run_client(args: argparse.Namespace) -> int:
             else:
                 answer = client.request(args.message)
     except (OSError, SocketCommError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 1
     print(answer.decode("utf-8", errors="replace"))
     return 0
@@ -440,7 +442,7 @@ _CLOSED = object()
 def _chat(client: Client) -> int:
     """Sends each line of standard input and prints each message as it arrives."""
     host, port = client.address
-    print(f"connected to {host}:{port}; type messages, {QUIT} to leave", file=sys.stderr)
+    _say(f"connected to {host}:{port}; type messages, {QUIT} to leave")
     sys.stderr.flush()
     # Both stdin and the connection block, so each has a thread that feeds one queue, and the
     # main thread (the one Ctrl-C reaches) waits on that queue alone.
@@ -457,10 +459,10 @@ def _chat(client: Client) -> int:
             for message in client:
                 print(message.decode("utf-8", errors="replace"), flush=True)
             if not leaving.is_set():
-                print("the server closed the connection", file=sys.stderr, flush=True)
+                _say("the server closed the connection")
         except SocketCommError as e:
             if not leaving.is_set():
-                print(f"connection lost: {e}", file=sys.stderr, flush=True)
+                _say(f"connection lost: {e}")
         inbox.put(_CLOSED)
 
     threading.Thread(target=read_lines, daemon=True).start()
@@ -481,10 +483,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result: int = args.run(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 2
     except (OSError, SocketCommError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 1
     except KeyboardInterrupt:
         return 130
