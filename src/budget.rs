@@ -237,7 +237,9 @@ impl Inbound {
             if shares.try_server(server_cost) {
                 return Ok(Self::charged(shares, cost, server_cost));
             }
-            shares.give_back(cost, 0);
+            // Undone by hand, not given back: a give-back would return the credit just taken
+            // from the read buffer to the server, and this message would then wait for it.
+            shares.free.fetch_add(cost, Ordering::SeqCst);
         }
         let shares = Arc::clone(shares);
         Err(Box::pin(async move {
@@ -342,6 +344,13 @@ fn memory_limit() -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// A server's budget of `server` bytes and one connection's accounting against it.
+    fn connection_of(server: usize) -> (Budget, Inbound) {
+        let server = Budget::new(server);
+        let inbound = Inbound::new(1 << 20, &server);
+        (server, inbound)
+    }
+
     #[test]
     fn a_message_larger_than_the_budget_takes_all_of_it() {
         let server = Budget::new(1 << 30);
@@ -373,8 +382,7 @@ mod tests {
 
     #[test]
     fn a_read_buffer_counts_beyond_its_free_size() {
-        let server = Budget::new(100_000);
-        let mut inbound = Inbound::new(1 << 20, &server);
+        let (server, mut inbound) = connection_of(100_000);
         assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER), Ok(()));
         assert_eq!(server.room.available_permits(), 100_000);
         assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 60_000), Ok(()));
@@ -392,8 +400,7 @@ mod tests {
 
     #[test]
     fn a_read_buffer_larger_than_the_budget_holds_all_of_it_and_no_more() {
-        let server = Budget::new(100_000);
-        let mut inbound = Inbound::new(1 << 20, &server);
+        let (server, mut inbound) = connection_of(100_000);
         assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 100_000), Ok(()));
         assert_eq!(server.room.available_permits(), 0);
         assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 10_000_000), Ok(()));
@@ -403,8 +410,7 @@ mod tests {
 
     #[test]
     fn a_message_takes_its_share_from_the_read_buffer_first() {
-        let server = Budget::new(100_000);
-        let mut inbound = Inbound::new(1 << 20, &server);
+        let (server, mut inbound) = connection_of(100_000);
         assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 100_000), Ok(()));
         let message = inbound
             .charge(50_000)
@@ -421,8 +427,7 @@ mod tests {
 
     #[test]
     fn credit_goes_back_to_the_server_once_nothing_waits() {
-        let server = Budget::new(1 << 20);
-        let mut inbound = Inbound::new(1 << 20, &server);
+        let (server, mut inbound) = connection_of(1 << 20);
         let held: Vec<Charge> = (0..100)
             .map(|_| inbound.charge(100).ok().expect("room"))
             .collect();
@@ -459,5 +464,30 @@ mod tests {
             .expect("woken")
             .unwrap();
         assert!(second.held.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_message_that_waits_keeps_what_its_read_buffer_held() {
+        let (server, mut inbound) = connection_of(100_000);
+        assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 50_000), Ok(()));
+        let other = Inbound::new(1 << 20, &server)
+            .charge(50_000 - MESSAGE_OVERHEAD)
+            .ok()
+            .expect("the other half");
+        let Err(waiting) = inbound.charge(80_000) else {
+            panic!("80,000 bytes do not fit in the 50,000 this connection holds")
+        };
+        assert_eq!(
+            server.room.available_permits(),
+            0,
+            "what the buffer held stays with the waiting message"
+        );
+        drop(other);
+        let charge = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("room once the other message is taken");
+        drop(charge);
+        drop(inbound);
+        assert_eq!(server.room.available_permits(), 100_000);
     }
 }

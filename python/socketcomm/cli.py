@@ -222,7 +222,6 @@ def run_server(args: argparse.Namespace) -> int:
         _say(f"serving TLS, {kind} {tls.fingerprint}{mutual}")
         if settings["tls_self_signed"]:
             _say(f"clients connect with: python client.py --tls-fingerprint {tls.fingerprint}")
-    sys.stderr.flush()
     children = _start_workers(args, settings, bound_port) if workers > 1 else []
     printer = _EventPrinter(server, settings["reply"], settings["keep_open"], args.quiet)
     try:
@@ -443,7 +442,6 @@ def _chat(client: Client) -> int:
     """Sends each line of standard input and prints each message as it arrives."""
     host, port = client.address
     _say(f"connected to {host}:{port}; type messages, {QUIT} to leave")
-    sys.stderr.flush()
     # Both stdin and the connection block, so each has a thread that feeds one queue, and the
     # main thread (the one Ctrl-C reaches) waits on that queue alone.
     inbox: queue.Queue[object] = queue.Queue()
