@@ -4,10 +4,12 @@
 //! then pushes back on the client) until the application has taken enough: the bound holds
 //! before memory is taken, however many events or connections there are.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -29,6 +31,7 @@ pub(crate) const FREE_READ_BUFFER: usize = 256 * 1024;
 pub(crate) struct Budget {
     room: Arc<Semaphore>,
     total: usize,
+    growing: Arc<Growing>,
 }
 
 impl Budget {
@@ -37,6 +40,7 @@ impl Budget {
         Budget {
             room: Arc::new(Semaphore::new(total)),
             total,
+            growing: Arc::default(),
         }
     }
 
@@ -57,6 +61,52 @@ impl Budget {
     }
 }
 
+/// The read buffers that wait for room to grow (frames in progress), in the order they began
+/// to wait.
+///
+/// NOTE: two large frames arriving at once can each hold part of the budget and wait for the
+/// other's part; only ending one of them frees the other. The order decides which: when the
+/// waits time out together, the oldest waiter is given one more turn and the others end, so
+/// that at least one of the frames arrives rather than none.
+#[derive(Debug, Default)]
+struct Growing {
+    next: AtomicU64,
+    waiting: Mutex<BTreeSet<u64>>,
+}
+
+/// A read buffer's place in [`Growing`], left when dropped.
+struct InLine {
+    growing: Arc<Growing>,
+    ticket: u64,
+}
+
+impl InLine {
+    fn join(growing: &Arc<Growing>) -> InLine {
+        let ticket = growing.next.fetch_add(1, Ordering::Relaxed);
+        growing.lock().insert(ticket);
+        InLine {
+            growing: Arc::clone(growing),
+            ticket,
+        }
+    }
+
+    fn is_first(&self) -> bool {
+        self.growing.lock().first() == Some(&self.ticket)
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        self.growing.lock().remove(&self.ticket);
+    }
+}
+
+impl Growing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A message's share of its connection's budget and of the server's, given back when it is
 /// dropped: when the application has taken the message (a handler returned, a loop got it).
 #[derive(Debug, Default)]
@@ -71,6 +121,10 @@ impl Drop for Charge {
         }
     }
 }
+
+/// What [`Inbound::buffer_room`] gives: room (`None` once the pool is closed), or how long it
+/// waited in vain.
+pub(crate) type BufferRoom = Result<Option<OwnedSemaphorePermit>, Duration>;
 
 /// Waits for a message's [`Charge`].
 pub(crate) type ChargeWait = Pin<Box<dyn Future<Output = Charge> + Send>>;
@@ -302,12 +356,30 @@ impl Inbound {
         capacity.saturating_sub(FREE_READ_BUFFER).min(server.total)
     }
 
-    /// Waits for `bytes` of the server's budget for the read buffer (see [`Inbound::fit_buffer`]).
+    /// Waits for `bytes` of the server's budget for the read buffer (see [`Inbound::fit_buffer`])
+    /// for `limit`, or twice as long for the buffer that has waited longest of all (see
+    /// [`Growing`]). `Err(waited)` when none came in time.
     pub(crate) fn buffer_room(
         &self,
         bytes: usize,
-    ) -> impl Future<Output = Option<OwnedSemaphorePermit>> + Send + use<> {
-        self.server.take(bytes)
+        limit: Duration,
+    ) -> impl Future<Output = BufferRoom> + Send + use<> {
+        let (room, growing) = (self.server.take(bytes), Arc::clone(&self.server.growing));
+        async move {
+            let in_line = InLine::join(&growing);
+            // Pinned outside the timeouts, so that a second turn keeps its place in the
+            // semaphore's queue and what it was given so far.
+            let mut room = pin!(room);
+            if let Ok(permit) = tokio::time::timeout(limit, &mut room).await {
+                return Ok(permit);
+            }
+            if !in_line.is_first() {
+                return Err(limit);
+            }
+            tokio::time::timeout(limit, room)
+                .await
+                .map_err(|_| 2 * limit)
+        }
     }
 
     pub(crate) fn add_to_buffer(&mut self, more: OwnedSemaphorePermit) {
@@ -489,5 +561,37 @@ mod tests {
         drop(charge);
         drop(inbound);
         assert_eq!(server.room.available_permits(), 100_000);
+    }
+
+    /// Two read buffers each holding half the budget and waiting for more: the one that began
+    /// to wait first is given a second turn, the other gives up, and its room then goes to the
+    /// first.
+    #[tokio::test(start_paused = true)]
+    async fn of_two_buffers_waiting_for_each_other_the_first_gets_the_room() {
+        const LIMIT: Duration = Duration::from_secs(10);
+        let (server, mut first) = connection_of(100_000);
+        let mut second = Inbound::new(1 << 20, &server);
+        assert_eq!(first.fit_buffer(FREE_READ_BUFFER + 50_000), Ok(()));
+        assert_eq!(second.fit_buffer(FREE_READ_BUFFER + 50_000), Ok(()));
+        assert_eq!(first.fit_buffer(FREE_READ_BUFFER + 80_000), Err(30_000));
+        let first_waits = tokio::spawn(first.buffer_room(30_000, LIMIT));
+        tokio::task::yield_now().await;
+        assert_eq!(second.fit_buffer(FREE_READ_BUFFER + 80_000), Err(30_000));
+        let second_waits = tokio::spawn(second.buffer_room(30_000, LIMIT));
+        let gave_up = second_waits.await.unwrap();
+        assert_eq!(gave_up.err(), Some(LIMIT), "the later one gives up");
+        assert!(!first_waits.is_finished(), "the first one waits on");
+        drop(second);
+        let room = first_waits.await.unwrap().expect("the room given back");
+        first.add_to_buffer(room.expect("an open pool"));
+        assert_eq!(server.room.available_permits(), 20_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_buffer_that_waits_alone_gives_up_after_two_turns() {
+        let (_server, mut inbound) = connection_of(100_000);
+        assert_eq!(inbound.fit_buffer(FREE_READ_BUFFER + 100_000), Ok(()));
+        let room = inbound.buffer_room(1, Duration::from_secs(10)).await;
+        assert_eq!(room.err(), Some(Duration::from_secs(20)));
     }
 }

@@ -117,7 +117,8 @@ async fn max_buffered_bounds_every_connection_together() {
 /// progress count, so the server reads no more than 4 MiB of the 6 (and a frame waits for
 /// room before its bytes are read); a frame that finds no room within 10 s ends its
 /// connection with code 1010 (two half-received frames would otherwise wait for each other's
-/// room for ever), and every frame that arrives is whole.
+/// room for ever), except the one that has waited longest, which then gets the room: at least
+/// one frame arrives, and every frame that arrives is whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn frames_in_progress_count_towards_max_buffered() {
     const LARGE: usize = 3 << 20;

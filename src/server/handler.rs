@@ -15,12 +15,11 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
-use crate::budget::{Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
+use crate::budget::{BufferRoom, Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
 use crate::config::{Mode, Pings};
 use crate::connection::{
     drain_into, encode, is_message, outbound, ConnState, Queued, ServerTlsStream, Transport,
@@ -794,7 +793,7 @@ impl Driver<'_> {
             return;
         }
         if let Err(more) = self.inbound.fit_buffer(self.read_buf.capacity()) {
-            let room = tokio::time::timeout(BUFFER_STALL_LIMIT, self.inbound.buffer_room(more));
+            let room = self.inbound.buffer_room(more, BUFFER_STALL_LIMIT);
             self.stall = Some(Box::new(Stall::Buffer(Box::pin(room))));
         }
     }
@@ -817,14 +816,17 @@ impl Driver<'_> {
                     self.inbound.add_to_buffer(permit);
                 }
             }
-            (_, Room::Buffer(Err(_))) => {
+            (_, Room::Buffer(Err(waited))) => {
                 let reason = format!(
                     "the server holds as much of its clients' data as it may (max_buffered) and \
                      found no room within {}s for more of a large message ({} bytes of it had \
                      arrived); send it again later",
-                    BUFFER_STALL_LIMIT.as_secs(),
+                    waited.as_secs(),
                     self.read_buf.len()
                 );
+                // Given back now, not when the close is written: another frame waits for it.
+                self.read_buf = BytesMut::new();
+                self.inbound.shrink_buffer(0);
                 log::warn!(
                     "connection {} from {}: {reason}",
                     self.conn.id,
@@ -888,8 +890,6 @@ enum Stall {
     Buffer(Pin<Box<dyn Future<Output = BufferRoom> + Send>>),
 }
 
-type BufferRoom = Result<Option<OwnedSemaphorePermit>, tokio::time::error::Elapsed>;
-
 /// What a [`Stall`] waited for.
 enum Room {
     Message(Charge),
@@ -898,7 +898,8 @@ enum Room {
 
 /// How long a frame in progress may wait for room in `max_buffered` before its connection is
 /// closed (code 1010), so that large frames arriving at once cannot hold each other's room
-/// for ever: each holds what it has received and waits for more.
+/// for ever: each holds what it has received and waits for more. The frame that has waited
+/// longest of all may wait twice as long, and so gets the room the others give back.
 const BUFFER_STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// Waits for what `stall` needs (for ever without a stall).
