@@ -9,6 +9,8 @@ load generator drives them all. KIND is one of:
   socketcomm-pull        for event in server: event.reply(handler(...))
   socketcomm-recv-many   server.recv_many(): a batch of events, each answered with reply
   protocol-echo          asyncio Protocol echo (add -uvloop for uvloop)
+  protocol-echo-raw      asyncio Protocol, plain bytes: data_received writes the bytes back
+                         (add -uvloop)
   protocol-handler       asyncio Protocol running the same Python handler (add -uvloop)
   protocol-handler-raw   asyncio Protocol, plain bytes: data_received writes back
                          handler(data), as a raw socketcomm server answers each chunk
@@ -113,6 +115,13 @@ class RawHandlerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(handler(0, data))
+
+
+class RawEchoProtocol(RawHandlerProtocol):
+    """Plain bytes back as they come, with no handler call."""
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 def tls_files() -> tuple[str, str]:
@@ -295,6 +304,8 @@ def main() -> None:
         asyncio.run(serve_protocol(HandlerProtocol))
     elif base == "protocol-handler-raw":
         asyncio.run(serve_protocol(RawHandlerProtocol))
+    elif base == "protocol-echo-raw":
+        asyncio.run(serve_protocol(RawEchoProtocol))
     elif base == "streams-echo":
         asyncio.run(serve_streams(run_handler=False))
     elif base == "streams-handler":

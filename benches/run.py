@@ -63,6 +63,14 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def publish(report: list[str], output: Path | None) -> None:
+    """Prints the report (markdown), and writes it to `output` too if given."""
+    text = "\n".join(report) + "\n"
+    print(text)
+    if output:
+        output.write_text(text)
+
+
 def ensure_tools() -> None:
     """Installs what the benchmark needs and is missing; builds the compiled peers."""
     if importlib.util.find_spec("socketcomm") is None:
@@ -97,7 +105,8 @@ class Peer:
 
     def __init__(self, kind: str) -> None:
         if kind.startswith("tokio"):
-            args = [str(RELEASE / "tokio_echo")] + (["--sink"] if kind == "tokio-sink" else [])
+            flags = {"tokio-sink": ["--sink"], "tokio-raw": ["--raw"]}.get(kind, [])
+            args = [str(RELEASE / "tokio_echo"), *flags]
         else:
             args = [sys.executable, str(BENCHES / "peers.py"), kind]
         self.kind = kind
@@ -519,10 +528,7 @@ def main() -> None:
         p50 = f"{result['p50_us']:.1f}" if "p50_us" in result else "-"
         p99 = f"{result['p99_us']:.1f}" if "p99_us" in result else "-"
         report.append(f"| {kind} | {result['msgs_per_s']:,.0f} | {p50} | {p99} |")
-    text = "\n".join(report) + "\n"
-    print(text)
-    if args.output:
-        args.output.write_text(text)
+    publish(report, args.output)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ async fn run(options: Arc<Options>) {
 
 /// Keeps `depth` messages in flight on one connection; echoes come back in order, so the send
 /// times wait in a queue.
+///
+/// NOTE: reads and writes go on at once. A client that writes all it has before reading would
+/// stop, with the server, once the messages in flight outgrow the two sockets' buffers (the
+/// server's answers fill ours, so it stops reading, so our writes stop).
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     options: Arc<Options>,
@@ -167,23 +171,38 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         stream.read_exact(&mut answer).await.unwrap();
         assert_eq!(answer[..4], MAGIC, "not a socketcomm server");
     }
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut sent_at = VecDeque::with_capacity(options.depth);
+    let mut out = Vec::with_capacity(message.len() * options.depth);
     for _ in 0..options.depth {
-        stream.write_all(&message).await.unwrap();
+        out.extend_from_slice(&message);
         sent_at.push_back(Instant::now());
     }
+    let mut written = 0;
     let mut local = Tally::default();
     // Room for a whole batch of answers whatever the message size: a buffer no larger than
     // one message would fill up and the next read would return 0, as if the server had left.
     let mut buf = vec![0u8; (64 * 1024).max(2 * message.len() * options.depth)];
     let mut buffered = 0usize;
     loop {
-        let n = match stream.read(&mut buf[buffered..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = reader.read(&mut buf[buffered..]) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            wrote = writer.write(&out[written..]), if written < out.len() => {
+                match wrote {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => written += n,
+                }
+                if written == out.len() {
+                    out.clear();
+                    written = 0;
+                }
+                continue;
+            }
         };
         buffered += n;
-        let mut out = Vec::new();
         let (whole, used) = if options.raw {
             let whole = buffered / message.len();
             (whole, whole * message.len())
@@ -202,13 +221,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         buffered -= used;
         for _ in 0..whole {
             sent_at.push_back(Instant::now());
-        }
-        out.reserve(whole * message.len());
-        for _ in 0..whole {
             out.extend_from_slice(&message);
-        }
-        if stream.write_all(&out).await.is_err() {
-            return;
         }
         if local.messages > 0 {
             let mut shared = tally.lock().unwrap();

@@ -1,7 +1,8 @@
 //! The limit: a minimal tokio server that speaks socketcomm's framed protocol and echoes each
-//! frame (a REQUEST comes back as a REPLY), with nothing else. `--sink` reads and discards.
+//! frame (a REQUEST comes back as a REPLY), with nothing else. `--sink` reads and discards;
+//! `--raw` speaks no protocol and writes back whatever it reads (the limit for plain sockets).
 //!
-//!     tokio_echo [--port N] [--sink]
+//!     tokio_echo [--port N] [--sink | --raw]
 //! prints `READY <port>` once listening.
 
 use std::io::Write;
@@ -15,6 +16,7 @@ async fn main() -> std::io::Result<()> {
     stop_with_parent();
     let args: Vec<String> = std::env::args().collect();
     let sink = args.iter().any(|a| a == "--sink");
+    let raw = args.iter().any(|a| a == "--raw");
     let port = args
         .iter()
         .position(|a| a == "--port")
@@ -27,7 +29,11 @@ async fn main() -> std::io::Result<()> {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
         tokio::spawn(async move {
-            let _ = serve(stream, sink).await;
+            let _ = if raw {
+                serve_raw(stream).await
+            } else {
+                serve(stream, sink).await
+            };
         });
     }
 }
@@ -63,5 +69,16 @@ async fn serve(mut stream: TcpStream, sink: bool) -> std::io::Result<()> {
             stream.write_all(&pending[..whole]).await?;
             pending.drain(..whole);
         }
+    }
+}
+
+async fn serve_raw(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n]).await?;
     }
 }
