@@ -424,6 +424,24 @@ impl FrameCodec {
     /// [`FrameError::TooLarge`] for a declared length over `max_frame`, checked before any
     /// allocation; [`FrameError::Malformed`] for a length of 0.
     pub fn peek(&self, src: &mut BytesMut) -> Result<Option<(usize, u8)>, FrameError> {
+        let whole = self.check(src)?;
+        if whole.is_none() && src.len() >= LENGTH_PREFIX {
+            let total =
+                LENGTH_PREFIX + u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+            // NOTE: a declared length is a promise, not bytes: room grows with what has really
+            // arrived (at most doubling), so a peer cannot make this side reserve `max_frame`
+            // for five bytes. A large frame costs a few reallocations on the way.
+            let step = src.len().max(FIRST_RESERVE);
+            src.reserve((total - src.len()).min(step));
+        }
+        Ok(whole)
+    }
+
+    /// [`FrameCodec::peek`] on bytes, reserving nothing.
+    ///
+    /// # Errors
+    /// As [`FrameCodec::peek`].
+    pub fn check(&self, src: &[u8]) -> Result<Option<(usize, u8)>, FrameError> {
         if src.len() < LENGTH_PREFIX {
             return Ok(None);
         }
@@ -441,11 +459,6 @@ impl FrameCodec {
         }
         let total = LENGTH_PREFIX + declared as usize;
         if src.len() < total {
-            // NOTE: a declared length is a promise, not bytes: room grows with what has really
-            // arrived (at most doubling), so a peer cannot make this side reserve `max_frame`
-            // for five bytes. A large frame costs a few reallocations on the way.
-            let step = src.len().max(FIRST_RESERVE);
-            src.reserve((total - src.len()).min(step));
             return Ok(None);
         }
         Ok(Some((total, src[LENGTH_PREFIX])))

@@ -8,8 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
 
-use _socketcomm::frame::{CloseCode, Frame, Hello, PROTOCOL_VERSION};
+use _socketcomm::frame::{encode_frame, CloseCode, Frame, FrameCodec, Hello, PROTOCOL_VERSION};
 use _socketcomm::{Error, Event, Mode, Server, ServerConfig};
 use common::{client, next_disconnected, next_event, server, server_with, HandPeer, LIMIT};
 
@@ -559,4 +560,81 @@ async fn a_plain_socket_gets_large_echoes_back_intact() {
         .unwrap();
     assert!(received == expected, "the echo differs from what was sent");
     drop(writing.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_framed_echo_answers_every_message_whole_and_in_order_however_it_arrives() {
+    // Messages of many sizes, requests among them, and a ping, written in slices that end
+    // anywhere: the echo hands whole messages over in one piece (keeping what follows them),
+    // answers each request with a reply, and the ping is answered as a ping.
+    let server = server(Mode::Echo);
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 24).await;
+    let sizes = [
+        0usize,
+        1,
+        100,
+        5_000,
+        70_000,
+        300_000,
+        1 << 20,
+        3,
+        64 * 1024,
+    ];
+    let mut sent = Vec::new();
+    for (i, &size) in sizes.iter().cycle().take(40).enumerate() {
+        let body = Bytes::from((0..size).map(|j| (i * 7 + j) as u8).collect::<Vec<u8>>());
+        sent.push(if i % 3 == 0 {
+            Frame::Request { id: i as u32, body }
+        } else {
+            Frame::Data(body)
+        });
+    }
+    let mut out = bytes::BytesMut::new();
+    for (i, frame) in sent.iter().enumerate() {
+        encode_frame(frame, &mut out);
+        if i == 20 {
+            encode_frame(&Frame::Ping(0x6d6964), &mut out);
+        }
+    }
+    let (mut reader, mut writer) = peer.stream.split();
+    let writing = async {
+        let mut slices = [1usize, 4, 5, 4096, 77_777, 12, 1 << 20].iter().cycle();
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let n = (*slices.next().unwrap()).min(rest.len());
+            writer.write_all(&rest[..n]).await.unwrap();
+            rest = &rest[n..];
+        }
+    };
+    let reading = async {
+        let mut codec = FrameCodec::new(u32::MAX);
+        let mut buf = std::mem::take(&mut peer.buf);
+        let mut answers = Vec::new();
+        while answers.len() < sent.len() + 1 {
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                answers.push(frame);
+            }
+            if answers.len() < sent.len() + 1 {
+                assert!(
+                    reader.read_buf(&mut buf).await.unwrap() > 0,
+                    "the echo ended"
+                );
+            }
+        }
+        answers
+    };
+    let ((), answers) = tokio::time::timeout(LIMIT, async { tokio::join!(writing, reading) })
+        .await
+        .expect("every answer in time");
+    let mut answers = answers.into_iter();
+    for (i, frame) in sent.into_iter().enumerate() {
+        let expected = match frame {
+            Frame::Request { id, body } => Frame::Reply { id, body },
+            other => other,
+        };
+        assert_eq!(answers.next().unwrap(), expected, "answer {i}");
+        if i == 20 {
+            assert_eq!(answers.next().unwrap(), Frame::Pong(0x6d6964));
+        }
+    }
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
+use super::reads::{ReadSize, READ_CHUNK};
 use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
 use crate::budget::{BufferRoom, Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
 use crate::config::{Mode, Pings};
@@ -389,7 +390,7 @@ async fn run<S: Transport>(
         receiving,
         inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
         stall: None,
-        read_size: READ_CHUNK,
+        read_size: ReadSize::new(),
         messages_in: 0,
         messages_out: 0,
     };
@@ -411,14 +412,6 @@ async fn run<S: Transport>(
 /// written: the client that does not read is pushed back on, and memory stays bounded.
 const HIGH_WATER: usize = 256 * 1024;
 
-/// Room kept free in the read buffer before each read, at first and on a quiet connection.
-const READ_CHUNK: usize = 8 * 1024;
-
-/// The most room kept free before a read: reached by doubling while each read fills all the
-/// room it had (large messages, a burst), so that a 64 KiB message costs one read and not
-/// eight, as in the minimal tokio server; halved again while reads come back small.
-const MAX_READ: usize = 64 * 1024;
-
 /// One connection's loop, in one task: read, decode, answer, write. Native answers are encoded
 /// straight into the write buffer, and the application's messages arrive through the queue, so
 /// an echo costs no hand-off between tasks and a burst of frames costs one write.
@@ -439,8 +432,7 @@ struct Driver<'a> {
     /// Set while a budget is spent: nothing more is read until it has room again.
     /// (Boxed: an idle connection's task carries a pointer, not the message.)
     stall: Option<Box<Stall>>,
-    /// The room kept free before a read (see [`MAX_READ`]).
-    read_size: usize,
+    read_size: ReadSize,
     /// Messages counted since the last [`Driver::flush_counts`] (one atomic add per turn of
     /// the loop, not per message).
     messages_in: u64,
@@ -486,11 +478,11 @@ impl Driver<'_> {
             self.flush_counts();
             let writing = !self.write_buf.is_empty();
             let taking = self.write_buf.len() < HIGH_WATER;
-            let capacity = self.read_buf.capacity();
-            if taking && capacity > 0 && capacity - self.read_buf.len() < self.read_size / 2 {
-                self.read_buf.reserve(self.read_size);
-            }
-            let room = self.read_buf.capacity() - self.read_buf.len();
+            let room = if taking {
+                self.read_size.make_room(&mut self.read_buf)
+            } else {
+                0
+            };
             self.fit_read_buffer();
             let reading = taking && self.stall.is_none();
             // NOTE: a connection held back for its budget is neither idle nor silent: its
@@ -541,7 +533,7 @@ impl Driver<'_> {
                     }
                     None => queue_open = false,
                 },
-                read = read_lazily(reader, &mut self.read_buf, self.read_size), if reading => match read {
+                read = read_lazily(reader, &mut self.read_buf, self.read_size.get()), if reading => match read {
                     Ok(0) if self.read_buf.is_empty() => {
                         return (CloseInfo::new(None, "closed by the client"), None);
                     }
@@ -552,7 +544,7 @@ impl Driver<'_> {
                     Ok(n) => {
                         self.heartbeat.heard();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        self.adapt_read_size(n, room);
+                        self.read_size.adapt(n, room);
                     }
                     Err(e) => return (io_ending(self.hub, &e), None),
                 },
@@ -591,10 +583,10 @@ impl Driver<'_> {
             }
             if self.hub.config.mode.answers_in_place() {
                 match self.answer_in_place() {
-                    Ok(InPlace::Answered) => {
+                    Ok(InPlace::Answered(messages)) => {
                         *active = true;
-                        self.messages_in += 1;
-                        self.messages_out += 1;
+                        self.messages_in += messages;
+                        self.messages_out += messages;
                         continue;
                     }
                     Ok(InPlace::NeedMore) => return None,
@@ -635,7 +627,7 @@ impl Driver<'_> {
                 // The bytes read are the answer: the buffers change places, nothing is copied
                 // (the emptied write buffer is read into next).
                 std::mem::swap(&mut self.write_buf, &mut self.read_buf);
-                return Ok(InPlace::Answered);
+                return Ok(InPlace::Answered(1));
             }
             if echo {
                 self.write_buf.extend_from_slice(&self.read_buf);
@@ -643,35 +635,71 @@ impl Driver<'_> {
                 self.write_buf.extend_from_slice(&self.hub.config.ack_reply);
             }
             self.read_buf.clear();
-            return Ok(InPlace::Answered);
+            return Ok(InPlace::Answered(1));
+        }
+        if echo {
+            let echoed = self.echo_whole_frames();
+            if echoed > 0 {
+                return Ok(InPlace::Answered(echoed));
+            }
         }
         let Some((total, kind)) = self.codec.peek(&mut self.read_buf)? else {
             return Ok(InPlace::NeedMore);
         };
         // A request carries a 4-byte correlation id after its type byte.
         let request = kind == frame::kind::REQUEST && total >= LENGTH_PREFIX + 5;
-        if kind != frame::kind::DATA && !request {
+        // An echo's messages were all answered above: a whole frame left here is not one.
+        if echo || (kind != frame::kind::DATA && !request) {
             return Ok(InPlace::NotMine);
         }
-        if echo {
-            let start = self.write_buf.len();
-            self.write_buf.extend_from_slice(&self.read_buf[..total]);
-            if request {
-                self.write_buf[start + LENGTH_PREFIX] = frame::kind::REPLY;
-            }
+        let body = self.hub.config.ack_reply.clone();
+        let answer = if request {
+            let id = &self.read_buf[LENGTH_PREFIX + 1..LENGTH_PREFIX + 5];
+            let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+            Frame::Reply { id, body }
         } else {
-            let body = self.hub.config.ack_reply.clone();
-            let answer = if request {
-                let id = &self.read_buf[LENGTH_PREFIX + 1..LENGTH_PREFIX + 5];
-                let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
-                Frame::Reply { id, body }
-            } else {
-                Frame::Data(body)
-            };
-            encode(&answer, false, &mut self.write_buf);
-        }
+            Frame::Data(body)
+        };
+        encode(&answer, false, &mut self.write_buf);
         self.read_buf.advance(total);
-        Ok(InPlace::Answered)
+        Ok(InPlace::Answered(1))
+    }
+
+    /// Echoes the messages whole at the start of the read buffer (`mode="echo"`, framed) in one
+    /// piece, and returns how many; 0 when the first frame is not a whole message, which is
+    /// then handled one frame at a time.
+    ///
+    /// NOTE: with nothing else waiting to be written, the read buffer itself becomes the
+    /// write buffer (the emptied write buffer is read into next, holding what followed the
+    /// messages), so a large message is not copied on its way back; the minimal tokio server
+    /// writes from its read buffer too.
+    fn echo_whole_frames(&mut self) -> u64 {
+        let (mut end, mut messages) = (0, 0);
+        while let Ok(Some((total, kind))) = self.codec.check(&self.read_buf[end..]) {
+            match kind {
+                frame::kind::DATA => {}
+                // A request carries a 4-byte correlation id after its type byte.
+                frame::kind::REQUEST if total >= LENGTH_PREFIX + 5 => {
+                    self.read_buf[end + LENGTH_PREFIX] = frame::kind::REPLY;
+                }
+                _ => break,
+            }
+            end += total;
+            messages += 1;
+        }
+        if messages == 0 {
+            return 0;
+        }
+        let rest = self.read_buf.len() - end;
+        if self.write_buf.is_empty() && rest <= end {
+            self.write_buf.extend_from_slice(&self.read_buf[end..]);
+            self.read_buf.truncate(end);
+            std::mem::swap(&mut self.write_buf, &mut self.read_buf);
+        } else {
+            self.write_buf.extend_from_slice(&self.read_buf[..end]);
+            self.read_buf.advance(end);
+        }
+        messages
     }
 
     fn protocol_error(&self, e: FrameError) -> Ending {
@@ -775,15 +803,6 @@ impl Driver<'_> {
             self.read_buf = rest;
         }
         self.inbound.shrink_buffer(self.read_buf.capacity());
-    }
-
-    /// Grows the room read into while reads fill it, and shrinks it while they come back small.
-    fn adapt_read_size(&mut self, read: usize, room: usize) {
-        if read >= room && room > 0 {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else if read < self.read_size / 8 {
-            self.read_size = (self.read_size / 2).max(READ_CHUNK);
-        }
     }
 
     /// Brings the read buffer's share of `max_buffered` in line with its size; when the server
@@ -962,7 +981,8 @@ async fn read_lazily<R: AsyncRead + WaitReadable + Unpin>(
 
 /// What [`Driver::answer_in_place`] did with the next buffered bytes.
 enum InPlace {
-    Answered,
+    /// This many messages.
+    Answered(u64),
     NeedMore,
     /// Not a message (a ping, a close, ...): decode and handle it the usual way.
     NotMine,

@@ -6,6 +6,7 @@
 //! The core never builds a runtime: [`Server::start`] takes a handle to the caller's.
 
 mod handler;
+mod reads;
 
 use std::collections::HashMap;
 use std::io;
