@@ -447,3 +447,55 @@ def test_every_socket_option_has_a_flag() -> None:
         process.wait_for_line("stdout", f"connected to \\('127.0.0.1', {local_port}\\)")
     finally:
         process.stop()
+
+
+class _Built(Exception):
+    """Raised by a stand-in for `Server` once it has seen its keywords."""
+
+
+def _server_keywords(monkeypatch: pytest.MonkeyPatch, *flags: str) -> dict[str, object]:
+    """The keywords the command line builds its `Server` with, for these flags."""
+    from socketcomm import cli
+
+    seen: dict[str, object] = {}
+
+    def build(*args: object, **keywords: object) -> None:
+        seen.update(keywords)
+        raise _Built
+
+    monkeypatch.setattr(cli, "Server", build)
+    with pytest.raises(_Built):
+        cli.main(["server", "--port", "0", *flags])
+    return seen
+
+
+def test_the_byte_budgets_reach_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _server_keywords(
+        monkeypatch,
+        "--inbound-bytes",
+        "65536",
+        "--outbound-bytes",
+        "131072",
+        "--max-buffered",
+        "67108864",
+    )
+    assert (seen["inbound_bytes"], seen["outbound_bytes"], seen["max_buffered"]) == (
+        65536,
+        131072,
+        67108864,
+    )
+    defaults = _server_keywords(monkeypatch)
+    assert defaults["inbound_bytes"] == socketcomm._socketcomm.DEFAULT_INBOUND_BYTES
+    assert defaults["max_buffered"] is None, "one process: the server's own default"
+
+
+def test_workers_share_the_default_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _server_keywords(monkeypatch, "--workers", "4")
+    assert seen["max_buffered"] == socketcomm._socketcomm.default_max_buffered() // 4
+
+
+def test_print_config_shows_the_byte_budgets() -> None:
+    command = ["-m", "socketcomm", "server", "--inbound-bytes", "65536", "--print-config"]
+    shown = run([sys.executable, *command])
+    assert "inbound_bytes = 65536  # flag" in shown.stdout, shown.stdout
+    assert "# max_buffered is not set  # default" in shown.stdout, shown.stdout

@@ -19,8 +19,10 @@ from typing_extensions import Buffer, disjoint_base
 __all__ = [
     "ACK_REPLY",
     "DEFAULT_HOST",
+    "DEFAULT_INBOUND_BYTES",
     "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_OUTBOUND_BYTES",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
     "AbortOnCancel",
@@ -47,6 +49,7 @@ __all__ = [
     "__version__",
     "_connect",
     "_deliver",
+    "default_max_buffered",
 ]
 
 __version__: Final[str]
@@ -59,6 +62,16 @@ DEFAULT_MAX_FRAME: Final[int]
 PROTOCOL_VERSION: Final[int]
 DEFAULT_MAX_FILE_SIZE: Final[int]
 """The default bound on a received file, 16 GiB."""
+DEFAULT_INBOUND_BYTES: Final[int]
+"""The default ``inbound_bytes`` of a server, 4 MiB."""
+DEFAULT_OUTBOUND_BYTES: Final[int]
+"""The default ``outbound_bytes`` of a connection, 4 MiB."""
+
+def default_max_buffered() -> int:
+    """The bytes a server holds for its clients at most when ``max_buffered`` is None: a
+    quarter of the memory this process may use (the machine's, or its control group's
+    limit), at least 64 MiB."""
+
 ACK_REPLY: Final[bytes]
 """The original server's reply, ``b"Your message has been received, Thank you!"``."""
 
@@ -429,13 +442,14 @@ class Server:
     connection whose share is spent stops reading its socket (TCP pushes back on its client)
     until the application takes what came, and loses nothing. A frame in progress that finds no
     room within 10 s ends its connection with code 1010 (server busy), so that large frames
-    arriving at once cannot wait for each other's room for ever. A send, a reply or a broadcast
-    that finds a client's queue full waits for room; with ``slow_reader="disconnect"`` (the
-    default) it waits at most one second, then drops that client and what is queued for it (its
-    ``Disconnected`` event has code 1007, and the send raises ``ConnectionClosedError``), so one
-    client that never reads cannot hold a handler thread, a task or a broadcast for long (the
-    slow readers of one broadcast share that one second); ``slow_reader="wait"`` waits for it
-    however long it takes.
+    arriving at once cannot wait for each other's room for ever; the frame that has waited
+    longest may wait 10 s more, and so gets the room the others give back. A send, a reply or a
+    broadcast that finds a client's queue full waits for room; with ``slow_reader="disconnect"``
+    (the default) it waits at most one second, then drops that client and what is queued for it
+    (its ``Disconnected`` event has code 1007, and the send raises ``ConnectionClosedError``),
+    so one client that never reads cannot hold a handler thread, a task or a broadcast for long
+    (the slow readers of one broadcast share that one second); ``slow_reader="wait"`` waits for
+    it however long it takes.
     ``backlog`` is the listen backlog. The ``on_*`` handlers run on ``handler_threads``
     dispatcher threads that take one connection at a time: a connection's events are handled
     in order, one after another, and a handler that blocks (on I/O, a lock, a sleep) holds up

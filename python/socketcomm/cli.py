@@ -32,6 +32,7 @@ from socketcomm._socketcomm import (
     Server,
     ServerTls,
     SocketCommError,
+    default_max_buffered,
 )
 from socketcomm.config import (
     CLIENT_SETTINGS,
@@ -78,6 +79,14 @@ def _socket_options(settings: Resolved) -> dict[str, Any]:
     # On the command line 0 turns a heartbeat setting off; the library says None.
     options.update({name: settings[name] or None for name in HEARTBEAT_NAMES})
     return options
+
+
+def _memory_share(workers: int) -> int | None:
+    """Each worker's part of the default `max_buffered`, so that the processes together hold
+    no more than one server would (None for one process: the server's own default)."""
+    if workers == 1:
+        return None
+    return max(default_max_buffered() // workers, 1)
 
 
 def _server_tls(settings: Resolved) -> ServerTls | None:
@@ -193,6 +202,9 @@ def run_server(args: argparse.Namespace) -> int:
         mode=settings["mode"] if native else "events",
         reply=settings["reply"],
         max_frame=settings["max_frame"],
+        inbound_bytes=settings["inbound_bytes"],
+        outbound_bytes=settings["outbound_bytes"],
+        max_buffered=settings["max_buffered"] or _memory_share(workers),
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
         upload_dir=settings["upload_dir"],
@@ -262,6 +274,9 @@ def _start_workers(
     """Starts the other worker processes on the same port; this process is worker 0."""
     flags = settings.as_flags(SERVER_SETTINGS)
     flags += ["--port", str(port), "--workers", "1", "--reuse-port"]
+    if settings["max_buffered"] is None:
+        # Started as one worker each, they would each take the whole default.
+        flags += ["--max-buffered", str(_memory_share(settings["workers"]))]
     flags += ["-q"] * bool(args.quiet) + ["-v"] * args.verbose
     children = []
     for worker in range(1, settings["workers"]):

@@ -31,8 +31,10 @@ from typing import Any
 from socketcomm._socketcomm import (
     ACK_REPLY,
     DEFAULT_HOST,
+    DEFAULT_INBOUND_BYTES,
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_FRAME,
+    DEFAULT_OUTBOUND_BYTES,
     DEFAULT_PORT,
 )
 
@@ -290,6 +292,29 @@ SERVER_SETTINGS = [
     ),
     Setting(
         "max_frame", _positive_integer, DEFAULT_MAX_FRAME, "largest frame from a client", "BYTES"
+    ),
+    Setting(
+        "inbound_bytes",
+        _positive_integer,
+        DEFAULT_INBOUND_BYTES,
+        "bytes of one client's messages that may wait for the server's code; then its "
+        "socket is not read until they are taken",
+        "BYTES",
+    ),
+    Setting(
+        "outbound_bytes",
+        _positive_integer,
+        DEFAULT_OUTBOUND_BYTES,
+        "bytes of messages that may wait to be written to one client",
+        "BYTES",
+    ),
+    Setting(
+        "max_buffered",
+        _positive_integer,
+        None,
+        "bytes the server holds for all its clients together (default: a quarter of the "
+        "memory, shared among the --workers)",
+        "BYTES",
     ),
     Setting(
         "max_connections",

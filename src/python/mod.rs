@@ -22,9 +22,21 @@ mod watchdog;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::config::{ACK_REPLY, DEFAULT_HOST, DEFAULT_PORT};
+use crate::config::{
+    default_max_buffered, ACK_REPLY, DEFAULT_HOST, DEFAULT_INBOUND_BYTES, DEFAULT_OUTBOUND_BYTES,
+    DEFAULT_PORT,
+};
 use crate::frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
+
+/// The bytes a server holds for its clients at most when ``max_buffered`` is None: a quarter
+/// of the memory this process may use (the machine's, or its control group's limit), at least
+/// 64 MiB.
+#[pyfunction]
+#[pyo3(name = "default_max_buffered")]
+fn py_default_max_buffered() -> usize {
+    default_max_buffered()
+}
 
 #[pymodule]
 fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -37,6 +49,9 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_FRAME", DEFAULT_MAX_FRAME)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("DEFAULT_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)?;
+    m.add("DEFAULT_INBOUND_BYTES", DEFAULT_INBOUND_BYTES)?;
+    m.add("DEFAULT_OUTBOUND_BYTES", DEFAULT_OUTBOUND_BYTES)?;
+    m.add_function(wrap_pyfunction!(py_default_max_buffered, m)?)?;
     m.add("ACK_REPLY", PyBytes::new(m.py(), ACK_REPLY))?;
     // The asyncio bridge runs its futures on the runtime everything else uses.
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::runtime());
