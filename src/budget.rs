@@ -8,10 +8,12 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::sync::lock;
 
 /// What a waiting message costs beyond its bytes (its event, its place in the queues), so that a
 /// flood of empty messages is bounded too.
@@ -83,7 +85,7 @@ struct InLine {
 impl InLine {
     fn join(growing: &Arc<Growing>) -> InLine {
         let ticket = growing.next.fetch_add(1, Ordering::Relaxed);
-        growing.lock().insert(ticket);
+        lock(&growing.waiting).insert(ticket);
         InLine {
             growing: Arc::clone(growing),
             ticket,
@@ -91,19 +93,13 @@ impl InLine {
     }
 
     fn is_first(&self) -> bool {
-        self.growing.lock().first() == Some(&self.ticket)
+        lock(&self.growing.waiting).first() == Some(&self.ticket)
     }
 }
 
 impl Drop for InLine {
     fn drop(&mut self) {
-        self.growing.lock().remove(&self.ticket);
-    }
-}
-
-impl Growing {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.growing.waiting).remove(&self.ticket);
     }
 }
 

@@ -24,6 +24,7 @@ pub mod error;
 pub mod frame;
 pub(crate) mod heartbeat;
 pub mod server;
+pub(crate) mod sync;
 pub mod tls;
 pub mod transfer;
 

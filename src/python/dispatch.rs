@@ -19,13 +19,14 @@
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
 use super::driven::Driven;
 use crate::server::Event;
+use crate::sync::lock;
 
 /// A dispatcher handles at most this many events per GIL acquisition, so that a flood of
 /// events cannot starve other Python threads.
@@ -205,11 +206,6 @@ impl Scheduler {
             py.check_signals()?;
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent even if a holder panicked.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 thread_local! {

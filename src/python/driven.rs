@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use tokio::runtime::{Handle, Runtime};
 
 use super::runtime::{wait, wait_in_slices};
 use crate::server::{Message, Reserved};
+use crate::sync::lock;
 
 /// How long the runtime may go without a Python thread driving it before the caretaker does.
 /// Short enough that a reply written by a thread that then goes off to do something else is sent
@@ -82,10 +83,6 @@ impl Shared {
     fn is_driven(&self) -> bool {
         self.drivers.load(Ordering::SeqCst) > 0 || self.caretaking.load(Ordering::SeqCst)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Drop for Shared {

@@ -7,7 +7,7 @@
 //! runs only on the server's Python threads (the `serve_forever` caller, the dispatcher threads,
 //! a pull loop's thread), never inside a runtime. The native modes run on the shared runtime.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use crate::config::{
 };
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::server::{self as core, Event};
+use crate::sync::lock;
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 use std::path::PathBuf;
 
@@ -866,8 +867,4 @@ impl Drop for PyServer {
         // Collected without close(): stop the tasks rather than leave them serving.
         self.core.shutdown();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

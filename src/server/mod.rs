@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ pub use crate::connection::Reserved;
 use crate::connection::{Outbox, Readiness};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
+use crate::sync::lock;
 use crate::tls::PeerIdentity;
 use crate::transfer::{self, FileDir, Outgoing, Progress, ReceivedFile, SentFile};
 
@@ -692,11 +693,6 @@ impl Server {
             self.hub.tasks.wait().await;
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The data behind these locks stays consistent even if a holder panicked.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Descriptors kept for what is not a connection (listeners, files, the runtime's own).
