@@ -6,7 +6,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{CloseInfo, Error, FrameError, Result};
 use crate::frame::{encode_chunk_header, encode_frame, FileRange, Frame, FrameCodec};
 use crate::heartbeat::Latency;
+use crate::sync::lock;
 
 /// The writer gathers queued frames into one buffer up to this size before writing, so that many
 /// small messages cost one system call.
@@ -163,15 +164,50 @@ impl Readiness {
 /// A cloneable handle that queues frames for one connection's writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    queue: mpsc::Sender<Frame>,
+    queue: Arc<LazyQueue>,
     state: Arc<ConnState>,
 }
 
-impl Outbox {
-    fn new(queue: mpsc::Sender<Frame>, state: Arc<ConnState>) -> Outbox {
-        Outbox { queue, state }
+/// A connection's outbound queue, made when the first frame is queued.
+///
+/// NOTE: a tokio channel allocates its first block of 32 places when it is made: 2 KiB of
+/// frames for each connection, a third of what an idle one costs, for a queue that a
+/// connection served natively (an echo) or one that only ever answers in place never uses.
+#[derive(Debug)]
+struct LazyQueue {
+    capacity: usize,
+    sender: OnceLock<mpsc::Sender<Frame>>,
+    /// The receiving end, made with the sender, until the writer takes it.
+    receiver: Mutex<Option<mpsc::Receiver<Frame>>>,
+    /// Tells a writer waiting for frames that the queue now exists.
+    made: Notify,
+}
+
+impl LazyQueue {
+    fn sender(&self) -> &mpsc::Sender<Frame> {
+        let mut made = false;
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(self.capacity);
+            *lock(&self.receiver) = Some(receiver);
+            made = true;
+            sender
+        });
+        // NOTE: only once the sender is in place: a writer woken from inside `get_or_init`
+        // would find no queue yet, and wait again for a wake-up that was already spent.
+        if made {
+            self.made.notify_one();
+        }
+        sender
     }
 
+    /// The receiving end, once the queue exists.
+    fn take_receiver(&self) -> Option<mpsc::Receiver<Frame>> {
+        self.sender.get()?;
+        lock(&self.receiver).take()
+    }
+}
+
+impl Outbox {
     pub(crate) fn state(&self) -> &Arc<ConnState> {
         &self.state
     }
@@ -208,7 +244,7 @@ impl Outbox {
             return Err((self.state.closed_error(), Some(frame)));
         };
         room.forget(); // given back by the writer (`Queued`)
-        self.queue.send(frame).await.map_err(|unsent| {
+        self.queue.sender().send(frame).await.map_err(|unsent| {
             self.state.release(u64::from(cost));
             (self.state.closed_error(), Some(unsent.0))
         })
@@ -255,7 +291,7 @@ impl Outbox {
             Err(tokio::sync::TryAcquireError::NoPermits) => return Ok(None),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(self.state.closed_error()),
         }
-        match self.queue.clone().try_reserve_owned() {
+        match self.queue.sender().clone().try_reserve_owned() {
             Ok(permit) => Ok(Some(Reserved {
                 place: Some((permit, frame)),
                 cost,
@@ -315,7 +351,9 @@ impl Drop for Reserved {
 /// the budget ([`Outbox`] takes them).
 #[derive(Debug)]
 pub(crate) struct Queued {
-    queue: mpsc::Receiver<Frame>,
+    /// The queue's receiving end, once the first frame made it (see [`LazyQueue`]).
+    queue: Option<mpsc::Receiver<Frame>>,
+    lazy: Arc<LazyQueue>,
     state: Arc<ConnState>,
     /// The budget of frames taken by [`Queued::take_batched`], not yet given back.
     taken: u64,
@@ -323,16 +361,23 @@ pub(crate) struct Queued {
 
 /// A connection's outbound queue: `capacity` frames and `state`'s budget of bytes.
 pub(crate) fn outbound(capacity: usize, state: Arc<ConnState>) -> (Outbox, Queued) {
-    let (queue, queued) = mpsc::channel(capacity);
-    let outbox = Outbox::new(queue, Arc::clone(&state));
-    (
-        outbox,
-        Queued {
-            queue: queued,
-            state,
-            taken: 0,
-        },
-    )
+    let lazy = Arc::new(LazyQueue {
+        capacity,
+        sender: OnceLock::new(),
+        receiver: Mutex::new(None),
+        made: Notify::new(),
+    });
+    let outbox = Outbox {
+        queue: Arc::clone(&lazy),
+        state: Arc::clone(&state),
+    };
+    let queued = Queued {
+        queue: None,
+        lazy,
+        state,
+        taken: 0,
+    };
+    (outbox, queued)
 }
 
 impl Drop for Queued {
@@ -343,19 +388,31 @@ impl Drop for Queued {
 }
 
 impl Queued {
+    /// The receiving end, if the queue exists yet.
+    fn receiver(&mut self) -> Option<&mut mpsc::Receiver<Frame>> {
+        if self.queue.is_none() {
+            self.queue = self.lazy.take_receiver();
+        }
+        self.queue.as_mut()
+    }
+
     /// The next frame; `None` once every sender is gone and the queue is empty.
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub(crate) async fn recv(&mut self) -> Option<Frame> {
-        let frame = self.queue.recv().await?;
+        while self.receiver().is_none() {
+            // A permit is kept if the queue is made before this waits: no wake-up is lost.
+            self.lazy.made.notified().await;
+        }
+        let frame = self.queue.as_mut()?.recv().await?;
         self.state.release(u64::from(self.state.cost(&frame)));
         Some(frame)
     }
 
     /// The next frame if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<Frame> {
-        let frame = self.queue.try_recv().ok()?;
+        let frame = self.receiver()?.try_recv().ok()?;
         self.state.release(u64::from(self.state.cost(&frame)));
         Some(frame)
     }
@@ -366,7 +423,7 @@ impl Queued {
     /// NOTE: once per batch, because each give-back takes the semaphore's lock: per frame it
     /// was a measurable part of `Client.send`'s cost.
     fn take_batched(&mut self) -> Option<Frame> {
-        let frame = self.queue.try_recv().ok()?;
+        let frame = self.receiver()?.try_recv().ok()?;
         self.taken += u64::from(self.state.cost(&frame));
         Some(frame)
     }
@@ -379,7 +436,12 @@ impl Queued {
     /// Accepts no more frames (what is queued can still be taken), and ends the byte budget's
     /// waits too.
     pub(crate) fn close(&mut self) {
-        self.queue.close();
+        // A queue not made yet is made to be closed: a send after the end then fails as it
+        // would have on a queue made at the start.
+        self.lazy.sender();
+        if let Some(queue) = self.receiver() {
+            queue.close();
+        }
         self.state.room.close();
     }
 }
@@ -741,5 +803,63 @@ pub(crate) fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
             buf.extend_from_slice(body);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn queue() -> (Outbox, Queued) {
+        outbound(8, ConnState::new(1 << 20, 1 << 20))
+    }
+
+    #[test]
+    fn a_queue_is_made_by_its_first_frame() {
+        let (outbox, mut queued) = queue();
+        assert!(
+            outbox.queue.sender.get().is_none(),
+            "no queue before a frame"
+        );
+        assert!(queued.try_recv().is_none());
+        assert!(outbox
+            .try_send(Frame::Data(Bytes::from_static(b"first")))
+            .unwrap());
+        assert_eq!(
+            queued.try_recv(),
+            Some(Frame::Data(Bytes::from_static(b"first")))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_writer_waiting_before_the_queue_exists_gets_its_first_frame() {
+        for _ in 0..2000 {
+            let (outbox, mut queued) = queue();
+            let writer = tokio::spawn(async move { queued.recv().await });
+            tokio::task::yield_now().await;
+            outbox
+                .send(Frame::Data(Bytes::from_static(b"x")))
+                .await
+                .unwrap();
+            let frame = tokio::time::timeout(Duration::from_secs(5), writer)
+                .await
+                .expect("woken by the first frame")
+                .unwrap();
+            assert_eq!(frame, Some(Frame::Data(Bytes::from_static(b"x"))));
+        }
+    }
+
+    #[test]
+    fn a_queue_closed_before_it_was_made_refuses_frames() {
+        let (outbox, mut queued) = queue();
+        queued.close();
+        assert!(matches!(
+            outbox.try_send(Frame::Data(Bytes::from_static(b"late"))),
+            Err(Error::Closed(_))
+        ));
     }
 }
