@@ -131,41 +131,112 @@ pub(crate) type ChargeWait = Pin<Box<dyn Future<Output = Charge> + Send>>;
 /// it once none of the connection's messages waits.
 const CREDIT: usize = 64 * 1024;
 
-/// What one connection's messages hold, shared with them (they are given back on whichever
-/// thread the application drops them).
+/// Free bytes that one task takes and any thread gives back: a connection's own budget.
 #[derive(Debug)]
-struct Shares {
-    /// Free bytes of the connection's own budget (`inbound_bytes`).
+pub(crate) struct Quota {
     free: AtomicUsize,
     total: usize,
-    /// Room taken from the server's budget and not charged to a message (see [`CREDIT`]).
-    credit: AtomicUsize,
-    server: Budget,
-    /// Set while the connection waits for its own budget; a give-back then wakes it.
+    /// Set while the task waits for room; a give-back then wakes it.
     waiting: AtomicBool,
     freed: Notify,
 }
 
-impl Shares {
-    fn new(total: usize, server: &Budget) -> Arc<Shares> {
-        Arc::new(Shares {
+impl Quota {
+    pub(crate) fn new(total: usize) -> Quota {
+        let total = total.clamp(1, u32::MAX as usize);
+        Quota {
             free: AtomicUsize::new(total),
             total,
-            credit: AtomicUsize::new(0),
-            server: server.clone(),
             waiting: AtomicBool::new(false),
             freed: Notify::new(),
-        })
+        }
+    }
+
+    /// What `bytes` cost: at most the whole quota (a larger request waits until the quota is
+    /// whole, and then has it to itself).
+    fn cost(&self, bytes: usize) -> usize {
+        bytes.min(self.total)
     }
 
     // NOTE: `free` and `waiting` are written and read in sequentially consistent order, so
-    // that a give-back and a connection starting to wait cannot both miss the other.
-    fn try_connection(&self, cost: usize) -> bool {
+    // that a give-back and a task starting to wait cannot both miss the other.
+    fn try_take(&self, cost: usize) -> bool {
         self.free
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
                 free.checked_sub(cost)
             })
             .is_ok()
+    }
+
+    /// Waits for `cost`.
+    async fn take(&self, cost: usize) {
+        while !self.try_take(cost) {
+            self.waiting.store(true, Ordering::SeqCst);
+            // A give-back between here and the wait leaves a permit: it is not missed.
+            let freed = self.freed.notified();
+            if self.try_take(cost) {
+                break;
+            }
+            freed.await;
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// Gives `cost` back; returns whether the quota is whole again.
+    fn give(&self, cost: usize) -> bool {
+        let whole = self.free.fetch_add(cost, Ordering::SeqCst) + cost == self.total;
+        if self.waiting.load(Ordering::SeqCst) {
+            self.freed.notify_one();
+        }
+        whole
+    }
+
+    /// Holds a message of `len` bytes' share of `quota` until the [`Held`] is dropped, waiting
+    /// for it if need be.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled wait holds nothing.
+    pub(crate) async fn hold(quota: &Arc<Quota>, len: usize) -> Held {
+        let cost = quota.cost(len + MESSAGE_OVERHEAD);
+        quota.take(cost).await;
+        Held {
+            quota: Arc::clone(quota),
+            cost,
+        }
+    }
+}
+
+/// Bytes of a [`Quota`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Held {
+    quota: Arc<Quota>,
+    cost: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.quota.give(self.cost);
+    }
+}
+
+/// What one connection's messages hold, shared with them (they are given back on whichever
+/// thread the application drops them).
+#[derive(Debug)]
+struct Shares {
+    /// The connection's own budget (`inbound_bytes`).
+    own: Quota,
+    /// Room taken from the server's budget and not charged to a message (see [`CREDIT`]).
+    credit: AtomicUsize,
+    server: Budget,
+}
+
+impl Shares {
+    fn new(total: usize, server: &Budget) -> Arc<Shares> {
+        Arc::new(Shares {
+            own: Quota::new(total),
+            credit: AtomicUsize::new(0),
+            server: server.clone(),
+        })
     }
 
     /// `cost` of the server's budget from the credit, else from the server: `false` when
@@ -206,9 +277,8 @@ impl Shares {
     }
 
     fn give_back(&self, connection: usize, server: usize) {
-        let free = self.free.fetch_add(connection, Ordering::SeqCst) + connection;
         let credit = self.credit.fetch_add(server, Ordering::AcqRel) + server;
-        if free == self.total {
+        if self.own.give(connection) {
             // No message of this connection waits any more: its credit is the server's again,
             // so that connections with nothing waiting hold none of the server's budget.
             self.return_credit(self.credit.swap(0, Ordering::AcqRel));
@@ -219,9 +289,6 @@ impl Shares {
                 .is_ok()
         {
             self.return_credit(credit - CREDIT);
-        }
-        if self.waiting.load(Ordering::SeqCst) {
-            self.freed.notify_one();
         }
     }
 
@@ -273,7 +340,7 @@ impl Inbound {
         let shares = &*self
             .shares
             .get_or_insert_with(|| Shares::new(self.total, &self.server));
-        let cost = (len + MESSAGE_OVERHEAD).min(shares.total);
+        let cost = shares.own.cost(len + MESSAGE_OVERHEAD);
         let server_cost = shares.server.cost(len + MESSAGE_OVERHEAD) as usize;
         if let Some(held) = self.buffer.as_mut() {
             if let Some(part) = held.split(server_cost.min(held.num_permits())) {
@@ -283,26 +350,17 @@ impl Inbound {
                 part.forget();
             }
         }
-        if shares.try_connection(cost) {
+        if shares.own.try_take(cost) {
             if shares.try_server(server_cost) {
                 return Ok(Self::charged(shares, cost, server_cost));
             }
             // Undone by hand, not given back: a give-back would return the credit just taken
             // from the read buffer to the server, and this message would then wait for it.
-            shares.free.fetch_add(cost, Ordering::SeqCst);
+            shares.own.free.fetch_add(cost, Ordering::SeqCst);
         }
         let shares = Arc::clone(shares);
         Err(Box::pin(async move {
-            while !shares.try_connection(cost) {
-                shares.waiting.store(true, Ordering::SeqCst);
-                // A give-back between here and the wait leaves a permit: it is not missed.
-                let freed = shares.freed.notified();
-                if shares.try_connection(cost) {
-                    break;
-                }
-                freed.await;
-            }
-            shares.waiting.store(false, Ordering::SeqCst);
+            shares.own.take(cost).await;
             shares.server_room(server_cost).await;
             Self::charged(&shares, cost, server_cost)
         }))

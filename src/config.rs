@@ -399,6 +399,9 @@ pub struct ClientConfig {
     pub max_frame: u32,
     /// Messages received but not yet read; when full, the connection stops reading.
     pub inbound_queue: usize,
+    /// Bytes those messages may hold together; when spent, the connection stops reading too
+    /// (TCP pushes back on the server). A larger message waits until nothing else does.
+    pub inbound_bytes: usize,
     /// Frames waiting to be written; when full, `send` waits.
     pub outbound_queue: usize,
     /// Bytes those frames may hold together; when full, `send` waits too.
@@ -428,6 +431,7 @@ impl Default for ClientConfig {
             raw: false,
             max_frame: DEFAULT_MAX_FRAME,
             inbound_queue: 1024,
+            inbound_bytes: DEFAULT_INBOUND_BYTES,
             outbound_queue: 1024,
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             socket: SocketOptions::default(),
@@ -459,6 +463,9 @@ impl ClientConfig {
         }
         if self.inbound_queue == 0 {
             return Err(Error::invalid("inbound_queue", "must be at least 1"));
+        }
+        if self.inbound_bytes == 0 {
+            return Err(Error::invalid("inbound_bytes", "must be at least 1"));
         }
         if self.outbound_queue == 0 {
             return Err(Error::invalid("outbound_queue", "must be at least 1"));

@@ -332,3 +332,59 @@ async fn without_retries_a_lost_connection_stays_lost_and_retries_run_out() {
     // 50 + 100 + 200 ms of backoff.
     assert!(started.elapsed() >= Duration::from_millis(350));
 }
+
+/// A client whose application does not read takes no more than `inbound_bytes` off the socket
+/// (then TCP pushes back on the server), and loses nothing: every message arrives, in order,
+/// once it reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_read_holds_at_most_its_inbound_bytes() {
+    const MESSAGES: usize = 64;
+    const SIZE: usize = 1 << 20;
+    let server = server_with(ServerConfig {
+        mode: Mode::Events,
+        slow_reader: _socketcomm::config::SlowReader::Wait,
+        ..ServerConfig::default()
+    });
+    let config = ClientConfig {
+        inbound_bytes: SIZE,
+        ..ClientConfig::default()
+    };
+    let port = server.local_addr().port();
+    let client = Client::connect("127.0.0.1", port, config).await.unwrap();
+    let Event::Connected(conn) = next_event(&server).await else {
+        panic!("expected Connected")
+    };
+    let sending = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            conn.send(Bytes::from(vec![i as u8; SIZE])).await.unwrap();
+        }
+    });
+    // Settled: the server has written what the client's socket and budget took.
+    let mut written = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.stats().bytes_out;
+        if now == written && now > 0 {
+            break;
+        }
+        written = now;
+    }
+    // The two sockets' buffers hold some megabytes on loopback; without the budget the client
+    // took all 64 MiB into its queue (which holds 1,024 messages).
+    assert!(
+        written < (MESSAGES * SIZE / 2) as u64,
+        "the server wrote {written} bytes to a client that read nothing"
+    );
+    for i in 0..MESSAGES {
+        let message = tokio::time::timeout(LIMIT, client.recv())
+            .await
+            .expect("a message in time")
+            .unwrap();
+        assert_eq!(message.len(), SIZE);
+        assert!(
+            message.iter().all(|&b| b == i as u8),
+            "message {i} in order"
+        );
+    }
+    tokio::time::timeout(LIMIT, sending).await.unwrap().unwrap();
+}

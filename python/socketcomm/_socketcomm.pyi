@@ -658,6 +658,9 @@ class Client:
     limit). One client may be used
     from several threads at once: ``request()`` matches its reply by a correlation id, so
     concurrent requests and unsolicited messages read by ``recv()`` never get mixed up.
+    Messages not yet read hold at most 4 MiB (``DEFAULT_INBOUND_BYTES``; a larger one waits
+    until nothing else does); beyond that the client stops reading its socket and TCP pushes
+    back on the server, so nothing is lost.
 
     Raises ``ConnectionRefusedError`` (and the other ``OSError`` subclasses) when the server
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when

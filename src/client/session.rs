@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Held, Quota};
 use crate::config::{ClientConfig, Pings};
 use crate::connection::{
     outbound, write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
@@ -38,7 +39,8 @@ pub(crate) struct Session {
     tls: bool,
     raw: bool,
     outbox: Outbox,
-    inbound: flume::Receiver<Bytes>,
+    /// Messages received, each with its share of `inbound_bytes` (given back when read).
+    inbound: flume::Receiver<(Bytes, Held)>,
     /// Files received into `download_dir`, verified, for [`Session::recv_file`].
     downloads: flume::Receiver<ReceivedFile>,
     shared: Arc<Shared>,
@@ -222,6 +224,7 @@ impl Session {
         state.set_sends_files(SendFile::sends_files(&writer));
         let (outbox, queued) = outbound(config.outbound_queue, state);
         let (to_app, inbound) = flume::bounded(config.inbound_queue);
+        let held = Arc::new(Quota::new(config.inbound_bytes));
         let (finish, finished) = oneshot::channel();
         let abort = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -258,7 +261,7 @@ impl Session {
             inbound_frames,
             heartbeat,
             receiving,
-            to_app,
+            (to_app, held),
             Arc::clone(&shared),
             outbox.clone(),
             abort.clone(),
@@ -378,6 +381,7 @@ impl Session {
         self.inbound
             .recv_async()
             .await
+            .map(|(message, _)| message)
             .map_err(|_| self.outbox.state().closed_error())
     }
 
@@ -397,7 +401,7 @@ impl Session {
     pub(crate) fn try_recv(&self) -> Result<Option<Bytes>> {
         self.check_open()?;
         match self.inbound.try_recv() {
-            Ok(message) => Ok(Some(message)),
+            Ok((message, _)) => Ok(Some(message)),
             Err(flume::TryRecvError::Empty) => Ok(None),
             Err(flume::TryRecvError::Disconnected) => Err(self.outbox.state().closed_error()),
         }
@@ -644,7 +648,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut inbound: Inbound<R>,
     mut heartbeat: Heartbeat,
     mut receiving: Receiving,
-    to_app: flume::Sender<Bytes>,
+    (to_app, held): (flume::Sender<(Bytes, Held)>, Arc<Quota>),
     shared: Arc<Shared>,
     outbox: Outbox,
     abort: CancellationToken,
@@ -674,9 +678,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 )
             }
             Some(Ok(Frame::Data(body) | Frame::Request { body, .. })) => {
+                // NOTE: waiting here, for room in `inbound_bytes` and then in the queue, is
+                // what stops the reading: TCP then pushes back on the server.
                 let delivered = tokio::select! {
                     () = abort.cancelled() => false,
-                    sent = to_app.send_async(body) => sent.is_ok(),
+                    sent = async {
+                        let share = Quota::hold(&held, body.len()).await;
+                        to_app.send_async((body, share)).await
+                    } => sent.is_ok(),
                 };
                 shared.readable.notify();
                 if !delivered {
