@@ -153,7 +153,14 @@ def test_server_integers_of_the_wrong_type(option: str, value: object) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("max_frame", -1), ("retries", -1), ("max_file_size", -1), ("recv_buffer", -1)],
+    [
+        ("max_frame", -1),
+        ("retries", -1),
+        ("max_file_size", -1),
+        ("recv_buffer", -1),
+        ("inbound_bytes", -1),
+        ("inbound_bytes", 0),
+    ],
 )
 def test_client_integers_out_of_range(
     echo_server: socketcomm.Server, option: str, value: int

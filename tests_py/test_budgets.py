@@ -560,3 +560,33 @@ def test_a_failing_accept_is_logged_once_not_ten_times_a_second() -> None:
     failures = [line for line in log.splitlines() if "accept failed" in line]
     assert len(failures) == 1, log
     assert "out of file descriptors" in failures[0]
+
+
+def test_a_client_that_does_not_read_takes_no_more_than_its_inbound_bytes() -> None:
+    messages, size = 48, 1 << 20
+    with socketcomm.Server("127.0.0.1", 0, slow_reader="wait") as server:
+        with socketcomm.Client(*server.address, inbound_bytes=size, timeout=10) as client:
+            conn_id = next(e for e in server if isinstance(e, socketcomm.Connected)).conn_id
+
+            def send_all() -> None:
+                for i in range(messages):
+                    server.send(conn_id, bytes([i]) * size)
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            written, deadline = -1, time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                now = server.stats()["bytes_out"]
+                if now == written:
+                    break
+                written = now
+            # The sockets' buffers hold some megabytes on loopback; without the budget the
+            # client's queue took every message.
+            assert written < messages * size // 2, (
+                f"{written} bytes written to a client that reads nothing"
+            )
+            for i in range(messages):
+                assert client.recv() == bytes([i]) * size, f"message {i}"
+            sender.join(10)
+            assert not sender.is_alive()

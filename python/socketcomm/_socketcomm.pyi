@@ -63,7 +63,7 @@ PROTOCOL_VERSION: Final[int]
 DEFAULT_MAX_FILE_SIZE: Final[int]
 """The default bound on a received file, 16 GiB."""
 DEFAULT_INBOUND_BYTES: Final[int]
-"""The default ``inbound_bytes`` of a server, 4 MiB."""
+"""The default ``inbound_bytes`` of a server connection and of a client, 4 MiB."""
 DEFAULT_OUTBOUND_BYTES: Final[int]
 """The default ``outbound_bytes`` of a connection, 4 MiB."""
 
@@ -361,6 +361,7 @@ def _connect(
     backoff: float = 0.2,
     download_dir: str | os.PathLike[str] | None = None,
     max_file_size: int = ...,
+    inbound_bytes: int = ...,
     local_address: tuple[str, int] | None = None,
     nodelay: bool = True,
     keepalive: float | None = None,
@@ -658,9 +659,9 @@ class Client:
     limit). One client may be used
     from several threads at once: ``request()`` matches its reply by a correlation id, so
     concurrent requests and unsolicited messages read by ``recv()`` never get mixed up.
-    Messages not yet read hold at most 4 MiB (``DEFAULT_INBOUND_BYTES``; a larger one waits
-    until nothing else does); beyond that the client stops reading its socket and TCP pushes
-    back on the server, so nothing is lost.
+    Messages not yet read hold at most ``inbound_bytes`` (4 MiB; a larger one waits until
+    nothing else does); beyond that the client stops reading its socket and TCP pushes back on
+    the server, so nothing is lost.
 
     Raises ``ConnectionRefusedError`` (and the other ``OSError`` subclasses) when the server
     cannot be reached, ``TimeoutError`` after ``connect_timeout``, and ``ProtocolError`` when
@@ -696,6 +697,7 @@ class Client:
         backoff: float = 0.2,
         download_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,
+        inbound_bytes: int = ...,
         local_address: tuple[str, int] | None = None,
         nodelay: bool = True,
         keepalive: float | None = None,

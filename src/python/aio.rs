@@ -36,6 +36,7 @@ use super::tls::PyClientTls;
 use super::transfer::{send_file_awaitable, FileReceived, TransferProgress};
 use super::wakeup::{Completions, Job, Wakeup};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
+use crate::config::DEFAULT_INBOUND_BYTES;
 use crate::error::Error;
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
 use std::path::PathBuf;
@@ -286,6 +287,7 @@ impl<'py> IntoPyObject<'py> for Payload {
     backoff = 0.2,
     download_dir = None,
     max_file_size = DEFAULT_MAX_FILE_SIZE,
+    inbound_bytes = DEFAULT_INBOUND_BYTES,
     local_address = None,
     nodelay = true,
     keepalive = None,
@@ -311,6 +313,7 @@ pub(crate) fn _connect<'py>(
     backoff: f64,
     download_dir: Option<PathBuf>,
     #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
+    #[pyo3(from_py_with = ints::inbound_bytes)] inbound_bytes: usize,
     local_address: Option<(String, u16)>,
     nodelay: bool,
     keepalive: Option<f64>,
@@ -342,6 +345,7 @@ pub(crate) fn _connect<'py>(
         (socket, pings(ping_interval, ping_timeout)?),
         download_dir,
         max_file_size,
+        inbound_bytes,
     )?;
     spawn_awaitable(py, async move {
         let core = Client::connect(&host, port, config).await?;

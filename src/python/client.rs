@@ -19,7 +19,7 @@ use super::options::{pings, socket_options};
 use super::tls::PyClientTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Completions;
-use crate::config::{ClientConfig, Pings, SocketOptions};
+use crate::config::{ClientConfig, Pings, SocketOptions, DEFAULT_INBOUND_BYTES};
 use crate::error::Error;
 use crate::frame::{CloseCode, DEFAULT_MAX_FRAME};
 use crate::transfer::DEFAULT_MAX_FILE_SIZE;
@@ -45,6 +45,7 @@ pub(crate) fn client_config(
     (socket, pings): (SocketOptions, Pings),
     download_dir: Option<PathBuf>,
     max_file_size: u64,
+    inbound_bytes: usize,
 ) -> PyResult<ClientConfig> {
     let backoff = duration_from_secs("backoff", backoff)?;
     let connect_timeout = duration_from_secs("connect_timeout", connect_timeout)?;
@@ -68,6 +69,7 @@ pub(crate) fn client_config(
         local_addr,
         download_dir,
         max_file_size,
+        inbound_bytes,
         tls: tls.map(|tls| tls.core.clone()),
         retries,
         backoff,
@@ -92,6 +94,7 @@ impl PyClient {
         backoff = 0.2,
         download_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
+        inbound_bytes = DEFAULT_INBOUND_BYTES,
         local_address = None,
         nodelay = true,
         keepalive = None,
@@ -118,6 +121,7 @@ impl PyClient {
         backoff: f64,
         download_dir: Option<PathBuf>,
         #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
+        #[pyo3(from_py_with = ints::inbound_bytes)] inbound_bytes: usize,
         local_address: Option<(String, u16)>,
         nodelay: bool,
         keepalive: Option<f64>,
@@ -149,6 +153,7 @@ impl PyClient {
             (socket, pings(ping_interval, ping_timeout)?),
             download_dir,
             max_file_size,
+            inbound_bytes,
         )?;
         let core = wait(
             py,
