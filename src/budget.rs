@@ -323,7 +323,7 @@ impl Inbound {
     pub(crate) fn new(connection: usize, server: &Budget) -> Inbound {
         Inbound {
             shares: None,
-            total: connection.clamp(1, u32::MAX as usize),
+            total: connection,
             server: server.clone(),
             buffer: None,
         }
@@ -354,9 +354,10 @@ impl Inbound {
             if shares.try_server(server_cost) {
                 return Ok(Self::charged(shares, cost, server_cost));
             }
-            // Undone by hand, not given back: a give-back would return the credit just taken
-            // from the read buffer to the server, and this message would then wait for it.
-            shares.own.free.fetch_add(cost, Ordering::SeqCst);
+            // Only the connection's part is undone: a whole give-back would return the credit
+            // just taken from the read buffer to the server, and this message would then wait
+            // for it.
+            shares.own.give(cost);
         }
         let shares = Arc::clone(shares);
         Err(Box::pin(async move {

@@ -426,8 +426,7 @@ impl FrameCodec {
     pub fn peek(&self, src: &mut BytesMut) -> Result<Option<(usize, u8)>, FrameError> {
         let whole = self.check(src)?;
         if whole.is_none() && src.len() >= LENGTH_PREFIX {
-            let total =
-                LENGTH_PREFIX + u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+            let total = LENGTH_PREFIX + declared_length(src) as usize;
             // NOTE: a declared length is a promise, not bytes: room grows with what has really
             // arrived (at most doubling), so a peer cannot make this side reserve `max_frame`
             // for five bytes. A large frame costs a few reallocations on the way.
@@ -445,7 +444,7 @@ impl FrameCodec {
         if src.len() < LENGTH_PREFIX {
             return Ok(None);
         }
-        let declared = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        let declared = declared_length(src);
         if declared > self.max_frame {
             return Err(FrameError::TooLarge {
                 size: u64::from(declared),
@@ -463,6 +462,11 @@ impl FrameCodec {
         }
         Ok(Some((total, src[LENGTH_PREFIX])))
     }
+}
+
+/// The length a frame's prefix declares (`src` holds at least the prefix).
+fn declared_length(src: &[u8]) -> u32 {
+    u32::from_be_bytes([src[0], src[1], src[2], src[3]])
 }
 
 /// The most room reserved for a frame beyond its first bytes, before more of it arrives.

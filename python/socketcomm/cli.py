@@ -196,6 +196,7 @@ def run_server(args: argparse.Namespace) -> int:
             "fingerprint; with --workers, use --tls-cert and --tls-key"
         )
     tls = _server_tls(settings)
+    max_buffered = settings["max_buffered"] or _memory_share(workers)
     server = Server(
         settings["host"],
         settings["port"],
@@ -204,7 +205,7 @@ def run_server(args: argparse.Namespace) -> int:
         max_frame=settings["max_frame"],
         inbound_bytes=settings["inbound_bytes"],
         outbound_bytes=settings["outbound_bytes"],
-        max_buffered=settings["max_buffered"] or _memory_share(workers),
+        max_buffered=max_buffered,
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
         upload_dir=settings["upload_dir"],
@@ -234,7 +235,7 @@ def run_server(args: argparse.Namespace) -> int:
         _say(f"serving TLS, {kind} {tls.fingerprint}{mutual}")
         if settings["tls_self_signed"]:
             _say(f"clients connect with: python client.py --tls-fingerprint {tls.fingerprint}")
-    children = _start_workers(args, settings, bound_port) if workers > 1 else []
+    children = _start_workers(args, settings, bound_port, max_buffered) if workers > 1 else []
     printer = _EventPrinter(server, settings["reply"], settings["keep_open"], args.quiet)
     try:
         for event in server:
@@ -269,14 +270,15 @@ def _worker_tag(separator: str = " ") -> str:
 
 
 def _start_workers(
-    args: argparse.Namespace, settings: Resolved, port: int
+    args: argparse.Namespace, settings: Resolved, port: int, max_buffered: int | None
 ) -> list[subprocess.Popen[bytes]]:
-    """Starts the other worker processes on the same port; this process is worker 0."""
+    """Starts the other worker processes on the same port, each holding at most
+    `max_buffered` like this one (worker 0)."""
     flags = settings.as_flags(SERVER_SETTINGS)
     flags += ["--port", str(port), "--workers", "1", "--reuse-port"]
     if settings["max_buffered"] is None:
         # Started as one worker each, they would each take the whole default.
-        flags += ["--max-buffered", str(_memory_share(settings["workers"]))]
+        flags += ["--max-buffered", str(max_buffered)]
     flags += ["-q"] * bool(args.quiet) + ["-v"] * args.verbose
     children = []
     for worker in range(1, settings["workers"]):

@@ -646,8 +646,7 @@ impl Driver<'_> {
         let Some((total, kind)) = self.codec.peek(&mut self.read_buf)? else {
             return Ok(InPlace::NeedMore);
         };
-        // A request carries a 4-byte correlation id after its type byte.
-        let request = kind == frame::kind::REQUEST && total >= LENGTH_PREFIX + 5;
+        let request = is_request(kind, total);
         // An echo's messages were all answered above: a whole frame left here is not one.
         if echo || (kind != frame::kind::DATA && !request) {
             return Ok(InPlace::NotMine);
@@ -675,14 +674,12 @@ impl Driver<'_> {
     /// writes from its read buffer too.
     fn echo_whole_frames(&mut self) -> u64 {
         let (mut end, mut messages) = (0, 0);
+        // A bad frame stops the run; the frame-at-a-time path meets it next and refuses it.
         while let Ok(Some((total, kind))) = self.codec.check(&self.read_buf[end..]) {
-            match kind {
-                frame::kind::DATA => {}
-                // A request carries a 4-byte correlation id after its type byte.
-                frame::kind::REQUEST if total >= LENGTH_PREFIX + 5 => {
-                    self.read_buf[end + LENGTH_PREFIX] = frame::kind::REPLY;
-                }
-                _ => break,
+            if is_request(kind, total) {
+                self.read_buf[end + LENGTH_PREFIX] = frame::kind::REPLY;
+            } else if kind != frame::kind::DATA {
+                break;
             }
             end += total;
             messages += 1;
@@ -977,6 +974,12 @@ async fn read_lazily<R: AsyncRead + WaitReadable + Unpin>(
         buf.reserve(size);
     }
     reader.read_buf(buf).await
+}
+
+/// Whether a whole frame of `total` bytes and type `kind` is a request: its type byte is
+/// followed by a 4-byte correlation id.
+fn is_request(kind: u8, total: usize) -> bool {
+    kind == frame::kind::REQUEST && total >= LENGTH_PREFIX + 5
 }
 
 /// What [`Driver::answer_in_place`] did with the next buffered bytes.
