@@ -4,7 +4,8 @@ loopback that forwards to a server and spoils the traffic in ways a queueing dis
 - ``latency``: every chunk waits this many seconds before it is forwarded (order is kept);
 - ``slice``: chunks are written this many bytes at a time, each its own segment;
 - ``stall_after``: after this many bytes in a direction, nothing more is forwarded that way;
-- ``reset_after``: after this many bytes in a direction, both connections are reset (RST).
+- ``reset_after``: once this many bytes in a direction have reached the far end, both
+  connections are reset (RST).
 
 ``cut()`` is the cable cut: from then on nothing more is forwarded either way on any
 connection, and no FIN or RST tells either end (the sockets stay open).
@@ -16,9 +17,12 @@ both, as ``direction`` says. The proxy runs its own event loop on a thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -104,6 +108,7 @@ class Proxy:
                     await asyncio.Event().wait()  # forever: the stall
                 if toxics.reset_after is not None and forwarded + len(data) > toxics.reset_after:
                     await self._write(writer, data[: toxics.reset_after - forwarded], toxics.slice)
+                    await self._delivered(writer)
                     self._reset(ends)
                     return
                 await self._write(writer, data, toxics.slice)
@@ -124,6 +129,22 @@ class Proxy:
             writer.write(data[start : start + size])
             await writer.drain()
             await asyncio.sleep(0)  # let each slice leave as its own segment
+
+    @staticmethod
+    async def _delivered(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
+        """Waits until the far end has acknowledged every byte written to it (or `timeout`).
+
+        A reset throws away what the proxy's own send queue still holds, so without this wait
+        how many of the bytes before the reset reach the far end would depend on how busy the
+        machine is; what the far end has acknowledged it can still read after the reset."""
+        sock = writer.get_extra_info("socket")
+        unsent = bytearray(4)  # SIOCOUTQ (= TIOCOUTQ on Linux): bytes sent and not yet acked
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, unsent)
+            if writer.transport.get_write_buffer_size() == 0 and unsent == bytes(4):
+                return
+            await asyncio.sleep(0.002)
 
     def _reset(self, ends: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
         self.resets += 1
