@@ -220,20 +220,25 @@ pub enum Frame {
         body: Bytes,
     },
     /// The sender offers a file of `size` bytes under `name` (a base name, UTF-8); `resume`
-    /// allows the receiver to continue a partial copy it holds. Answered by a
+    /// allows the receiver to continue a partial copy it holds, the one kept under `token`
+    /// (which that receiver handed out in an earlier [`Frame::FileAccept`]). Answered by a
     /// [`Frame::FileAccept`] or, when refused, a [`Frame::FileResult`].
     FileOffer {
         id: u32,
         size: u64,
         resume: bool,
+        token: Option<ResumeToken>,
         name: String,
     },
     /// The receiver takes the file from byte `offset` on; `prefix` is the BLAKE3 digest of the
-    /// `offset` bytes it already holds (all zero when `offset` is 0), for the sender to check.
+    /// `offset` bytes it already holds (all zero when `offset` is 0), for the sender to check;
+    /// `token` names the partial copy for a later resume (absent from receivers that predate
+    /// tokens).
     FileAccept {
         id: u32,
         offset: u64,
         prefix: Digest,
+        token: Option<ResumeToken>,
     },
     /// The next bytes of the file.
     FileChunk {
@@ -278,6 +283,19 @@ pub enum Frame {
 
 /// A BLAKE3 digest.
 pub type Digest = [u8; 32];
+
+/// A receiver's name for one sender's partial copy of a file: a secret (random, 16 bytes) that
+/// only the sender it was handed to knows, so that no other client can continue that copy or
+/// learn how much of it is held.
+pub type ResumeToken = [u8; RESUME_TOKEN_LEN];
+
+/// Length of a [`ResumeToken`] in bytes.
+pub const RESUME_TOKEN_LEN: usize = 16;
+
+/// FILE_OFFER flags: resuming is allowed.
+const OFFER_RESUME: u8 = 1;
+/// FILE_OFFER flags: a resume token follows the flags.
+const OFFER_TOKEN: u8 = 2;
 
 /// Bytes of an open file, for a [`Frame::FileRange`].
 #[derive(Clone)]
@@ -379,8 +397,10 @@ impl Frame {
         1 + match self {
             Frame::Data(body) => body.len(),
             Frame::Request { body, .. } | Frame::Reply { body, .. } => 4 + body.len(),
-            Frame::FileOffer { name, .. } => 4 + 8 + 1 + name.len(),
-            Frame::FileAccept { .. } => 4 + 8 + DIGEST_LEN,
+            Frame::FileOffer { name, token, .. } => {
+                4 + 8 + 1 + token.map_or(0, |t| t.len()) + name.len()
+            }
+            Frame::FileAccept { token, .. } => 4 + 8 + DIGEST_LEN + token.map_or(0, |t| t.len()),
             Frame::FileChunk { data, .. } => 4 + data.len(),
             Frame::FileRange { range, .. } => 4 + range.len as usize,
             Frame::FileEnd { .. } => 4 + DIGEST_LEN,
@@ -498,11 +518,18 @@ impl Decoder for FrameCodec {
                 let id = take_u32(&mut body, kind)?;
                 need(&body, kind, 8 + 1)?;
                 let size = body.get_u64();
-                let resume = body.get_u8() & 1 == 1;
+                let flags = body.get_u8();
+                let token = if flags & OFFER_TOKEN != 0 {
+                    need(&body, kind, RESUME_TOKEN_LEN)?;
+                    Some(take_token(&mut body))
+                } else {
+                    None
+                };
                 Frame::FileOffer {
                     id,
                     size,
-                    resume,
+                    resume: flags & OFFER_RESUME != 0,
+                    token,
                     name: utf8(body, "file name")?,
                 }
             }
@@ -510,10 +537,15 @@ impl Decoder for FrameCodec {
                 let id = take_u32(&mut body, kind)?;
                 need(&body, kind, 8 + DIGEST_LEN)?;
                 let offset = body.get_u64();
+                let prefix = take_digest(&mut body);
+                // NOTE: a receiver that predates tokens sends none; bytes beyond a token are
+                // left for later versions.
+                let token = (body.len() >= RESUME_TOKEN_LEN).then(|| take_token(&mut body));
                 Frame::FileAccept {
                     id,
                     offset,
-                    prefix: take_digest(&mut body),
+                    prefix,
+                    token,
                 }
             }
             kind::FILE_CHUNK => Frame::FileChunk {
@@ -595,6 +627,12 @@ fn need(body: &Bytes, kind: u8, len: usize) -> Result<(), FrameError> {
     Ok(())
 }
 
+fn take_token(body: &mut Bytes) -> ResumeToken {
+    let mut token = [0u8; RESUME_TOKEN_LEN];
+    body.copy_to_slice(&mut token);
+    token
+}
+
 fn take_digest(body: &mut Bytes) -> Digest {
     let mut digest = [0u8; DIGEST_LEN];
     body.copy_to_slice(&mut digest);
@@ -670,19 +708,32 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
             id,
             size,
             resume,
+            token,
             name,
         } => {
             dst.put_u8(kind::FILE_OFFER);
             dst.put_u32(*id);
             dst.put_u64(*size);
-            dst.put_u8(u8::from(*resume));
+            let resume = if *resume { OFFER_RESUME } else { 0 };
+            dst.put_u8(resume | if token.is_some() { OFFER_TOKEN } else { 0 });
+            if let Some(token) = token {
+                dst.extend_from_slice(token);
+            }
             dst.extend_from_slice(name.as_bytes());
         }
-        Frame::FileAccept { id, offset, prefix } => {
+        Frame::FileAccept {
+            id,
+            offset,
+            prefix,
+            token,
+        } => {
             dst.put_u8(kind::FILE_ACCEPT);
             dst.put_u32(*id);
             dst.put_u64(*offset);
             dst.extend_from_slice(prefix);
+            if let Some(token) = token {
+                dst.extend_from_slice(token);
+            }
         }
         Frame::FileChunk { id, data } => {
             dst.put_u8(kind::FILE_CHUNK);

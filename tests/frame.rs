@@ -31,12 +31,27 @@ fn all_kinds() -> Vec<Frame> {
             id: 3,
             size: 1 << 40,
             resume: true,
+            token: None,
             name: "vidéo.mp4".into(),
+        },
+        Frame::FileOffer {
+            id: 4,
+            size: 10,
+            resume: true,
+            token: Some([0xAB; 16]),
+            name: "a.bin".into(),
         },
         Frame::FileAccept {
             id: 3,
             offset: 12345,
             prefix: [7; 32],
+            token: None,
+        },
+        Frame::FileAccept {
+            id: 4,
+            offset: 0,
+            prefix: [0; 32],
+            token: Some([0xCD; 16]),
         },
         Frame::FileChunk {
             id: 3,
@@ -316,6 +331,7 @@ fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
             id: 1,
             size: 5,
             resume: true,
+            token: None,
             name: "a.txt".into(),
         },
         &mut offer,
@@ -327,6 +343,63 @@ fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
             b't'
         ]
     );
+    // The same offer resuming under a token: flags 0x03, the 16 token bytes before the name.
+    let mut resuming = BytesMut::new();
+    let token: [u8; 16] = std::array::from_fn(|n| n as u8);
+    frame::encode_frame(
+        &Frame::FileOffer {
+            id: 1,
+            size: 5,
+            resume: true,
+            token: Some(token),
+            name: "a.txt".into(),
+        },
+        &mut resuming,
+    );
+    let mut expected = vec![0, 0, 0, 0x23, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5, 3];
+    expected.extend_from_slice(&token);
+    expected.extend_from_slice(b"a.txt");
+    assert_eq!(&resuming[..], &expected[..]);
+    // An accept with its token: the 16 bytes after the prefix.
+    let mut accept = BytesMut::new();
+    frame::encode_frame(
+        &Frame::FileAccept {
+            id: 1,
+            offset: 0,
+            prefix: [0; 32],
+            token: Some(token),
+        },
+        &mut accept,
+    );
+    assert_eq!(&accept[..5], &[0, 0, 0, 0x3D, 0x11]);
+    assert_eq!(&accept[5 + 4 + 8 + 32..], &token);
+}
+
+#[test]
+fn an_accept_without_a_token_is_one_from_a_receiver_that_predates_them() {
+    // id 1, offset 0, a zero prefix: 45 bytes after the length, as version 1 first had it.
+    let mut old = BytesMut::from(&[0, 0, 0, 45, 0x11, 0, 0, 0, 1][..]);
+    old.extend_from_slice(&[0; 8 + 32]);
+    let decoded = frame::FrameCodec::new(1 << 20).decode(&mut old).unwrap();
+    assert_eq!(
+        decoded,
+        Some(Frame::FileAccept {
+            id: 1,
+            offset: 0,
+            prefix: [0; 32],
+            token: None
+        })
+    );
+}
+
+#[test]
+fn an_offer_that_announces_a_token_it_lacks_is_malformed() {
+    let mut short = BytesMut::from(&[0, 0, 0, 19, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5, 3][..]);
+    short.extend_from_slice(&[1; 5]);
+    let error = frame::FrameCodec::new(1 << 20)
+        .decode(&mut short)
+        .unwrap_err();
+    assert!(matches!(error, FrameError::Malformed(_)), "{error:?}");
 }
 
 #[test]

@@ -21,16 +21,32 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(Frame::Pong),
         (any::<u16>(), "[a-z ]{0,50}")
             .prop_map(|(code, reason)| Frame::close(CloseCode(code), &reason)),
-        (any::<u32>(), any::<u64>(), any::<bool>(), "\\PC{0,40}").prop_map(
-            |(id, size, resume, name)| Frame::FileOffer {
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<Option<[u8; 16]>>(),
+            "\\PC{0,40}"
+        )
+            .prop_map(|(id, size, resume, token, name)| Frame::FileOffer {
                 id,
                 size,
                 resume,
+                token,
                 name
-            }
-        ),
-        (any::<u32>(), any::<u64>(), any::<[u8; 32]>())
-            .prop_map(|(id, offset, prefix)| Frame::FileAccept { id, offset, prefix }),
+            }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<Option<[u8; 16]>>()
+        )
+            .prop_map(|(id, offset, prefix, token)| Frame::FileAccept {
+                id,
+                offset,
+                prefix,
+                token
+            }),
         (any::<u32>(), body.clone()).prop_map(|(id, data)| Frame::FileChunk { id, data }),
         (any::<u32>(), any::<[u8; 32]>()).prop_map(|(id, digest)| Frame::FileEnd { id, digest }),
         (

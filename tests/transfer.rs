@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use _socketcomm::frame::{Frame, TransferStatus};
+use _socketcomm::frame::{Frame, ResumeToken, TransferStatus};
 use _socketcomm::transfer::{Progress, PARTIAL_DIR};
 use _socketcomm::{Client, ClientConfig, Error, Event, Mode, Server, ServerConfig};
 use common::{client, next_event, server, server_with, HandPeer, LIMIT};
@@ -198,6 +198,7 @@ async fn hostile_names_never_leave_the_folder() {
                 id,
                 size: 3,
                 resume: false,
+                token: None,
                 name: name.to_owned(),
             },
         )
@@ -260,6 +261,7 @@ async fn a_file_larger_than_the_free_space_is_refused_before_a_byte_is_written()
         id: 1,
         size: u64::MAX / 2,
         resume: true,
+        token: None,
         name: "huge.bin".into(),
     })
     .await;
@@ -279,6 +281,7 @@ async fn a_digest_mismatch_keeps_nothing() {
         id: 9,
         size: 4,
         resume: true,
+        token: None,
         name: "x.txt".into(),
     })
     .await;
@@ -315,6 +318,7 @@ async fn more_or_fewer_bytes_than_offered_fail_the_transfer() {
             id,
             size: 4,
             resume: false,
+            token: None,
             name: "y".into(),
         })
         .await;
@@ -338,17 +342,25 @@ async fn more_or_fewer_bytes_than_offered_fail_the_transfer() {
 }
 
 /// A sender that offers `name` (of `size` bytes), sends `sent`, and goes away; returns once the
-/// server has noticed and holds those bytes as a partial file, out of sight.
-async fn abandoned_upload(server: &Server, uploads: &Path, name: &str, size: u64, sent: &[u8]) {
+/// server has noticed and holds those bytes as a partial file, out of sight, with the resume
+/// token the server gave it.
+async fn abandoned_upload(
+    server: &Server,
+    uploads: &Path,
+    name: &str,
+    size: u64,
+    sent: &[u8],
+) -> ResumeToken {
     let (mut peer, _) = HandPeer::connect(server, 1 << 20).await;
-    peer.send(&Frame::FileOffer {
-        id: 1,
-        size,
-        resume: true,
-        name: name.into(),
-    })
-    .await;
-    assert!(matches!(peer.recv().await, Some(Frame::FileAccept { .. })));
+    peer.send(&offer(1, name, size, None)).await;
+    let Some(Frame::FileAccept {
+        offset: 0,
+        token: Some(token),
+        ..
+    }) = peer.recv().await
+    else {
+        panic!("an accept from the start, with a token")
+    };
     for part in sent.chunks(64 * 1024) {
         peer.send(&Frame::FileChunk {
             id: 1,
@@ -357,8 +369,52 @@ async fn abandoned_upload(server: &Server, uploads: &Path, name: &str, size: u64
         .await;
     }
     drop(peer);
+    wait_for_partial(uploads, sent.len() as u64).await;
+    assert!(visible(uploads).is_empty());
+    token
+}
+
+/// An offer that allows resuming, with `token` if given.
+fn offer(id: u32, name: &str, size: u64, token: Option<ResumeToken>) -> Frame {
+    Frame::FileOffer {
+        id,
+        size,
+        resume: true,
+        token,
+        name: name.into(),
+    }
+}
+
+/// Sends `rest` as transfer 1's remaining chunks, then its end with the digest of `whole`;
+/// returns the receiver's verdict.
+async fn finish_upload(peer: &mut HandPeer, rest: &[u8], whole: &[u8]) -> TransferStatus {
+    for part in rest.chunks(256 * 1024) {
+        peer.send(&Frame::FileChunk {
+            id: 1,
+            data: Bytes::copy_from_slice(part),
+        })
+        .await;
+    }
+    peer.send(&Frame::FileEnd {
+        id: 1,
+        digest: *blake3::hash(whole).as_bytes(),
+    })
+    .await;
+    let Some(Frame::FileResult { status, .. }) = peer.recv().await else {
+        panic!("a verdict")
+    };
+    status
+}
+
+/// Waits until the only partial file holds `len` bytes.
+async fn wait_for_partial(uploads: &Path, len: u64) {
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while partials(uploads).first().map(|(_, len)| *len) != Some(sent.len() as u64) {
+    while partials(uploads)
+        .iter()
+        .map(|(_, held)| *held)
+        .collect::<Vec<_>>()
+        != [len]
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{:?}",
@@ -366,52 +422,153 @@ async fn abandoned_upload(server: &Server, uploads: &Path, name: &str, size: u64
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(visible(uploads).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_interrupted_transfer_leaves_no_visible_file_and_resumes() {
-    let source = tempfile::tempdir().unwrap();
+async fn an_interrupted_transfer_leaves_no_visible_file_and_resumes_with_its_token() {
     let uploads = tempfile::tempdir().unwrap();
     let data = pattern(1024 * 1024, 3);
-    let path = write_file(source.path(), "resume.bin", &data);
     let server = uploading_server(uploads.path(), None);
 
     // A sender that goes away after 300 KiB.
     let held = 300 * 1024;
     let size = data.len() as u64;
-    abandoned_upload(&server, uploads.path(), "resume.bin", size, &data[..held]).await;
+    let token = abandoned_upload(&server, uploads.path(), "resume.bin", size, &data[..held]).await;
 
-    let client = client(&server).await;
-    let sent = send(&client, &path, None).await.unwrap();
-    assert_eq!(sent.resumed_from, held as u64);
-    assert_eq!(sent.digest, *blake3::hash(&data).as_bytes());
+    // Another client offering the same name and size learns nothing of it and starts afresh.
+    let (mut stranger, _) = HandPeer::connect(&server, 1 << 20).await;
+    stranger.send(&offer(1, "resume.bin", size, None)).await;
+    let Some(Frame::FileAccept {
+        offset: 0,
+        prefix,
+        token: Some(theirs),
+        ..
+    }) = stranger.recv().await
+    else {
+        panic!("an accept from the start")
+    };
+    assert_eq!(prefix, [0; 32]);
+    assert_ne!(theirs, token, "each sender gets a token of its own");
+    drop(stranger);
+
+    // The sender, with its token, continues after what is held.
+    let (mut sender, _) = HandPeer::connect(&server, 1 << 20).await;
+    sender
+        .send(&offer(1, "resume.bin", size, Some(token)))
+        .await;
+    let Some(Frame::FileAccept {
+        offset,
+        prefix,
+        token: again,
+        ..
+    }) = sender.recv().await
+    else {
+        panic!("an accept")
+    };
+    assert_eq!(offset, held as u64);
+    assert_eq!(prefix, *blake3::hash(&data[..held]).as_bytes());
+    assert_eq!(again, Some(token));
+    assert_eq!(
+        finish_upload(&mut sender, &data[held..], &data).await,
+        TransferStatus::OK
+    );
     assert_eq!(
         std::fs::read(uploads.path().join("resume.bin")).unwrap(),
         data
     );
-    assert!(partials(uploads.path()).is_empty());
     let file = next_file(&server).await;
     assert_eq!(file.resumed_from, held as u64);
+    // The stranger's empty partial file went when it left; the resumed one once it arrived.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !partials(uploads.path()).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            partials(uploads.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A server for files that reads slowly enough (small socket buffers) for a transfer to be
+/// stopped in the middle, and a file of 48 MiB for it.
+fn slow_upload(uploads: &Path, source: &Path, name: &str) -> (Server, Vec<u8>, PathBuf) {
+    let defaults = ServerConfig::default();
+    let server = server_with(ServerConfig {
+        upload_dir: Some(uploads.to_owned()),
+        socket: _socketcomm::config::SocketOptions {
+            recv_buffer: Some(64 * 1024),
+            ..defaults.socket.clone()
+        },
+        ..defaults
+    });
+    let data = pattern(1 << 20, 11).repeat(48);
+    let path = write_file(source, name, &data);
+    (server, data, path)
+}
+
+/// Starts sending `path` with `client` and stops (as a cancelled call does) once the server
+/// holds more than `at_least` bytes of it; returns how many it held then (it goes on writing
+/// what was on its way, and keeps it).
+async fn stopped_upload(client: &Client, path: &Path, uploads: &Path, at_least: u64) -> u64 {
+    let progress = Arc::new(Progress::default());
+    let sending = client.send_file(path, None, &progress);
+    let held = async {
+        loop {
+            if let Some(held) = partials(uploads).iter().map(|(_, held)| *held).max() {
+                if held > at_least {
+                    return held;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        sent = sending => panic!("the transfer should have been stopped first: {sent:?}"),
+        held = tokio::time::timeout(LIMIT, held) => held.expect("part of the file arrives in time"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stopped_sending_a_file_resumes_where_the_server_stopped() {
+    let source = tempfile::tempdir().unwrap();
+    let uploads = tempfile::tempdir().unwrap();
+    let (server, data, path) = slow_upload(uploads.path(), source.path(), "big.bin");
+    let client = client(&server).await;
+    let held = stopped_upload(&client, &path, uploads.path(), 2 << 20).await;
+
+    // Again on the same connection: the server lets go of the first transfer (told by the
+    // sender's cancel, which waits for room in a queue full of chunks) and continues it.
+    let sent = send(&client, &path, None).await.unwrap();
+    assert!(sent.resumed_from >= held, "{} < {held}", sent.resumed_from);
+    assert!(sent.resumed_from < data.len() as u64);
+    assert_eq!(sent.digest, *blake3::hash(&data).as_bytes());
+    assert_eq!(std::fs::read(uploads.path().join("big.bin")).unwrap(), data);
+    assert_eq!(next_file(&server).await.resumed_from, sent.resumed_from);
+    assert!(partials(uploads.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partial_file_with_other_content_is_not_resumed() {
     let source = tempfile::tempdir().unwrap();
     let uploads = tempfile::tempdir().unwrap();
-    let data = pattern(200 * 1024, 4);
-    let path = write_file(source.path(), "same-name.bin", &data);
-    let server = uploading_server(uploads.path(), None);
-
-    // The partial file holds 50,000 zeros, not this file's start.
-    let size = data.len() as u64;
-    abandoned_upload(&server, uploads.path(), "same-name.bin", size, &[0; 50_000]).await;
-
+    let (server, data, path) = slow_upload(uploads.path(), source.path(), "same-name.bin");
     let client = client(&server).await;
+    stopped_upload(&client, &path, uploads.path(), 1 << 20).await;
+
+    // What the server holds is spoilt (a disk error, a hand that edited it): its first byte.
+    let (name, _) = partials(uploads.path()).remove(0);
+    let partial = uploads.path().join(PARTIAL_DIR).join(name);
+    let spoilt = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&spoilt, &[!data[0]], 0).unwrap();
+
     let sent = send(&client, &path, None).await.unwrap();
     assert_eq!(
         sent.resumed_from, 0,
-        "the zeros held are not this file's start"
+        "what is held is not this file's start"
     );
     assert_eq!(
         std::fs::read(uploads.path().join("same-name.bin")).unwrap(),
@@ -573,6 +730,7 @@ async fn mismatching_receiver() -> u16 {
                         id,
                         offset: 0,
                         prefix: [0; 32],
+                        token: None,
                     },
                     Frame::FileEnd { id, .. } => Frame::FileResult {
                         id,
@@ -607,12 +765,14 @@ async fn the_sender_learns_of_a_digest_mismatch_as_a_transfer_error() {
     assert!(reason.contains("nothing was kept"), "{reason}");
 }
 
-/// Where the server keeps the partial file of `name` with `size` bytes (`receive.rs`'s key).
-fn partial_path(uploads: &Path, name: &str, size: u64) -> PathBuf {
+/// Where the server keeps the partial file of `name` with `size` bytes for the sender holding
+/// `token` (`receive.rs`'s key).
+fn partial_path(uploads: &Path, name: &str, size: u64, token: &ResumeToken) -> PathBuf {
     let mut hasher = blake3::Hasher::new();
     hasher.update(name.as_bytes());
     hasher.update(&[0]);
     hasher.update(&size.to_be_bytes());
+    hasher.update(token);
     let key: String = hasher.finalize().to_hex()[..32].to_owned();
     uploads.join(PARTIAL_DIR).join(format!("{key}.part"))
 }
@@ -629,11 +789,22 @@ async fn a_symbolic_link_planted_as_a_partial_file_is_never_followed() {
     );
     let server = uploading_server(uploads.path(), None);
     let data = pattern(29, 7);
-    let source = write_file(elsewhere.path(), "invoice.txt", &data);
-    // A local user with write access to upload_dir plants a link where the upload will go.
-    std::os::unix::fs::symlink(&victim, partial_path(uploads.path(), "invoice.txt", 29)).unwrap();
-    let client = client(&server).await;
-    send(&client, &source, None).await.unwrap();
+    // A local user who can write to upload_dir and sends files itself knows its own token,
+    // hence where its own upload goes, and plants a link there.
+    let token = abandoned_upload(&server, uploads.path(), "invoice.txt", 29, b"inv").await;
+    let planted = partial_path(uploads.path(), "invoice.txt", 29, &token);
+    assert!(planted.exists(), "the key is the one receive.rs uses");
+    std::fs::remove_file(&planted).unwrap();
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let (mut peer, _) = HandPeer::connect(&server, 1 << 20).await;
+    peer.send(&offer(1, "invoice.txt", 29, Some(token))).await;
+    let Some(Frame::FileAccept { offset: 0, .. }) = peer.recv().await else {
+        panic!("an accept from the start: nothing of the victim is revealed")
+    };
+    assert_eq!(
+        finish_upload(&mut peer, &data, &data).await,
+        TransferStatus::OK
+    );
     let file = next_file(&server).await;
     assert_eq!(
         std::fs::read(&victim).unwrap(),
@@ -658,6 +829,7 @@ async fn offer_many(
             id,
             size: 10,
             resume: false,
+            token: None,
             name: format!("offer-{tag}-{id}.bin"),
         })
         .await;

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,10 @@ import socketcomm
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINALS = Path(__file__).resolve().parent / "originals"
+
+# Senders keep their resume tokens here, not in the user's cache folder (the scripts the tests
+# start inherit it, so that a sender started again resumes as a user's program would).
+os.environ["SOCKETCOMM_RESUME_DIR"] = tempfile.mkdtemp(prefix="socketcomm-resume-")
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ verified by an independent BLAKE3, atomic, resumable, refusing what it should.""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -48,6 +50,23 @@ def visible(folder: Path) -> list[str]:
 
 def partial_sizes(folder: Path) -> list[int]:
     return [entry.stat().st_size for entry in (folder / PARTIAL_DIR).iterdir()]
+
+
+def partial_bytes(folder: Path) -> bytes:
+    (partial,) = (folder / PARTIAL_DIR).iterdir()
+    return partial.read_bytes()
+
+
+def settled_partial(folder: Path) -> int:
+    """The size of the only partial file once the server has written what was on its way (it
+    goes on after the sender has gone)."""
+    deadline = time.monotonic() + 10
+    last = -1
+    while (sizes := partial_sizes(folder)) != [last] and time.monotonic() < deadline:
+        last = sizes[0] if len(sizes) == 1 else -1
+        time.sleep(0.3)
+    assert len(sizes) == 1, sizes
+    return sizes[0]
 
 
 def next_file(server: socketcomm.Server) -> socketcomm.FileReceived:
@@ -184,23 +203,29 @@ client.send_file(sys.argv[2])
 """
 
 
+def kill_mid_upload(
+    server: socketcomm.Server, source: Path, uploads: Path, env: dict[str, str]
+) -> None:
+    """Sends `source` from a process of its own, killed (SIGKILL) once the server holds more
+    than 1 MiB of it."""
+    port = str(server.address[1])
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, port, str(source)], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(size > (1 << 20) for size in partial_sizes(uploads)):
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.002)
+        sender.send_signal(signal.SIGKILL)
+    finally:
+        sender.wait(timeout=10)
+
+
 def test_a_sender_killed_mid_transfer_leaves_nothing_visible_and_resumes(tmp_path: Path) -> None:
     source = make_file(tmp_path / "large.bin", 256 << 20)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     with socketcomm.Server(upload_dir=uploads, recv_buffer=65536) as server:
-        port = server.address[1]
-        sender = subprocess.Popen(
-            [sys.executable, "-c", SENDER, str(port), str(source)], env=script_env()
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while not any(size > (1 << 20) for size in partial_sizes(uploads)):
-                assert time.monotonic() < deadline and sender.poll() is None
-                time.sleep(0.002)
-            sender.send_signal(signal.SIGKILL)
-        finally:
-            sender.wait(timeout=10)
+        kill_mid_upload(server, source, uploads, script_env())
         # The server notices, keeps the part out of sight, and serves others meanwhile.
         with socketcomm.Client(*server.address, timeout=10) as other:
             other.send_file(make_file(tmp_path / "small.txt", 10))
@@ -213,6 +238,62 @@ def test_a_sender_killed_mid_transfer_leaves_nothing_visible_and_resumes(tmp_pat
     assert sent.resumed_from >= held > 0
     assert sent.digest == digest(source) == digest(uploads / "large.bin")
     assert partial_sizes(uploads) == []
+
+
+RESUMER = """
+import json, sys, socketcomm
+with socketcomm.Client("127.0.0.1", int(sys.argv[1]), timeout=20) as client:
+    sent = client.send_file(sys.argv[2])
+print(json.dumps({"resumed_from": sent.resumed_from, "saved_as": sent.saved_as}))
+"""
+
+
+def test_another_sender_neither_continues_nor_learns_an_interrupted_upload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_file(tmp_path / "large.bin", 64 << 20)
+    other = tmp_path / "other"
+    other.mkdir()
+    lookalike = make_file(other / "large.bin", 64 << 20)  # same name and size, other bytes
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    # The victim keeps its resume token in a folder of its own, as another user's program would.
+    victim_env = script_env(SOCKETCOMM_RESUME_DIR=str(tmp_path / "victim-tokens"))
+    with socketcomm.Server(upload_dir=uploads, recv_buffer=65536) as server:
+        port = str(server.address[1])
+        kill_mid_upload(server, source, uploads, victim_env)
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Another client offers the same name and size: it starts from byte 0, so it learns
+        # nothing of what is held, and the victim's part is left as it was.
+        with caplog.at_level(logging.INFO, logger="socketcomm"):
+            with socketcomm.Client(*server.address, timeout=20) as intruder:
+                theirs = intruder.send_file(lookalike)
+        # (Before tokens the server offered it the victim's part, whose digest it then saw
+        # differ from its own file's start: "the receiver holds N bytes of ... that differ".)
+        assert not [r for r in caplog.records if "the receiver holds" in r.getMessage()]
+        assert theirs.resumed_from == 0
+        assert theirs.saved_as == "large.bin"
+        held = settled_partial(uploads)
+        assert 0 < held < 64 << 20
+        with source.open("rb") as original:
+            assert partial_bytes(uploads) == original.read(held)
+        # The victim, started again, continues its own.
+        resumed = subprocess.run(
+            [sys.executable, "-c", RESUMER, port, str(source)],
+            env=victim_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert resumed.returncode == 0, resumed.stderr
+    outcome = json.loads(resumed.stdout)
+    assert outcome == {"resumed_from": held, "saved_as": "large (1).bin"}
+    assert digest(uploads / "large (1).bin") == digest(source)
+    assert digest(uploads / "large.bin") == digest(lookalike)
+    assert partial_sizes(uploads) == []
+    assert not list((tmp_path / "victim-tokens").iterdir()), "the token goes once the file is in"
 
 
 def test_many_clients_upload_at_once(tmp_path: Path) -> None:

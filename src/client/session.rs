@@ -470,7 +470,19 @@ impl Session {
         progress: &Arc<Progress>,
     ) -> Result<SentFile> {
         self.check_open()?;
-        transfer::send_file(&self.outbox, &self.shared.outgoing, path, name, progress).await
+        // NOTE: by address, not port: the same server reached another way (a proxy on its
+        // host, a new port after a restart) is offered the token; one that does not know it
+        // starts afresh.
+        let receiver = self.peer_addr().ip().to_string();
+        transfer::send_file(
+            &self.outbox,
+            &self.shared.outgoing,
+            &receiver,
+            path,
+            name,
+            progress,
+        )
+        .await
     }
 
     /// The next file the server sent into `download_dir`, once it is verified and in place.

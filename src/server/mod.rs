@@ -647,7 +647,17 @@ impl Server {
                 format!("there is no connection {id} (it may have ended)"),
             ))
         })?;
-        let sent = transfer::send_file(&conn.outbox, &conn.outgoing, path, name, progress).await;
+        // NOTE: a client comes back from another port; its address is the one it had.
+        let receiver = conn.peer.ip().to_string();
+        let sent = transfer::send_file(
+            &conn.outbox,
+            &conn.outgoing,
+            &receiver,
+            path,
+            name,
+            progress,
+        )
+        .await;
         let counter = match &sent {
             Ok(_) => &self.hub.counters.files_sent,
             Err(Error::Transfer { .. }) => &self.hub.counters.transfers_failed,

@@ -8,11 +8,13 @@
 //! | `send.rs` | reading, hashing and streaming a file in bounded memory; the sender's side of the exchange |
 //! | `receive.rs` | the receiving folder, partial files kept for resuming, writing and verifying |
 //! | `names.rs` | what a received file may be called |
+//! | `resume.rs` | the sender's resume tokens, which survive the process |
 //!
 //! Disk work runs on tokio's blocking threads, never on the network loop.
 
 mod names;
 mod receive;
+mod resume;
 mod send;
 
 use std::collections::HashMap;
@@ -25,9 +27,10 @@ use std::time::Duration;
 pub use names::{safe_name, MAX_NAME_LEN, PARTIAL_DIR};
 pub(crate) use receive::{Delivery, FileDir, Receiving};
 pub use receive::{DEFAULT_PARTIAL_TTL, MAX_TRANSFERS, MAX_TRANSFERS_PER_CONNECTION};
+pub use resume::RESUME_DIR_ENV;
 pub(crate) use send::send_file;
 
-use crate::frame::{Digest, Frame, TransferStatus};
+use crate::frame::{Digest, Frame, ResumeToken, TransferStatus};
 
 /// The default bound on the size of a file a receiver takes: 16 GiB.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 30;
@@ -91,11 +94,13 @@ impl Progress {
 }
 
 /// The lowercase hexadecimal form of a digest, as logs, events and the command line show it.
-pub fn hex(digest: &Digest) -> String {
-    digest.iter().fold(String::with_capacity(64), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+pub fn hex(digest: &[u8]) -> String {
+    digest
+        .iter()
+        .fold(String::with_capacity(2 * digest.len()), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// What the receiver answers to an offer and, later, to the end of the data.
@@ -104,6 +109,7 @@ pub(crate) enum Answer {
     Accept {
         offset: u64,
         prefix: Digest,
+        token: Option<ResumeToken>,
     },
     Result {
         status: TransferStatus,
@@ -148,7 +154,19 @@ impl Outgoing {
     /// Hands a FILE_ACCEPT or FILE_RESULT from the receiver to the transfer it answers.
     pub(crate) fn route(&self, frame: Frame) {
         let (id, answer) = match frame {
-            Frame::FileAccept { id, offset, prefix } => (id, Answer::Accept { offset, prefix }),
+            Frame::FileAccept {
+                id,
+                offset,
+                prefix,
+                token,
+            } => (
+                id,
+                Answer::Accept {
+                    offset,
+                    prefix,
+                    token,
+                },
+            ),
             Frame::FileResult {
                 id,
                 status,

@@ -4,9 +4,11 @@
 //! for data holds no thread.
 //!
 //! A file in progress lives in `<dir>/.socketcomm-partial/`, named after a key of its offered
-//! name and size. When the sender goes away, the partial file stays there, so the same file
-//! offered again continues where it stopped (after the sender checked the digest of what is
-//! held). Only once every byte arrived and the BLAKE3 digest matches the sender's is the file
+//! name and size and of its sender: the resume token this side hands the sender when it
+//! accepts the file (and the sender's TLS client certificate, if it has one). When the sender
+//! goes away, the partial file stays there, so the same file offered again with that token
+//! continues where it stopped (after the sender checked the digest of what is held); no other
+//! client can continue it or learn how much of it is held. Only once every byte arrived and the BLAKE3 digest matches the sender's is the file
 //! linked into `<dir>` under its name, never replacing an existing file: a file in `<dir>` is
 //! always whole and verified.
 
@@ -25,7 +27,7 @@ use super::names::{candidates, safe_name, PARTIAL_DIR};
 use super::{hex, lock, ReceivedFile};
 use crate::connection::Outbox;
 use crate::error::{Error, Result};
-use crate::frame::{Digest, Frame, TransferStatus};
+use crate::frame::{Digest, Frame, ResumeToken, TransferStatus, RESUME_TOKEN_LEN};
 
 /// How long an offer waits for an earlier transfer of the same file to let go of it (see
 /// [`FileDir::claim`]).
@@ -209,24 +211,24 @@ impl FileDir {
             .transpose()
     }
 
-    /// Reserves the partial file of `name` with `size` bytes. A second transfer of the same
-    /// file while the first runs gets a file of its own, which is not kept for resuming.
+    /// Reserves the partial file of `name` with `size` bytes for the sender holding `token`.
+    /// A second transfer of the same file while the first runs gets a file of its own, which
+    /// is not kept for resuming.
     ///
     /// NOTE: a sender that reconnects after losing its connection often offers the file again
     /// before this side has noticed the loss and released the first transfer's file, so a busy
     /// key is waited for up to [`RELEASE_WAIT`] before another file is taken.
     ///
-    /// A partial file belongs to its sender where the sender can be told apart: the key
-    /// includes the fingerprint of its TLS client certificate (`owner`), so that another
-    /// client offering the same name and size neither continues it nor learns its digest. An
-    /// offer that does not ask to resume never truncates a partial file kept for a resume: it
-    /// gets a file of its own.
+    /// A partial file belongs to its sender: the key includes the resume token (a secret this
+    /// side made for that sender) and the fingerprint of its TLS client certificate (`owner`)
+    /// if it has one, so that another client offering the same name and size neither
+    /// continues it nor learns its digest.
     fn claim(
         self: &Arc<FileDir>,
         name: &str,
         size: u64,
         owner: Option<&str>,
-        resume: bool,
+        token: &ResumeToken,
     ) -> Claim {
         self.sweep_now_and_then();
         let key = {
@@ -234,8 +236,8 @@ impl FileDir {
             hasher.update(name.as_bytes());
             hasher.update(&[0]);
             hasher.update(&size.to_be_bytes());
+            hasher.update(token);
             if let Some(owner) = owner {
-                hasher.update(&[0]);
                 hasher.update(owner.as_bytes());
             }
             hex(hasher.finalize().as_bytes())[..32].to_owned()
@@ -244,8 +246,7 @@ impl FileDir {
             .released
             .wait_timeout_while(lock(&self.busy), RELEASE_WAIT, |busy| busy.contains(&key))
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let kept = !resume && self.partial.join(format!("{key}.part")).exists();
-        let (key, resumable) = if busy.contains(&key) || kept {
+        let (key, resumable) = if busy.contains(&key) {
             let unique = (1..)
                 .map(|n| format!("{key}-{n}"))
                 .find(|candidate| !busy.contains(candidate))
@@ -385,6 +386,7 @@ impl Receiving {
                 id,
                 size,
                 resume,
+                token,
                 name,
             } => {
                 let permit = match self.admit() {
@@ -408,6 +410,7 @@ impl Receiving {
                     id,
                     size,
                     resume,
+                    token,
                     offered: name,
                     outbox: self.outbox.clone(),
                     delivery: Arc::clone(&self.delivery),
@@ -510,6 +513,9 @@ struct Job {
     id: u32,
     size: u64,
     resume: bool,
+    /// The token the sender offered, from an earlier accept of this side's (`None` for a
+    /// first attempt, or a sender that predates tokens: it gets a new one).
+    token: Option<ResumeToken>,
     offered: String,
     outbox: Outbox,
     delivery: Arc<dyn Delivery>,
@@ -685,10 +691,14 @@ impl Job {
             .into());
         }
         let (size, resume) = (self.size, self.resume);
+        let token = match self.token {
+            Some(token) => token,
+            None => new_token().map_err(|e| Failure::io("cannot make a resume token", &e))?,
+        };
         let (claim, prepared) = blocking({
             let (dir, name, owner) = (Arc::clone(&dir), name.clone(), self.owner.clone());
             move || {
-                let mut claim = dir.claim(&name, size, owner.as_deref(), resume);
+                let mut claim = dir.claim(&name, size, owner.as_deref(), &token);
                 let prepared = prepare(&dir, &mut claim, resume, size);
                 (claim, prepared)
             }
@@ -701,6 +711,7 @@ impl Job {
             id: self.id,
             offset: held,
             prefix,
+            token: Some(token),
         };
         if self.outbox.send(accept).await.is_err() {
             return Err(Stop::Interrupted("the connection ended".into()));
@@ -799,6 +810,16 @@ impl Job {
     }
 }
 
+/// A new resume token: random, so that nobody can guess another sender's.
+fn new_token() -> io::Result<ResumeToken> {
+    use ring::rand::SecureRandom;
+    let mut token = [0; RESUME_TOKEN_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut token)
+        .map_err(|_| io::Error::other("the system's random source failed"))?;
+    Ok(token)
+}
+
 /// Opens the claim's partial file and makes room for the rest of it; returns the file with
 /// the digest of what it holds, how many bytes that is, and the digest the sender checks its
 /// own prefix against (zero for none).
@@ -892,7 +913,7 @@ mod tests {
     #[test]
     fn a_partial_file_belongs_to_the_certificate_that_sent_it() {
         let (_root, dir) = folder();
-        let path = |owner: Option<&str>| dir.claim("a.bin", 10, owner, true).path.clone();
+        let path = |owner: Option<&str>| dir.claim("a.bin", 10, owner, &[1; 16]).path.clone();
         let (alice, bob, anonymous) = (path(Some("ab:cd")), path(Some("ef:01")), path(None));
         assert_ne!(alice, bob, "two senders' partial files are apart");
         assert_ne!(alice, anonymous);
@@ -904,20 +925,30 @@ mod tests {
     }
 
     #[test]
-    fn an_offer_that_does_not_resume_gets_a_file_of_its_own() {
+    fn a_partial_file_belongs_to_the_token_it_was_made_for() {
         let (_root, dir) = folder();
-        let kept = dir.claim("a.bin", 10, None, true);
-        let kept_path = kept.path.clone();
-        drop(kept);
-        std::fs::write(&kept_path, b"12345").unwrap();
-        let fresh = dir.claim("a.bin", 10, None, false);
-        assert_ne!(fresh.path, kept_path, "the kept partial file is left alone");
-        assert!(!fresh.resumable);
-        drop(fresh);
-        let resumed = dir.claim("a.bin", 10, None, true);
-        assert_eq!(
-            resumed.path, kept_path,
-            "and still there for its sender's resume"
+        let path = |token: ResumeToken| dir.claim("a.bin", 10, None, &token).path.clone();
+        let (mine, other) = (path([1; 16]), path([2; 16]));
+        assert_ne!(
+            mine, other,
+            "another token never reaches this sender's file"
         );
+        assert_eq!(mine, path([1; 16]), "the token finds its file again");
+        let tokens: HashSet<_> = (0..100).map(|_| new_token().unwrap()).collect();
+        assert_eq!(tokens.len(), 100, "tokens are random");
+    }
+
+    #[test]
+    fn a_file_being_written_is_not_handed_to_a_second_transfer() {
+        let (_root, dir) = folder();
+        let first = dir.claim("a.bin", 10, None, &[1; 16]);
+        let started = Instant::now();
+        let second = dir.claim("a.bin", 10, None, &[1; 16]);
+        assert!(
+            started.elapsed() >= RELEASE_WAIT,
+            "it waited for the first to let go"
+        );
+        assert_ne!(first.path, second.path);
+        assert!(first.resumable && !second.resumable);
     }
 }

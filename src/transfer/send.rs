@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::resume::{Book, Entry};
 use super::{hex, Answer, Outgoing, Progress, SentFile};
 use crate::connection::Outbox;
 use crate::error::{Error, Result};
-use crate::frame::{Digest, FileRange, Frame, TransferStatus, FILE_CHUNK_OVERHEAD};
+use crate::frame::{Digest, FileRange, Frame, ResumeToken, TransferStatus, FILE_CHUNK_OVERHEAD};
 
 /// The data carried by one chunk frame, at most (less when the peer's `max_frame` is smaller).
 const CHUNK: usize = 256 * 1024;
@@ -38,7 +39,8 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// Sends the file at `path` over the connection behind `outbox`, under `name` (by default the
 /// file's own name), and returns once the receiver has verified and saved it. `progress`
-/// follows the bytes handed to the connection.
+/// follows the bytes handed to the connection. `receiver` names the peer in the book of resume
+/// tokens (its IP address): a file whose sending to it stopped continues from what it holds.
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be read; [`Error::Transfer`] when the receiver refuses
@@ -50,6 +52,7 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub(crate) async fn send_file(
     outbox: &Outbox,
     outgoing: &Outgoing,
+    receiver: &str,
     path: &Path,
     name: Option<String>,
     progress: &Arc<Progress>,
@@ -61,7 +64,12 @@ pub(crate) async fn send_file(
             "files need the framed protocol; a raw connection carries bare bytes only",
         ));
     }
-    let (file, size) = open(path).await?;
+    let Opened {
+        file,
+        size,
+        entry,
+        mut token,
+    } = open(path, receiver).await?;
     let name = match name {
         Some(name) => name,
         None => path
@@ -92,11 +100,24 @@ pub(crate) async fn send_file(
                 id,
                 size,
                 resume,
+                token,
                 name: name.clone(),
             })
             .await?;
         let (offset, prefix) = match answer(&answers, outbox).await? {
-            Answer::Accept { offset, prefix } => (offset, prefix),
+            Answer::Accept {
+                offset,
+                prefix,
+                token: given,
+            } => {
+                if given.is_some() && given != token {
+                    // Kept before the first chunk leaves: a sender killed from here on still
+                    // finds it when it starts again.
+                    keep_token(&entry, given).await;
+                    token = given;
+                }
+                (offset, prefix)
+            }
             Answer::Result { status, text, .. } => return Err(fail(status, text)),
         };
         if offset > size {
@@ -157,6 +178,9 @@ pub(crate) async fn send_file(
                 text,
             } if status.is_ok() => {
                 abandon.finish();
+                if token.is_some() {
+                    keep_token(&entry, None).await;
+                }
                 if theirs != digest {
                     return Err(fail(
                         TransferStatus::DIGEST_MISMATCH,
@@ -188,8 +212,16 @@ pub(crate) async fn send_file(
     }
 }
 
-async fn open(path: &Path) -> Result<(Arc<File>, u64)> {
-    let owned = path.to_owned();
+/// A file to send, and what the book of resume tokens knows of it.
+struct Opened {
+    file: Arc<File>,
+    size: u64,
+    entry: Entry,
+    token: Option<ResumeToken>,
+}
+
+async fn open(path: &Path, receiver: &str) -> Result<Opened> {
+    let (owned, receiver) = (path.to_owned(), receiver.to_owned());
     let opened = tokio::task::spawn_blocking(move || {
         let file = File::open(&owned)?;
         let meta = file.metadata()?;
@@ -199,11 +231,28 @@ async fn open(path: &Path) -> Result<(Arc<File>, u64)> {
                 "it is a folder, not a file",
             ));
         }
-        Ok((Arc::new(file), meta.len()))
+        let entry = Entry::new(&receiver, &owned, meta.len(), meta.modified().ok());
+        let token = Book::global().get(&entry);
+        Ok(Opened {
+            file: Arc::new(file),
+            size: meta.len(),
+            entry,
+            token,
+        })
     })
     .await
     .map_err(|e| Error::io("cannot open the file", io::Error::other(e)))?;
     opened.map_err(|e| Error::io(format!("cannot send {}", path.display()), e))
+}
+
+/// Keeps `token` in the book for `entry`, or forgets the entry (`None`), off the network loop.
+async fn keep_token(entry: &Entry, token: Option<ResumeToken>) {
+    let entry = entry.clone();
+    let _ = tokio::task::spawn_blocking(move || match token {
+        Some(token) => Book::global().put(&entry, token),
+        None => Book::global().forget(&entry),
+    })
+    .await;
 }
 
 /// A hasher that has seen the first `len` bytes of `file`.
@@ -246,10 +295,29 @@ impl Abandon<'_> {
     fn cancel(mut self, reason: &str) {
         self.armed = false;
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.outbox.try_send(Frame::FileCancel {
+        self.tell_receiver(reason);
+    }
+
+    /// Queues a FILE_CANCEL, at once if there is room, else as soon as there is.
+    ///
+    /// NOTE: the queue is usually full of this transfer's chunks when it stops; a cancel that
+    /// found no room and was dropped left the receiver waiting for the rest for as long as the
+    /// connection lasted, holding the partial file, so that sending the file again on the same
+    /// connection could not resume it.
+    fn tell_receiver(&self, reason: &str) {
+        let cancel = || Frame::FileCancel {
             id: self.id,
             reason: reason.to_owned(),
-        });
+        };
+        if !matches!(self.outbox.try_send(cancel()), Ok(false)) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (outbox, cancel) = (self.outbox.clone(), cancel());
+            runtime.spawn(async move {
+                let _ = outbox.send(cancel).await;
+            });
+        }
     }
 
     fn finish(mut self) {
@@ -262,10 +330,7 @@ impl Drop for Abandon<'_> {
         self.outgoing.forget(self.id);
         if self.armed {
             self.stop.store(true, Ordering::Relaxed);
-            let _ = self.outbox.try_send(Frame::FileCancel {
-                id: self.id,
-                reason: "the sender stopped".to_owned(),
-            });
+            self.tell_receiver("the sender stopped");
         }
     }
 }
