@@ -296,6 +296,10 @@ pub struct ServerConfig {
     /// How long an interrupted upload's partial file is kept for a resume (swept at start and
     /// now and then); partial files also give way, oldest first, to new uploads short of space.
     pub partial_ttl: Duration,
+    /// The bytes that partial files in `upload_dir` may hold in all (uploads in progress at
+    /// their full size, and interrupted ones kept for a resume, which give way oldest first);
+    /// `None` (the default): a quarter of the folder's file system.
+    pub max_partial_bytes: Option<u64>,
     /// Serve TLS only (plaintext clients are told so and closed).
     pub tls: Option<crate::tls::ServerTls>,
     /// How long a client may take to complete the TLS handshake.
@@ -330,6 +334,7 @@ impl Default for ServerConfig {
             upload_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             partial_ttl: crate::transfer::DEFAULT_PARTIAL_TTL,
+            max_partial_bytes: None,
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
             hello_timeout: Some(Duration::from_secs(10)),
@@ -379,6 +384,12 @@ impl ServerConfig {
         }
         if self.partial_ttl.is_zero() {
             return Err(Error::invalid("partial_ttl", "must be positive"));
+        }
+        if self.max_partial_bytes == Some(0) {
+            return Err(Error::invalid(
+                "max_partial_bytes",
+                "must be at least 1 (None: a quarter of the upload folder's file system)",
+            ));
         }
         positive_or_off(&[
             ("idle_timeout", self.idle_timeout),

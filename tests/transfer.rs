@@ -369,7 +369,7 @@ async fn abandoned_upload(
         .await;
     }
     drop(peer);
-    wait_for_partial(uploads, sent.len() as u64).await;
+    wait_for_partials(uploads, |sizes| sizes.contains(&(sent.len() as u64))).await;
     assert!(visible(uploads).is_empty());
     token
 }
@@ -406,22 +406,35 @@ async fn finish_upload(peer: &mut HandPeer, rest: &[u8], whole: &[u8]) -> Transf
     status
 }
 
-/// Waits until the only partial file holds `len` bytes.
-async fn wait_for_partial(uploads: &Path, len: u64) {
+/// Waits until the sizes of the partial files (sorted) are as `wanted` says.
+async fn wait_for_partials(uploads: &Path, wanted: impl Fn(&[u64]) -> bool) {
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while partials(uploads)
-        .iter()
-        .map(|(_, held)| *held)
-        .collect::<Vec<_>>()
-        != [len]
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            partials(uploads)
-        );
+    loop {
+        let mut sizes: Vec<u64> = partials(uploads).iter().map(|(_, held)| *held).collect();
+        sizes.sort_unstable();
+        if wanted(&sizes) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sizes:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_uploads_keep_within_max_partial_bytes_oldest_going_first() {
+    let uploads = tempfile::tempdir().unwrap();
+    let server = server_with(ServerConfig {
+        upload_dir: Some(uploads.path().to_owned()),
+        max_partial_bytes: Some(1 << 20),
+        ..ServerConfig::default()
+    });
+    let data = pattern(400 * 1024, 12);
+    // 300 + 350 + 400 KiB is over 1 MiB: once the third is interrupted, the first goes.
+    for (n, kib) in [300, 350, 400].into_iter().enumerate() {
+        let held = &data[..kib * 1024];
+        abandoned_upload(&server, uploads.path(), &format!("{n}.bin"), 1 << 30, held).await;
+    }
+    wait_for_partials(uploads.path(), |sizes| sizes == [350 * 1024, 400 * 1024]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

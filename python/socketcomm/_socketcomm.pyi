@@ -473,10 +473,12 @@ class Server:
     matches the sender's; a file of that name is never replaced (the new one is saved as
     ``name (1).ext``). A ``FileReceived`` event (or the ``on_file(conn_id, file)`` handler)
     tells of each. A transfer that is cut off is kept out of sight and resumed when the same
-    file is offered again, for ``partial_ttl`` seconds (a day by default; older ones are removed
-    at start and now and then), and gives way, oldest first, to a new upload that finds too
-    little free space. Files over ``max_file_size`` bytes, or larger than the free space (with
-    those partial files removed), are refused before a byte is written. A missing or
+    file is offered again by the same sender (the one holding its resume token), for
+    ``partial_ttl`` seconds (a day by default; older ones are removed at start and now and
+    then); such files hold at most ``max_partial_bytes`` in all (None: a quarter of the
+    folder's file system), and give way, oldest first, beyond it and to a new upload that
+    finds too little free space. Files over ``max_file_size`` bytes, or larger than the free
+    space (with those partial files removed), are refused before a byte is written. A missing or
     unwritable ``upload_dir`` raises ``OSError`` here, naming the folder.
 
     Socket options (set on every accepted connection): ``nodelay`` (TCP_NODELAY, on),
@@ -509,6 +511,7 @@ class Server:
         upload_dir: str | os.PathLike[str] | None = None,
         max_file_size: int = ...,
         partial_ttl: float = 86400.0,
+        max_partial_bytes: int | None = None,
         tls: ServerTls | None = None,
         tls_handshake_timeout: float = 10.0,
         hello_timeout: float | None = 10.0,

@@ -210,6 +210,7 @@ def run_server(args: argparse.Namespace) -> int:
         idle_timeout=settings["idle_timeout"],
         upload_dir=settings["upload_dir"],
         max_file_size=settings["max_file_size"],
+        max_partial_bytes=settings["max_partial_bytes"],
         tls=tls,
         reuse_addr=settings["reuse_addr"],
         reuse_port=settings["reuse_port"] or workers > 1,

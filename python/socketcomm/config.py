@@ -358,6 +358,14 @@ SERVER_SETTINGS = [
         "largest file accepted into --upload-dir",
         "BYTES",
     ),
+    Setting(
+        "max_partial_bytes",
+        _positive_integer,
+        None,
+        "bytes that interrupted uploads kept for a resume may hold in --upload-dir, the "
+        "oldest going first (default: a quarter of its file system)",
+        "BYTES",
+    ),
     *_SERVER_TLS,
     Setting("backlog", _positive_integer, 1024, "the listen backlog", "N"),
     Setting(

@@ -54,8 +54,10 @@ impl Client {
         let download_dir = FileDir::open_optional(
             "download_dir",
             config.download_dir.as_deref(),
-            config.max_file_size,
-            crate::transfer::DEFAULT_PARTIAL_TTL,
+            crate::transfer::FolderLimits {
+                max_file_size: config.max_file_size,
+                ..crate::transfer::FolderLimits::default()
+            },
         )?;
         let first = connect_with_retries(host, port, &config, &download_dir, None).await?;
         Ok(Client {

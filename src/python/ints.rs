@@ -95,6 +95,7 @@ required! {
 optional! {
     max_connections_per_ip: usize,
     max_buffered: usize,
+    max_partial_bytes: u64,
     keepalive_count: u32,
     recv_buffer: usize,
     send_buffer: usize,

@@ -209,6 +209,7 @@ impl PyServer {
         upload_dir = None,
         max_file_size = DEFAULT_MAX_FILE_SIZE,
         partial_ttl = 86400.0,
+        max_partial_bytes = None,
         tls = None,
         tls_handshake_timeout = 10.0,
         hello_timeout = 10.0,
@@ -253,6 +254,7 @@ impl PyServer {
         upload_dir: Option<PathBuf>,
         #[pyo3(from_py_with = ints::max_file_size)] max_file_size: u64,
         partial_ttl: f64,
+        #[pyo3(from_py_with = ints::max_partial_bytes)] max_partial_bytes: Option<u64>,
         tls: Option<PyRef<'_, PyServerTls>>,
         tls_handshake_timeout: f64,
         hello_timeout: Option<f64>,
@@ -348,6 +350,7 @@ impl PyServer {
             upload_dir,
             max_file_size,
             partial_ttl: duration_from_secs("partial_ttl", partial_ttl)?,
+            max_partial_bytes,
             tls: tls.map(|tls| tls.core.clone()),
             tls_handshake_timeout: duration_from_secs(
                 "tls_handshake_timeout",

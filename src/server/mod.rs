@@ -445,8 +445,11 @@ impl Server {
         let upload_dir = FileDir::open_optional(
             "upload_dir",
             config.upload_dir.as_deref(),
-            config.max_file_size,
-            config.partial_ttl,
+            crate::transfer::FolderLimits {
+                max_file_size: config.max_file_size,
+                partial_ttl: config.partial_ttl,
+                max_partial_bytes: config.max_partial_bytes,
+            },
         )?;
         let listener = bind_listener(addr, &config).map_err(|e| {
             let hint = match e.kind() {

@@ -6,12 +6,14 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `send.rs` | reading, hashing and streaming a file in bounded memory; the sender's side of the exchange |
-//! | `receive.rs` | the receiving folder, partial files kept for resuming, writing and verifying |
+//! | `folder.rs` | the receiving folder, partial files kept for resuming and their bounds |
+//! | `receive.rs` | a connection's incoming transfers: writing and verifying |
 //! | `names.rs` | what a received file may be called |
 //! | `resume.rs` | the sender's resume tokens, which survive the process |
 //!
 //! Disk work runs on tokio's blocking threads, never on the network loop.
 
+mod folder;
 mod names;
 mod receive;
 mod resume;
@@ -24,9 +26,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+pub(crate) use folder::FileDir;
+pub use folder::{FolderLimits, DEFAULT_PARTIAL_TTL, MAX_TRANSFERS};
 pub use names::{safe_name, MAX_NAME_LEN, PARTIAL_DIR};
-pub(crate) use receive::{Delivery, FileDir, Receiving};
-pub use receive::{DEFAULT_PARTIAL_TTL, MAX_TRANSFERS, MAX_TRANSFERS_PER_CONNECTION};
+pub use receive::MAX_TRANSFERS_PER_CONNECTION;
+pub(crate) use receive::{Delivery, Receiving};
 pub use resume::RESUME_DIR_ENV;
 pub(crate) use send::send_file;
 

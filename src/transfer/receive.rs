@@ -1,327 +1,38 @@
-//! The receiving side: a folder that takes files ([`FileDir`]), and per connection the transfers
-//! in progress ([`Receiving`]), each run by a task that hands its file work (opening, writing
-//! and hashing, moving into place) to the blocking pool a step at a time: a transfer waiting
-//! for data holds no thread.
+//! The receiving side: per connection the transfers in progress ([`Receiving`]), each run by a
+//! task that hands its file work (opening, writing and hashing, moving into place) to the
+//! blocking pool a step at a time: a transfer waiting for data holds no thread.
 //!
-//! A file in progress lives in `<dir>/.socketcomm-partial/`, named after a key of its offered
-//! name and size and of its sender: the resume token this side hands the sender when it
-//! accepts the file (and the sender's TLS client certificate, if it has one). When the sender
-//! goes away, the partial file stays there, so the same file offered again with that token
-//! continues where it stopped (after the sender checked the digest of what is held); no other
-//! client can continue it or learn how much of it is held. Only once every byte arrived and the BLAKE3 digest matches the sender's is the file
-//! linked into `<dir>` under its name, never replacing an existing file: a file in `<dir>` is
-//! always whole and verified.
+//! A file in progress lives in its folder's partial folder (`folder.rs`), named after a key of
+//! its offered name and size and of its sender: the resume token this side hands the sender
+//! when it accepts the file (and the sender's TLS client certificate, if it has one). When the
+//! sender goes away, the partial file stays there, so the same file offered again with that
+//! token continues where it stopped (after the sender checked the digest of what is held); no
+//! other client can continue it or learn how much of it is held. Only once every byte arrived
+//! and the BLAKE3 digest matches the sender's is the file linked into the folder under its
+//! name, never replacing an existing file: a file there is always whole and verified.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::names::{candidates, safe_name, PARTIAL_DIR};
-use super::{hex, lock, ReceivedFile};
+use super::folder::{Claim, FileDir, MAX_TRANSFERS};
+use super::names::safe_name;
+use super::{hex, ReceivedFile};
 use crate::connection::Outbox;
-use crate::error::{Error, Result};
 use crate::frame::{Digest, Frame, ResumeToken, TransferStatus, RESUME_TOKEN_LEN};
-
-/// How long an offer waits for an earlier transfer of the same file to let go of it (see
-/// [`FileDir::claim`]).
-const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Chunks that may wait for a file's worker before the connection stops reading (each at most
 /// one frame): the disk pushes back on the sender through TCP.
 const CHUNKS_QUEUED: usize = 16;
 
-/// A folder that receives files (a server's `upload_dir`, a client's `download_dir`).
-#[derive(Debug)]
-pub(crate) struct FileDir {
-    root: PathBuf,
-    partial: PathBuf,
-    max_file_size: u64,
-    /// Keys of the partial files that a transfer is writing now.
-    busy: Mutex<HashSet<String>>,
-    /// Notified when a key is released.
-    released: Condvar,
-    /// One permit per transfer in progress into this folder, from every sender together.
-    transfers: Arc<tokio::sync::Semaphore>,
-    /// Partial files untouched for this long are removed.
-    partial_ttl: Duration,
-    /// When partial files were last looked at for expiry.
-    swept: Mutex<Instant>,
-}
-
-/// How long an interrupted transfer's partial file is kept for a resume by default.
-pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How often, at most, partial files are looked at for expiry (when transfers begin).
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
-
 /// Transfers in progress from one connection at once; one more offer is refused as busy.
 pub const MAX_TRANSFERS_PER_CONNECTION: usize = 4;
-/// Transfers in progress into one folder (a server's `upload_dir`) at once, from every sender.
-///
-/// NOTE: each holds a thread of the runtime's blocking pool while it waits for data, and an
-/// open file: without the limit, one connection's flood of offers took 521 threads and 512
-/// descriptors, and honest uploads waited behind it.
-pub const MAX_TRANSFERS: usize = 64;
-
-impl FileDir {
-    /// Checks that `root` is a folder this process can write to, and prepares the folder for
-    /// files in progress inside it.
-    ///
-    /// # Errors
-    /// [`Error::Io`] naming the path when it is missing, not a folder, or not writable.
-    pub(crate) fn open(
-        option: &'static str,
-        root: &Path,
-        max_file_size: u64,
-        partial_ttl: Duration,
-    ) -> Result<FileDir> {
-        let fail = |e: io::Error| {
-            Error::io_with_hint(
-                format!("{option} {} cannot receive files", root.display()),
-                e,
-                "; create the folder, or choose one this user can write to",
-            )
-        };
-        let meta = fs::metadata(root).map_err(fail)?;
-        if !meta.is_dir() {
-            return Err(fail(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                "it is not a folder",
-            )));
-        }
-        let root = root.canonicalize().map_err(fail)?;
-        let partial = root.join(PARTIAL_DIR);
-        fs::create_dir_all(&partial).map_err(fail)?;
-        if fs::symlink_metadata(&partial).map_err(fail)?.is_symlink() {
-            return Err(fail(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{PARTIAL_DIR} in it is a symbolic link, not a folder of its own"),
-            )));
-        }
-        // Creating the folder may have succeeded long ago: check that writing works now.
-        let probe = partial.join(format!(".probe-{}", std::process::id()));
-        File::create(&probe).map_err(fail)?;
-        let _ = fs::remove_file(&probe);
-        let dir = FileDir {
-            root,
-            partial,
-            max_file_size,
-            busy: Mutex::new(HashSet::new()),
-            released: Condvar::new(),
-            transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
-            partial_ttl,
-            swept: Mutex::new(Instant::now()),
-        };
-        dir.sweep();
-        Ok(dir)
-    }
-
-    /// The partial files that no transfer is writing now, oldest first, with their sizes.
-    /// Called with the `busy` keys locked, so that none is claimed meanwhile.
-    fn idle_partials(&self, busy: &HashSet<String>) -> Vec<(SystemTime, PathBuf, u64)> {
-        let Ok(entries) = fs::read_dir(&self.partial) else {
-            return Vec::new();
-        };
-        let mut idle: Vec<(SystemTime, PathBuf, u64)> = entries
-            .filter_map(|entry| {
-                let entry = entry.ok()?;
-                let name = entry.file_name().into_string().ok()?;
-                let key = name.strip_suffix(".part")?;
-                if busy.contains(key) {
-                    return None;
-                }
-                // The entry itself, never what a planted link points to.
-                let meta = entry.metadata().ok()?;
-                Some((meta.modified().ok()?, entry.path(), meta.len()))
-            })
-            .collect();
-        idle.sort();
-        idle
-    }
-
-    /// Removes the partial files untouched for longer than `partial_ttl`.
-    fn sweep(&self) {
-        let busy = lock(&self.busy);
-        *lock(&self.swept) = Instant::now();
-        let now = SystemTime::now();
-        for (modified, path, _) in self.idle_partials(&busy) {
-            if now.duration_since(modified).unwrap_or_default() > self.partial_ttl {
-                log::info!(
-                    "removed the partial file {} (untouched for over {:?}, partial_ttl)",
-                    path.display(),
-                    self.partial_ttl
-                );
-                let _ = fs::remove_file(&path);
-            }
-        }
-    }
-
-    /// Sweeps if the last sweep is [`SWEEP_EVERY`] old.
-    fn sweep_now_and_then(&self) {
-        if lock(&self.swept).elapsed() >= SWEEP_EVERY {
-            self.sweep();
-        }
-    }
-
-    /// The free space once at least `needed` bytes are free, if removing other transfers'
-    /// partial files (oldest first) can make that much room: a new transfer goes before an
-    /// interrupted one that may never be resumed.
-    ///
-    /// NOTE: without this, a few interrupted uploads could fill the disk for good, and every
-    /// honest upload after them was refused as `no_space`.
-    fn make_room(&self, needed: u64) -> io::Result<u64> {
-        let mut free = self.free_space()?;
-        if free >= needed {
-            return Ok(free);
-        }
-        let busy = lock(&self.busy);
-        for (_, path, size) in self.idle_partials(&busy) {
-            log::info!(
-                "removed the partial file {} ({size} bytes) to make room for a new transfer",
-                path.display()
-            );
-            fs::remove_file(&path)?;
-            free = self.free_space()?;
-            if free >= needed {
-                break;
-            }
-        }
-        Ok(free)
-    }
-
-    /// [`FileDir::open`] for an optional folder (`upload_dir`, `download_dir`): called when a
-    /// server or client is made, so that a folder that cannot take files is reported then,
-    /// not at the first file.
-    ///
-    /// # Errors
-    /// As [`FileDir::open`].
-    pub(crate) fn open_optional(
-        option: &'static str,
-        root: Option<&Path>,
-        max_file_size: u64,
-        partial_ttl: Duration,
-    ) -> Result<Option<Arc<FileDir>>> {
-        root.map(|root| FileDir::open(option, root, max_file_size, partial_ttl).map(Arc::new))
-            .transpose()
-    }
-
-    /// Reserves the partial file of `name` with `size` bytes for the sender holding `token`.
-    /// A second transfer of the same file while the first runs gets a file of its own, which
-    /// is not kept for resuming.
-    ///
-    /// NOTE: a sender that reconnects after losing its connection often offers the file again
-    /// before this side has noticed the loss and released the first transfer's file, so a busy
-    /// key is waited for up to [`RELEASE_WAIT`] before another file is taken.
-    ///
-    /// A partial file belongs to its sender: the key includes the resume token (a secret this
-    /// side made for that sender) and the fingerprint of its TLS client certificate (`owner`)
-    /// if it has one, so that another client offering the same name and size neither
-    /// continues it nor learns its digest.
-    fn claim(
-        self: &Arc<FileDir>,
-        name: &str,
-        size: u64,
-        owner: Option<&str>,
-        token: &ResumeToken,
-    ) -> Claim {
-        self.sweep_now_and_then();
-        let key = {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(name.as_bytes());
-            hasher.update(&[0]);
-            hasher.update(&size.to_be_bytes());
-            hasher.update(token);
-            if let Some(owner) = owner {
-                hasher.update(owner.as_bytes());
-            }
-            hex(hasher.finalize().as_bytes())[..32].to_owned()
-        };
-        let (mut busy, _) = self
-            .released
-            .wait_timeout_while(lock(&self.busy), RELEASE_WAIT, |busy| busy.contains(&key))
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (key, resumable) = if busy.contains(&key) {
-            let unique = (1..)
-                .map(|n| format!("{key}-{n}"))
-                .find(|candidate| !busy.contains(candidate))
-                .expect("an unused key exists");
-            (unique, false)
-        } else {
-            (key, true)
-        };
-        busy.insert(key.clone());
-        Claim {
-            path: self.partial.join(format!("{key}.part")),
-            key,
-            resumable,
-            dir: Arc::clone(self),
-        }
-    }
-
-    /// Bytes free for this user on the folder's file system.
-    fn free_space(&self) -> io::Result<u64> {
-        let stat = rustix::fs::statvfs(&self.partial)?;
-        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
-    }
-
-    /// Links the finished file at `partial` into the folder under `name`, or the first numbered
-    /// variant of it that is free, and removes the partial file. Returns the name used.
-    fn place(&self, partial: &Path, name: &str) -> io::Result<(String, PathBuf)> {
-        for candidate in candidates(name).take(10_000) {
-            let target = self.root.join(&candidate);
-            // NOTE: a hard link fails if the target exists, atomically: unlike a rename, it can
-            // never replace a file that appeared since we looked.
-            match fs::hard_link(partial, &target) {
-                Ok(()) => {
-                    fs::remove_file(partial)?;
-                    return Ok((candidate, target));
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) if hard_links_unsupported(&e) => {
-                    if target.exists() {
-                        continue;
-                    }
-                    fs::rename(partial, &target)?;
-                    return Ok((candidate, target));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{name:?} and 10,000 numbered variants of it already exist"),
-        ))
-    }
-}
-
-fn hard_links_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
-    )
-}
-
-/// A partial file reserved for one transfer; released when dropped.
-struct Claim {
-    path: PathBuf,
-    key: String,
-    /// Kept after an interruption, to be continued by the next offer of the same file.
-    resumable: bool,
-    dir: Arc<FileDir>,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        lock(&self.dir.busy).remove(&self.key);
-        self.dir.released.notify_all();
-    }
-}
 
 /// Who hears about received files: the server turns them into events, the client queues them
 /// for `recv_file`. `received` is called on a blocking thread and may block.
@@ -615,7 +326,7 @@ impl Job {
             }
             Err(Stop::Failed(failure)) => {
                 if let Some(claim) = claim.take() {
-                    let _ = blocking(move || fs::remove_file(&claim.path)).await;
+                    let _ = blocking(move || claim.remove()).await;
                 }
                 log::info!(
                     "refused or failed file {:?} from {}: {}",
@@ -636,10 +347,10 @@ impl Job {
             Err(Stop::Interrupted(why)) => {
                 if let Some(claim) = claim.take() {
                     let _ = blocking(move || {
-                        let empty = fs::metadata(&claim.path).is_ok_and(|meta| meta.len() == 0);
-                        if !claim.resumable || empty {
-                            let _ = fs::remove_file(&claim.path);
+                        if !claim.resumable || claim.is_empty() {
+                            claim.remove();
                         }
+                        claim.release_and_bound();
                     })
                     .await;
                 }
@@ -704,7 +415,6 @@ impl Job {
             }
         })
         .await?;
-        let partial = claim.path.clone();
         *claim_slot = Some(claim);
         let (mut writing, held, prefix) = prepared?;
         let accept = Frame::FileAccept {
@@ -785,10 +495,16 @@ impl Job {
                         .into());
                     }
                     drop(writing);
-                    let (dir, name) = (Arc::clone(&dir), name.clone());
-                    let (saved, path) = blocking(move || dir.place(&partial, &name))
-                        .await?
-                        .map_err(|e| Failure::io("cannot move the file into place", &e))?;
+                    let (claim, name) = (claim_slot.take().expect("claimed above"), name.clone());
+                    let (claim, placed) = blocking(move || {
+                        let placed = dir.place(&claim, &name);
+                        (claim, placed)
+                    })
+                    .await?;
+                    // Kept until now: a file that cannot be placed is removed with it.
+                    *claim_slot = Some(claim);
+                    let (saved, path) =
+                        placed.map_err(|e| Failure::io("cannot move the file into place", &e))?;
                     return Ok(ReceivedFile {
                         name: saved,
                         offered_name: self.offered.clone(),
@@ -829,8 +545,9 @@ fn prepare(
     resume: bool,
     size: u64,
 ) -> Result<(Writing, u64, Digest), Stop> {
-    let (mut file, held) =
-        open_partial(claim, resume, size).map_err(|e| Failure::io("cannot create the file", &e))?;
+    let (mut file, held) = dir
+        .open_partial(claim, resume, size)
+        .map_err(|e| Failure::io("cannot create the file", &e))?;
     let free = dir
         .make_room(size - held)
         .map_err(|e| Failure::io("cannot check the free space", &e))?;
@@ -856,99 +573,4 @@ fn prepare(
         prefix = *hasher.finalize().as_bytes();
     }
     Ok((Writing { file, hasher }, held, prefix))
-}
-
-/// Opens the claim's partial file: the bytes it holds are kept when resuming is allowed (and
-/// they are not more than the file's size), dropped otherwise. Returns the file, positioned at
-/// its end, and how many bytes it holds.
-fn open_partial(claim: &Claim, resume: bool, size: u64) -> io::Result<(File, u64)> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    // NOTE: never through a symbolic link: one planted where a partial file goes would make an
-    // upload overwrite (or a resume reveal) the file it points to.
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        rustix::fs::OFlags::NOFOLLOW.bits() as i32,
-    );
-    let mut file = match options.open(&claim.path) {
-        #[cfg(unix)]
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            // Someone planted a link there: it goes (never what it points to), and this
-            // transfer starts afresh in a file of its own.
-            log::warn!(
-                "removed a symbolic link planted as the partial file {}",
-                claim.path.display()
-            );
-            fs::remove_file(&claim.path)?;
-            options.open(&claim.path)?
-        }
-        opened => opened?,
-    };
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a partial file is not a regular file",
-        ));
-    }
-    let mut held = file.metadata()?.len();
-    if !(resume && claim.resumable) || held > size {
-        file.set_len(0)?;
-        held = 0;
-    }
-    file.seek(SeekFrom::Start(held))?;
-    Ok((file, held))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn folder() -> (tempfile::TempDir, Arc<FileDir>) {
-        let root = tempfile::tempdir().unwrap();
-        let dir = FileDir::open("upload_dir", root.path(), 1 << 20, Duration::from_secs(60));
-        (root, Arc::new(dir.unwrap()))
-    }
-
-    #[test]
-    fn a_partial_file_belongs_to_the_certificate_that_sent_it() {
-        let (_root, dir) = folder();
-        let path = |owner: Option<&str>| dir.claim("a.bin", 10, owner, &[1; 16]).path.clone();
-        let (alice, bob, anonymous) = (path(Some("ab:cd")), path(Some("ef:01")), path(None));
-        assert_ne!(alice, bob, "two senders' partial files are apart");
-        assert_ne!(alice, anonymous);
-        assert_eq!(
-            alice,
-            path(Some("ab:cd")),
-            "the same sender finds its own again"
-        );
-    }
-
-    #[test]
-    fn a_partial_file_belongs_to_the_token_it_was_made_for() {
-        let (_root, dir) = folder();
-        let path = |token: ResumeToken| dir.claim("a.bin", 10, None, &token).path.clone();
-        let (mine, other) = (path([1; 16]), path([2; 16]));
-        assert_ne!(
-            mine, other,
-            "another token never reaches this sender's file"
-        );
-        assert_eq!(mine, path([1; 16]), "the token finds its file again");
-        let tokens: HashSet<_> = (0..100).map(|_| new_token().unwrap()).collect();
-        assert_eq!(tokens.len(), 100, "tokens are random");
-    }
-
-    #[test]
-    fn a_file_being_written_is_not_handed_to_a_second_transfer() {
-        let (_root, dir) = folder();
-        let first = dir.claim("a.bin", 10, None, &[1; 16]);
-        let started = Instant::now();
-        let second = dir.claim("a.bin", 10, None, &[1; 16]);
-        assert!(
-            started.elapsed() >= RELEASE_WAIT,
-            "it waited for the first to let go"
-        );
-        assert_ne!(first.path, second.path);
-        assert!(first.resumable && !second.resumable);
-    }
 }
