@@ -287,6 +287,13 @@ pub struct ServerConfig {
     /// Close a connection after this long without a whole message from the client (the bytes
     /// of an unfinished frame do not count, so a slowloris is dropped too).
     pub idle_timeout: Option<Duration>,
+    /// Under `idle_timeout`, the bytes per second that a raw client (a plain socket) must send
+    /// for its messages to count as activity: one that sends under `raw_min_rate *
+    /// idle_timeout` bytes in an `idle_timeout` is idle. 0 (the default): any message counts.
+    ///
+    /// NOTE: off by default because a person typing into netcat sends far fewer bytes than
+    /// any rate that would stop a trickling client.
+    pub raw_min_rate: u64,
     /// What a broadcast does with a client that stopped reading.
     pub slow_reader: SlowReader,
     /// Where files from clients are saved; `None` (the default) refuses them.
@@ -330,6 +337,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: None,
             idle_timeout: None,
+            raw_min_rate: 0,
             slow_reader: SlowReader::Disconnect,
             upload_dir: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,

@@ -518,6 +518,54 @@ async fn a_client_that_trickles_a_frame_is_dropped_while_a_busy_one_is_kept() {
     );
 }
 
+/// A plain socket that writes `chunk` every 50 ms to a raw echo server with a 400 ms
+/// `idle_timeout` and `raw_min_rate`, reading the echoes; returns how long it was served
+/// (`None`: still served after 1.5 s).
+async fn raw_sender_served_for(server: &Server, chunk: &'static [u8]) -> Option<Duration> {
+    let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut echoed = vec![0; 4096];
+    while started.elapsed() < Duration::from_millis(1500) {
+        if stream.write_all(chunk).await.is_err() {
+            return Some(started.elapsed());
+        }
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut echoed)).await {
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    None
+}
+
+fn raw_echo(raw_min_rate: u64) -> Server {
+    server_with(ServerConfig {
+        mode: Mode::Echo,
+        idle_timeout: Some(Duration::from_millis(400)),
+        raw_min_rate,
+        ..ServerConfig::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_client_that_trickles_bytes_is_dropped_under_raw_min_rate() {
+    // 100 bytes per second of a 400 ms idle_timeout: 40 bytes in each 400 ms. A byte every
+    // 100 ms or so is 4; 64 bytes every 100 ms is 256.
+    let server = raw_echo(100);
+    let (trickler, steady) = tokio::join!(
+        raw_sender_served_for(&server, b"x"),
+        raw_sender_served_for(&server, &[b'y'; 64])
+    );
+    let dropped = trickler.expect("the trickling client was never dropped");
+    assert!(dropped >= Duration::from_millis(350), "{dropped:?}");
+    assert_eq!(steady, None, "a client that sends enough is kept");
+    assert_eq!(server.stats().idle_timeouts, 1);
+    // Without the rule every byte is a message, and a message is activity.
+    let lenient = raw_echo(0);
+    assert_eq!(raw_sender_served_for(&lenient, b"x").await, None);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_application_can_close_one_connection_with_a_reason() {
     let server = server(Mode::Events);

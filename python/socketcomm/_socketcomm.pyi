@@ -420,8 +420,12 @@ class Server:
     backlog. ``max_connections_per_ip`` (None: no limit) bounds those from one IP address the
     same way, so that one host cannot take every slot. ``idle_timeout`` (seconds) closes a
     connection that completed no message for that long (code 1006): the bytes of an unfinished
-    frame do not count, so a client that
-    trickles a frame byte by byte (slowloris) is dropped too, and neither do pings.
+    frame do not count, so a client that trickles a frame byte by byte (slowloris) is dropped
+    too, and neither do pings. A raw client's messages are the bytes it sends, however few:
+    with ``raw_min_rate`` (bytes per second; 0, the default, is off) they count only once they
+    add up to ``raw_min_rate * idle_timeout`` bytes, so one that sends a byte now and then is
+    dropped as idle too (off by default: a person typing into netcat sends less than any rate
+    that stops a trickle).
     ``hello_timeout`` (seconds, on by default) closes a connection that has not said what it
     speaks that long after it was accepted (after its TLS handshake, with TLS): one that sent
     nothing, or a framed client's unfinished hello (code 1006, counted in ``idle_timeouts``),
@@ -519,6 +523,7 @@ class Server:
         max_connections: int = 10000,
         max_connections_per_ip: int | None = None,
         idle_timeout: float | None = None,
+        raw_min_rate: int = 0,
         slow_reader: str = "disconnect",
         backlog: int = 1024,
         nodelay: bool = True,

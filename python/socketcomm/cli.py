@@ -208,6 +208,7 @@ def run_server(args: argparse.Namespace) -> int:
         max_buffered=max_buffered,
         max_connections=settings["max_connections"],
         idle_timeout=settings["idle_timeout"],
+        raw_min_rate=settings["raw_min_rate"],
         upload_dir=settings["upload_dir"],
         max_file_size=settings["max_file_size"],
         max_partial_bytes=settings["max_partial_bytes"],

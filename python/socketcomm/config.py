@@ -331,6 +331,14 @@ SERVER_SETTINGS = [
         "SECONDS",
     ),
     Setting(
+        "raw_min_rate",
+        _non_negative_integer,
+        0,
+        "with --idle-timeout, a plain-socket client must send this many bytes per second for "
+        "its messages to count as activity (0: any message counts)",
+        "BYTES",
+    ),
+    Setting(
         "reuse_addr",
         _boolean,
         True,

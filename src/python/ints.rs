@@ -80,6 +80,7 @@ required! {
     backlog: u32,
     retries: u32,
     max_file_size: u64,
+    raw_min_rate: u64,
     max_connections: usize,
     handler_threads: usize,
     workers: usize,

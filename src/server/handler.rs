@@ -372,6 +372,9 @@ async fn run<S: Transport>(
         }
     }
 
+    if raw {
+        idle.count_bytes(hub.config.raw_min_rate);
+    }
     let (mut reader, mut writer) = stream.halves();
     let mut driver = Driver {
         hub,
@@ -566,9 +569,11 @@ impl Driver<'_> {
             panic!("fault injection: a panic inside a connection's task");
         }
         let mut active = false;
+        let buffered = self.read_buf.len();
         let ending = self.handle_frames(&mut active).await;
         if active {
-            self.idle.touch();
+            // A raw client's messages are what it sent: its bytes count (`raw_min_rate`).
+            self.idle.heard(buffered - self.read_buf.len());
         }
         ending
     }
@@ -994,10 +999,18 @@ enum InPlace {
 /// Fires when the client has sent nothing for `idle_timeout`. Arming a timer per frame would
 /// cost a timer-wheel update per message; instead the timer is left alone and, when it fires,
 /// re-armed from the last activity if there was any.
+///
+/// On a raw connection with `raw_min_rate`, messages count as activity only once they add up
+/// to that many bytes per second of `idle_timeout`: a client that trickles a byte now and then
+/// is dropped like an idle one.
 struct IdleTimer {
     limit: Option<Duration>,
     last_seen: Instant,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Bytes that must arrive since the last activity for more to count as activity (1: any).
+    min_bytes: u64,
+    /// Bytes that arrived since the last activity.
+    since: u64,
 }
 
 impl IdleTimer {
@@ -1009,6 +1022,26 @@ impl IdleTimer {
             limit,
             last_seen: now,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            min_bytes: 1,
+            since: 0,
+        }
+    }
+
+    /// From now on, messages count as activity once `rate` bytes per second of the limit
+    /// arrived since the last activity (a raw connection's rule; 0: any message counts).
+    fn count_bytes(&mut self, rate: u64) {
+        if let Some(limit) = self.limit {
+            let bytes = (rate as f64 * limit.as_secs_f64()).ceil();
+            self.min_bytes = (bytes as u64).max(1);
+        }
+    }
+
+    /// Messages of `bytes` bytes in all arrived.
+    fn heard(&mut self, bytes: usize) {
+        self.since += bytes as u64;
+        if self.since >= self.min_bytes {
+            self.since = 0;
+            self.touch();
         }
     }
 
@@ -1019,6 +1052,7 @@ impl IdleTimer {
     fn touch(&mut self) {
         if self.limit.is_some() {
             self.last_seen = Instant::now();
+            self.since = 0;
         }
     }
 
@@ -1041,7 +1075,14 @@ impl IdleTimer {
         let limit = self.limit.unwrap_or_default();
         CloseInfo::new(
             Some(CloseCode::IDLE_TIMEOUT),
-            format!("idle for more than {limit:?} (idle_timeout)"),
+            if self.min_bytes > 1 {
+                format!(
+                    "sent under {} bytes in {limit:?} (idle_timeout, raw_min_rate)",
+                    self.min_bytes
+                )
+            } else {
+                format!("idle for more than {limit:?} (idle_timeout)")
+            },
         )
     }
 }
