@@ -191,6 +191,16 @@ impl Quota {
         whole
     }
 
+    /// Whether a message of `len` bytes would wait for room now.
+    pub(crate) fn is_full_for(&self, len: usize) -> bool {
+        self.free.load(Ordering::SeqCst) < self.cost(len + MESSAGE_OVERHEAD)
+    }
+
+    /// Whether the task is waiting for room.
+    pub(crate) fn is_waited_on(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// Holds a message of `len` bytes' share of `quota` until the [`Held`] is dropped, waiting
     /// for it if need be.
     ///

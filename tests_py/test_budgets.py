@@ -4,7 +4,9 @@ that its memory can be measured (and limited) from the outside."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import socketcomm
+import socketcomm.aio as aio
 
 from conftest import ROOT
 
@@ -590,3 +593,51 @@ def test_a_client_that_does_not_read_takes_no_more_than_its_inbound_bytes() -> N
                 assert client.recv() == bytes([i]) * size, f"message {i}"
             sender.join(10)
             assert not sender.is_alive()
+
+
+def test_a_request_behind_unread_messages_times_out_saying_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server pushes 24 x 1 MiB that the client's application does not read, and answers
+    # requests: a reply waits behind those messages, as the client reads nothing past its
+    # budget (inbound_bytes), and the timeout says so.
+    messages, size = 24, 1 << 20
+
+    def serve(server: socketcomm.Server) -> None:
+        for event in server:
+            if isinstance(event, socketcomm.Connected):
+                for _ in range(messages):
+                    server.send(event.conn_id, b"p" * size)
+            elif isinstance(event, socketcomm.Message):
+                with contextlib.suppress(socketcomm.ConnectionClosedError):
+                    event.reply(b"got " + event.data)
+
+    with socketcomm.Server("127.0.0.1", 0, slow_reader="wait", handler_threads=1) as server:
+        serving = threading.Thread(target=serve, args=(server,), daemon=True)
+        serving.start()
+        with socketcomm.Client(*server.address, inbound_bytes=size, timeout=10) as client:
+            time.sleep(0.5)  # the pushed messages fill the client's budget
+            with caplog.at_level(logging.WARNING, logger="socketcomm"):
+                with pytest.raises(TimeoutError) as waited:
+                    client.request(b"question", timeout=1)
+            assert "not read (recv())" in str(waited.value), waited.value
+            assert "inbound_bytes" in str(waited.value)
+            assert any("not read (recv())" in r.getMessage() for r in caplog.records)
+            # Once the application reads, everything arrives, and replies again.
+            for _ in range(messages):
+                assert client.recv() == b"p" * size
+            assert client.request(b"again") == b"got again"
+
+        async def asking_with_asyncio() -> str:
+            async with aio.Client(*server.address, inbound_bytes=size) as client:
+                await asyncio.sleep(0.5)
+                with pytest.raises(TimeoutError) as waited:
+                    await client.request(b"question", timeout=1)
+                for _ in range(messages):
+                    assert await client.recv() == b"p" * size
+                assert await client.request(b"again") == b"got again"
+                return str(waited.value)
+
+        assert "not read (recv())" in asyncio.run(asking_with_asyncio())
+        server.close()
+        serving.join(10)

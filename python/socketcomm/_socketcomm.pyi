@@ -807,6 +807,8 @@ class Client:
         to set; the loop watches it and calls ``_complete``."""
     def _complete(self) -> None:
         """Sets the outcomes handed over since the last call (on the loop's thread)."""
+    def _timeout_error(self, what: str, seconds: float) -> TimeoutError:
+        """The TimeoutError of a wait of ``seconds`` for ``what`` from the server."""
     def _try_send(self, data: _Data) -> bool:
         """Queues a message if there is room; False when the queue is full."""
     def _send(self, data: _Data) -> Awaitable[None]:

@@ -322,7 +322,11 @@ class Client:
     async def request(self, data: Data, timeout: float | None = None) -> bytes:
         """Sends a request and returns the server's reply to it."""
         limit = timeout if timeout is not None else self._timeout
-        reply: bytes = await _within(self._watched._request(data), limit, "reply")
+        try:
+            reply: bytes = await _within(self._watched._request(data), limit, "reply")
+        except TimeoutError:
+            # The sync API's wording, which says why when this client stopped reading.
+            raise self._watched._timeout_error("reply", limit or 0.0) from None
         return reply
 
     async def send_file(

@@ -125,6 +125,12 @@ impl Client {
         self.session().peer_addr()
     }
 
+    /// Whether reading from the server has stopped because the messages the application has
+    /// not read (`recv`) hold all of `inbound_bytes`: replies cannot arrive until it reads.
+    pub fn is_held_back_by_unread(&self) -> bool {
+        self.session().is_held_back_by_unread()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.session().local_addr()
     }

@@ -70,6 +70,8 @@ struct Shared {
     readable: Readiness,
     /// Files this client is sending, waiting for the server's answers.
     outgoing: Outgoing,
+    /// The share of `inbound_bytes` that the messages not yet read hold.
+    unread: Arc<Quota>,
 }
 
 impl Shared {
@@ -232,6 +234,7 @@ impl Session {
             finish: Mutex::new(Some(finish)),
             readable: Readiness::default(),
             outgoing: Outgoing::default(),
+            unread: Arc::clone(&held),
         });
         let (downloaded, downloads) = flume::unbounded();
         let receiving = Receiving::new(
@@ -286,6 +289,13 @@ impl Session {
 
     pub(crate) fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Whether reading from the server has stopped because the messages the application has
+    /// not read hold all of `inbound_bytes`: nothing more, replies included, arrives until
+    /// the application reads some.
+    pub(crate) fn is_held_back_by_unread(&self) -> bool {
+        self.shared.unread.is_waited_on()
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -450,6 +460,9 @@ impl Session {
             id,
         };
         self.outbox.send(Frame::Request { id, body: data }).await?;
+        if self.is_held_back_by_unread() {
+            log::warn!("{HELD_BACK}");
+        }
         reply.await.map_err(|_| self.outbox.state().closed_error())
     }
 
@@ -656,6 +669,19 @@ impl Delivery for Downloads {
     fn failed(&self, _offered_name: &str, _status: frame::TransferStatus, _reason: &str) {}
 }
 
+/// Why a request's reply does not come while the application does not read.
+const HELD_BACK: &str = "the messages from the server that the application has not read \
+                         (recv()) hold all of inbound_bytes: nothing more is read from the \
+                         server until some are, so the replies to the requests waiting cannot \
+                         arrive either";
+
+/// Whether a request is waiting for its reply.
+fn waits_for_replies(shared: &Shared) -> bool {
+    lock(&shared.pending)
+        .as_ref()
+        .is_some_and(|pending| !pending.is_empty())
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut inbound: Inbound<R>,
     mut heartbeat: Heartbeat,
@@ -692,6 +718,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Some(Ok(Frame::Data(body) | Frame::Request { body, .. })) => {
                 // NOTE: waiting here, for room in `inbound_bytes` and then in the queue, is
                 // what stops the reading: TCP then pushes back on the server.
+                if held.is_full_for(body.len()) && waits_for_replies(&shared) {
+                    log::warn!("{HELD_BACK}");
+                }
                 let delivered = tokio::select! {
                     () = abort.cancelled() => false,
                     sent = async {

@@ -384,6 +384,16 @@ impl PyClient {
         Ok(())
     }
 
+    /// The TimeoutError of a wait of `seconds` for `what` from the server (with the reason
+    /// when this client stopped reading: the sync API's wording).
+    fn _timeout_error<'py>(&self, py: Python<'py>, what: &str, seconds: f64) -> Bound<'py, PyAny> {
+        let limit = Duration::try_from_secs_f64(seconds).ok();
+        crate::python::client::timed_out(self.core(), what, limit)
+            .into_value(py)
+            .into_bound(py)
+            .into_any()
+    }
+
     /// Queues a message if there is room; False when the queue is full.
     fn _try_send(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
         Ok(self.core().try_send(payload(data)?)?)

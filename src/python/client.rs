@@ -361,11 +361,23 @@ impl PyClient {
     }
 
     fn timed_out(&self, what: &str, limit: Option<Duration>) -> PyErr {
-        let (host, port) = address(self.core.peer_addr());
-        PyTimeoutError::new_err(format!(
-            "no {what} from {host}:{port} within {:.3} s; the server may be busy or not \
-             answering (raise timeout= to wait longer)",
-            limit.unwrap_or_default().as_secs_f64()
-        ))
+        timed_out(&self.core, what, limit)
     }
+}
+
+/// The `TimeoutError` of a call that waited `limit` for `what` from the server, saying why
+/// when the client itself stopped reading.
+pub(crate) fn timed_out(core: &Client, what: &str, limit: Option<Duration>) -> PyErr {
+    let (host, port) = address(core.peer_addr());
+    let seconds = limit.unwrap_or_default().as_secs_f64();
+    let why = if core.is_held_back_by_unread() {
+        "the messages from the server that were not read (recv()) hold all of inbound_bytes, \
+         so this client reads nothing more, the reply included, until they are: read them, \
+         or raise inbound_bytes="
+    } else {
+        "the server may be busy or not answering (raise timeout= to wait longer)"
+    };
+    PyTimeoutError::new_err(format!(
+        "no {what} from {host}:{port} within {seconds:.3} s; {why}"
+    ))
 }
