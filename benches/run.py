@@ -43,6 +43,7 @@ ECHO_PEERS = [
 ]
 TLS_PEERS = [
     ("socketcomm-tls-echo", "socketcomm Server(mode='echo', tls=...), TLS 1.3"),
+    ("tokio-tls", "minimal tokio-rustls framed echo, TLS 1.3 (the limit)"),
     ("socketcomm-echo", "the same server in plaintext"),
     ("protocol-echo-ssl", "asyncio Protocol echo over asyncio ssl, TLS 1.3"),
     ("protocol-echo-ssl-uvloop", "asyncio Protocol echo over ssl on uvloop, TLS 1.3"),
@@ -105,7 +106,8 @@ class Peer:
 
     def __init__(self, kind: str) -> None:
         if kind.startswith("tokio"):
-            flags = {"tokio-sink": ["--sink"], "tokio-raw": ["--raw"]}.get(kind, [])
+            flags = {"tokio-sink": ["--sink"], "tokio-raw": ["--raw"], "tokio-tls": ["--tls"]}
+            flags = flags.get(kind, [])
             args = [str(RELEASE / "tokio_echo"), *flags]
         else:
             args = [sys.executable, str(BENCHES / "peers.py"), kind]

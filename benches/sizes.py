@@ -5,6 +5,7 @@ connection, with 50, and pipelined (8 connections, 16 messages in flight each).
     python benches/sizes.py --quick                     # about 6 minutes
     python benches/sizes.py                             # longer windows, about 13 minutes
     python benches/sizes.py --sizes 65536,1048576 --shapes 50 --framings raw
+    python benches/sizes.py --quick --framings tls      # TLS 1.3: against tokio-rustls
 
 Each row is one server process and one run of the load generator (benches/loadgen), which
 reports messages/s, MB/s (payload bytes echoed, one way), latency and the CPU time of both
@@ -12,19 +13,22 @@ processes over the measured window. A row that fails (the server did not start, 
 generator got nothing back or stopped) is reported as failed with its reason, and the others
 are still measured. iperf3's single stream over loopback is measured first, as the ceiling for
 large messages: an echo moves every byte both ways, so its one-way MB/s can reach at most
-about half of it with the load generator and the server on two cores.
+about half of it with the load generator and the server on two cores. The `tls` framing runs
+framed messages over TLS 1.3 (a certificate made with openssl) against a minimal tokio-rustls
+echo, next to the same socketcomm server in plaintext.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from files import run_iperf3
-from run import Result, ensure_tools, machine, publish, run_load, say
+from run import Result, ensure_tools, machine, make_tls_files, publish, run_load, say
 
 SIZES = [100, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024]
 
@@ -61,6 +65,11 @@ PEERS = {
         ("socketcomm-echo", "socketcomm"),
         ("protocol-echo-raw-uvloop", "uvloop"),
         ("protocol-echo-raw", "asyncio"),
+    ],
+    "tls": [
+        ("tokio-tls", "tokio-rustls"),
+        ("socketcomm-tls-echo", "socketcomm"),
+        ("socketcomm-echo", "socketcomm in plaintext"),
     ],
 }
 
@@ -157,7 +166,9 @@ def main() -> None:
         help="connection shapes, comma-separated, of: " + ", ".join(SHAPES),
     )
     parser.add_argument(
-        "--framings", default="framed,raw", help="framed, raw or both (default: %(default)s)"
+        "--framings",
+        default="framed,raw",
+        help="framed, raw and tls (TLS 1.3), comma-separated (default: %(default)s)",
     )
     parser.add_argument("--output", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()
@@ -168,7 +179,8 @@ def main() -> None:
         parser.error(f"unknown shape {error}; the shapes are {', '.join(SHAPES)}")
     framings = args.framings.split(",")
     if unknown := set(framings) - set(PEERS):
-        parser.error(f"unknown framing {', '.join(unknown)}; they are framed and raw")
+        parser.error(f"unknown framing {', '.join(unknown)}; they are framed, raw and tls")
+    tls_folder = make_tls_files() if "tls" in framings else None
 
     ensure_tools()
     started = datetime.datetime.now(datetime.UTC)
@@ -198,6 +210,8 @@ def main() -> None:
                     for kind, title in PEERS[framing]
                 ]
             report += section(framing, shape, sizes, rows)
+    if tls_folder:
+        shutil.rmtree(tls_folder)
     publish(report, args.output)
 
 
