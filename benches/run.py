@@ -106,8 +106,8 @@ class Peer:
 
     def __init__(self, kind: str) -> None:
         if kind.startswith("tokio"):
-            flags = {"tokio-sink": ["--sink"], "tokio-raw": ["--raw"], "tokio-tls": ["--tls"]}
-            flags = flags.get(kind, [])
+            flag = {"tokio-sink": "--sink", "tokio-raw": "--raw", "tokio-tls": "--tls"}.get(kind)
+            flags = [flag] if flag else []
             args = [str(RELEASE / "tokio_echo"), *flags]
         else:
             args = [sys.executable, str(BENCHES / "peers.py"), kind]
