@@ -515,17 +515,8 @@ impl Driver<'_> {
                     }
                 },
                 written = write_or_flush(writer, &self.write_buf), if writing || unflushed => {
-                    match written {
-                        Ok(Some(0)) => {
-                            return (CloseInfo::new(None, "the client stopped taking data"), None);
-                        }
-                        Ok(Some(n)) => {
-                            self.write_buf.advance(n);
-                            self.hub.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                            unflushed = buffers_writes;
-                        }
-                        Ok(None) => unflushed = false,
-                        Err(e) => return (io_ending(self.hub, &e), None),
+                    if let Some(ending) = self.wrote(written, &mut unflushed, buffers_writes) {
+                        return ending;
                     }
                 }
                 frame = queued.recv(), if queue_open && taking => match frame {
@@ -533,6 +524,15 @@ impl Driver<'_> {
                         encode(&frame, self.raw, &mut self.write_buf);
                         self.messages_out += u64::from(is_message(&frame))
                             + drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
+                        // Written now rather than on the loop's next turn, which would poll
+                        // every branch again first: an answer usually goes out in one write.
+                        // A write that would block is polled again, with this task's waker, by
+                        // that next turn.
+                        if let Some(written) = write_or_flush(writer, &self.write_buf).now_or_never() {
+                            if let Some(ending) = self.wrote(written, &mut unflushed, buffers_writes) {
+                                return ending;
+                            }
+                        }
                     }
                     None => queue_open = false,
                 },
@@ -552,6 +552,32 @@ impl Driver<'_> {
                     Err(e) => return (io_ending(self.hub, &e), None),
                 },
             }
+        }
+    }
+
+    /// Takes the outcome of a write (or flush) of the write buffer; `Some` ends the connection.
+    fn wrote(
+        &mut self,
+        written: io::Result<Option<usize>>,
+        unflushed: &mut bool,
+        buffers_writes: bool,
+    ) -> Option<Ending> {
+        match written {
+            Ok(Some(0)) => Some((CloseInfo::new(None, "the client stopped taking data"), None)),
+            Ok(Some(n)) => {
+                self.write_buf.advance(n);
+                self.hub
+                    .counters
+                    .bytes_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                *unflushed = buffers_writes;
+                None
+            }
+            Ok(None) => {
+                *unflushed = false;
+                None
+            }
+            Err(e) => Some((io_ending(self.hub, &e), None)),
         }
     }
 
