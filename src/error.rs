@@ -106,6 +106,9 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),
+    /// A room or topic name (or pattern) that breaks the naming rules.
+    #[error("invalid room or topic: {0}")]
+    Topic(#[from] crate::topic::TopicError),
     /// An option has a value the library cannot use.
     #[error("invalid {option}: {message}")]
     InvalidOption {

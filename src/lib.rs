@@ -26,6 +26,7 @@ pub(crate) mod heartbeat;
 pub mod server;
 pub(crate) mod sync;
 pub mod tls;
+pub mod topic;
 pub mod transfer;
 
 #[cfg(feature = "python")]

@@ -166,3 +166,19 @@ def test_after_a_keyboard_interrupt_in_a_handler_the_others_serve_and_close_retu
         started = time.monotonic()
         server.close()
         assert time.monotonic() - started < 5
+
+
+def test_serve_forever_inside_a_with_block_serves_until_closed() -> None:
+    """`with Server(on_message=...)` starts the handler threads; serve_forever then waits for
+    the end (it used to raise PanicException: its pause was made outside the runtime)."""
+    with socketcomm.Server("127.0.0.1", 0, on_message=lambda conn, data: data.upper()) as server:
+        serving = threading.Thread(target=server.serve_forever)
+        serving.start()
+        with socketcomm.Client(*server.address, timeout=5) as client:
+            assert client.request(b"abc") == b"ABC"
+            time.sleep(0.3)  # serve_forever has paused and looked again at least twice
+            assert client.request(b"def") == b"DEF"
+        assert serving.is_alive()
+        server.close()
+        serving.join(timeout=10)
+        assert not serving.is_alive()

@@ -604,6 +604,29 @@ class Server:
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
+    def join(self, conn_id: int, room: str) -> bool:
+        """Puts the connection ``conn_id`` in ``room``; False when it was in it already.
+
+        A room is a name of dot-separated segments (``"lobby"``, ``"chat.lobby"``), at most
+        255 bytes of UTF-8 with no whitespace or control characters; a pattern joins every
+        room it matches: ``*`` stands for one segment (``"chat.*"``), ``>`` as the last
+        segment for one or more (``"chat.>"``). A connection leaves its rooms when it ends.
+        ``ValueError`` for a name that breaks the rules, ``ConnectionClosedError`` when there
+        is no such connection (any more)."""
+    def leave(self, conn_id: int, room: str) -> bool:
+        """Takes the connection out of ``room`` (a name or pattern, as joined); False when
+        it was not in it."""
+    def rooms(self, conn_id: int) -> list[str]:
+        """The rooms (names and patterns) the connection is in, sorted; empty once it has
+        ended."""
+    def members(self, room: str) -> list[int]:
+        """The ids of the connections that a publish to ``room`` reaches (those in the room,
+        or in a pattern that matches it), sorted. ``ValueError`` for a pattern."""
+    def publish(self, room: str, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
+        """Sends ``data`` to every connection in ``room`` (or in a pattern that matches it)
+        but ``exclude``, each once however many of its rooms match; returns how many it
+        reached. As `broadcast` otherwise: a client whose queue is full is handled by
+        ``slow_reader``. ``ValueError`` for a pattern: a message goes to one room."""
     def latency(self, conn_id: int) -> float | None:
         """The round trip of the last ping the server sent ``conn_id`` and the client
         answered, in seconds; None before the first answer (``ping_interval`` after it
@@ -647,6 +670,10 @@ class Server:
         """Sends to one connection, waiting for room in its queue."""
     def _broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> Awaitable[int]:
         """Sends to every connection but ``exclude``; the awaitable gives how many."""
+    def _publish(
+        self, room: str, data: _Data, exclude: int | Iterable[int] | None = None
+    ) -> Awaitable[int]:
+        """Sends to every connection a publish to ``room`` reaches but ``exclude``."""
     def _close(self, timeout: float = 5.0) -> Awaitable[None]:
         """Closes as ``close()`` does, without blocking the event loop."""
     def __enter__(self) -> Self: ...

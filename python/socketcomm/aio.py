@@ -481,6 +481,30 @@ class Server:
         reached: int = await self._core._broadcast(data, exclude)
         return reached
 
+    def join(self, conn_id: int, room: str) -> bool:
+        """Puts a connection in a room (a name or pattern), as `socketcomm.Server.join`."""
+        return self._core.join(conn_id, room)
+
+    def leave(self, conn_id: int, room: str) -> bool:
+        """Takes a connection out of a room, as `socketcomm.Server.leave`."""
+        return self._core.leave(conn_id, room)
+
+    def rooms(self, conn_id: int) -> list[str]:
+        """The rooms a connection is in, sorted."""
+        return self._core.rooms(conn_id)
+
+    def members(self, room: str) -> list[int]:
+        """The ids of the connections a publish to ``room`` reaches, sorted."""
+        return self._core.members(room)
+
+    async def publish(
+        self, room: str, data: Data, exclude: int | Iterable[int] | None = None
+    ) -> int:
+        """Sends to every connection in ``room`` (or a pattern matching it) but ``exclude``,
+        each once; returns how many it reached. Waits only while full queues wait."""
+        reached: int = await self._core._publish(room, data, exclude)
+        return reached
+
     async def send_file(
         self,
         conn_id: int,

@@ -517,6 +517,24 @@ impl PyServer {
         spawn_awaitable(py, async move { Ok(core.broadcast(data, &exclude).await) })
     }
 
+    /// Sends to every connection a publish to `room` reaches but `exclude`; the awaitable gives
+    /// how many it reached.
+    #[pyo3(signature = (room, data, exclude = None))]
+    fn _publish<'py>(
+        &self,
+        py: Python<'py>,
+        room: String,
+        data: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let data = payload(data)?;
+        let exclude = exclusions(exclude)?;
+        // The name is checked now, so that a bad one raises at the call, not at the await.
+        crate::topic::check_name(&room).map_err(Error::from)?;
+        let core = Arc::clone(self.core());
+        spawn_awaitable(py, async move { core.publish(&room, data, &exclude).await })
+    }
+
     /// Sends a file to a connection; returns the awaitable of its `FileSent` and the progress.
     fn _send_file<'py>(
         &self,

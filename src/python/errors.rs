@@ -191,7 +191,7 @@ impl From<Error> for PyErr {
                 }
                 Error::Tls(_) => raise(py, &all.tls, message, None),
                 Error::Timeout(_) => PyTimeoutError::new_err(message),
-                Error::InvalidOption { .. } => PyValueError::new_err(message),
+                Error::InvalidOption { .. } | Error::Topic(_) => PyValueError::new_err(message),
             }
         })
     }

@@ -466,8 +466,11 @@ impl PyServer {
                 });
             }
             // start() already runs the dispatchers; wait for the server to end.
+            // NOTE: the sleep is made inside the future, where the runtime is entered: made
+            // here, on a thread outside any runtime, it panicked.
             while !(events.is_disconnected() && events.is_empty()) {
-                wait(py, tokio::time::sleep(Duration::from_millis(100)), None)?;
+                let pause = async { tokio::time::sleep(Duration::from_millis(100)).await };
+                wait(py, pause, None)?;
             }
             return Ok(());
         }
@@ -657,10 +660,45 @@ impl PyServer {
         data: &Bound<'_, PyAny>,
         exclude: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let data = payload(data)?;
-        let exclude = exclusions(exclude)?;
-        let core = &self.core;
-        Ok(wait(py, core.broadcast(data, &exclude), None)?.expect("waits without a timeout"))
+        self.fan_out(py, None, data, exclude)
+    }
+
+    /// Puts connection `conn_id` in `room` (a name such as ``"lobby"`` or ``"chat.lobby"``, or a
+    /// pattern: ``"chat.*"``, ``"chat.>"``); False when it was in it already.
+    fn join(
+        &self,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
+        room: &str,
+    ) -> PyResult<bool> {
+        Ok(self.core.join(conn_id, room)?)
+    }
+
+    /// Takes connection `conn_id` out of `room` (as joined); False when it was not in it.
+    fn leave(&self, #[pyo3(from_py_with = ints::conn_id)] conn_id: u64, room: &str) -> bool {
+        self.core.leave(conn_id, room)
+    }
+
+    /// The rooms connection `conn_id` is in, sorted (none once it has ended).
+    fn rooms(&self, #[pyo3(from_py_with = ints::conn_id)] conn_id: u64) -> Vec<String> {
+        self.core.rooms(conn_id)
+    }
+
+    /// The ids of the connections a publish to `room` reaches, sorted.
+    fn members(&self, room: &str) -> PyResult<Vec<u64>> {
+        Ok(self.core.members(room)?)
+    }
+
+    /// Sends `data` to every connection in `room` (or in a pattern that matches it) but those
+    /// in `exclude`, each once; returns how many it reached. As `broadcast` otherwise.
+    #[pyo3(signature = (room, data, exclude = None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        room: &str,
+        data: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        self.fan_out(py, Some(room), data, exclude)
     }
 
     /// The round trip of the last ping the server sent `conn_id` and the client answered, in
@@ -750,6 +788,27 @@ pub(crate) fn exclusions(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64
 impl PyServer {
     pub(crate) fn core(&self) -> &Arc<core::Server> {
         &self.core
+    }
+
+    /// Sends `data` to every connection (`room` None: a broadcast), or to those a publish to
+    /// `room` reaches, but `exclude`; how many it reached.
+    fn fan_out(
+        &self,
+        py: Python<'_>,
+        room: Option<&str>,
+        data: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let data = payload(data)?;
+        let exclude = exclusions(exclude)?;
+        let core = &self.core;
+        let sending = async move {
+            match room {
+                None => Ok(core.broadcast(data, &exclude).await),
+                Some(room) => core.publish(room, data, &exclude).await,
+            }
+        };
+        Ok(wait(py, sending, None)?.expect("waits without a timeout")?)
     }
 
     /// The runtime an event-mode server's connections run on.

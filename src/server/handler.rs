@@ -206,6 +206,7 @@ async fn serve_on<S: Transport>(
     conn.outbox.state().mark_closed(reason.clone());
     conn.outgoing.close();
     lock(&hub.connections).remove(&id);
+    hub.rooms.leave_all(id);
     // NOTE: the slot is free before Disconnected is sent, so that an application (or a test)
     // that connects again on seeing it is never refused as over `max_connections`.
     drop(slot);

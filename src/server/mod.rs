@@ -7,6 +7,7 @@
 
 mod handler;
 mod reads;
+mod rooms;
 
 use std::collections::HashMap;
 use std::io;
@@ -342,6 +343,7 @@ struct Hub {
     counters: Counters,
     /// The bytes held for all clients together (`max_buffered`).
     buffered: Budget,
+    rooms: rooms::Rooms,
 }
 
 /// The event queue's sending side, held by the accept loop and each connection task. When the
@@ -496,6 +498,7 @@ impl Server {
             events_ready: Readiness::default(),
             counters: Counters::default(),
             buffered,
+            rooms: rooms::Rooms::default(),
         });
         let sender = EventSender {
             queue: Some(sender),
@@ -627,6 +630,58 @@ impl Server {
         self.hub.broadcast(data, exclude).await
     }
 
+    /// Puts connection `id` in `room`, a name (`lobby`, `chat.lobby`) or a pattern (`chat.*`,
+    /// `chat.>`; see [`crate::topic`]); `false` when it was in it already. A connection leaves
+    /// its rooms when it ends.
+    ///
+    /// # Errors
+    /// [`Error::Topic`] for a name that breaks the rules; [`Error::Closed`] when there is no such
+    /// connection, or it is closing.
+    pub fn join(&self, id: ConnId, room: &str) -> Result<bool> {
+        let conn = self.connection(id).ok_or_else(|| no_connection(id))?;
+        self.hub.rooms.join(&conn, room)
+    }
+
+    /// Takes connection `id` out of `room` (as joined: a name or a pattern); `false` when it
+    /// was not in it.
+    pub fn leave(&self, id: ConnId, room: &str) -> bool {
+        self.hub.rooms.leave(id, room)
+    }
+
+    /// The rooms connection `id` is in, sorted; none for a connection that has ended.
+    pub fn rooms(&self, id: ConnId) -> Vec<String> {
+        self.hub.rooms.rooms_of(id)
+    }
+
+    /// The connections a publish to the room `name` reaches (those in a room of that name, or
+    /// of a pattern that matches it), by id.
+    ///
+    /// # Errors
+    /// [`Error::Topic`] when `name` is not a name to publish to (a pattern, say).
+    pub fn members(&self, name: &str) -> Result<Vec<ConnId>> {
+        let reached = self.hub.rooms.reached_by(name, &[])?;
+        Ok(reached.iter().map(Connection::id).collect())
+    }
+
+    /// How many rooms have members now.
+    pub fn room_count(&self) -> usize {
+        self.hub.rooms.count()
+    }
+
+    /// Queues `data` to every connection that a publish to the room `name` reaches (see
+    /// [`Server::members`]) but those in `exclude`, each once, as [`Server::broadcast`] does
+    /// (the same `slow_reader` policy); returns how many it reached.
+    ///
+    /// # Errors
+    /// [`Error::Topic`] when `name` is not a name to publish to.
+    ///
+    /// # Cancel safety
+    /// As [`Server::broadcast`].
+    pub async fn publish(&self, name: &str, data: Bytes, exclude: &[ConnId]) -> Result<usize> {
+        let targets = self.hub.rooms.reached_by(name, exclude)?;
+        Ok(self.hub.fan_out(targets, data).await)
+    }
+
     /// Sends the file at `path` to connection `id` (under `name`, by default its own), streamed
     /// in bounded memory, and returns once the client has verified and saved it in its
     /// `download_dir`.
@@ -644,12 +699,7 @@ impl Server {
         name: Option<String>,
         progress: &Arc<Progress>,
     ) -> Result<SentFile> {
-        let conn = self.connection(id).ok_or_else(|| {
-            Error::Closed(CloseInfo::new(
-                None,
-                format!("there is no connection {id} (it may have ended)"),
-            ))
-        })?;
+        let conn = self.connection(id).ok_or_else(|| no_connection(id))?;
         // NOTE: a client comes back from another port; its address is the one it had.
         let receiver = conn.peer.ip().to_string();
         let sent = transfer::send_file(
@@ -959,6 +1009,14 @@ fn take_slot(hub: &Arc<Hub>, peer: SocketAddr) -> std::result::Result<Slot, Stri
     })
 }
 
+/// The error for an operation on a connection that is not (or no longer) served.
+fn no_connection(id: ConnId) -> Error {
+    Error::Closed(CloseInfo::new(
+        None,
+        format!("there is no connection {id}: it has ended, or never existed"),
+    ))
+}
+
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -991,6 +1049,12 @@ impl Hub {
             .filter(|conn| !exclude.contains(&conn.id))
             .cloned()
             .collect();
+        self.fan_out(targets, data).await
+    }
+
+    /// Queues `data` to each of `targets`, waiting for the full queues together under the
+    /// `slow_reader` policy; returns how many it reached.
+    async fn fan_out(&self, targets: Vec<Connection>, data: Bytes) -> usize {
         let mut reached = 0;
         let mut full = Vec::new();
         for conn in targets {
