@@ -5,7 +5,7 @@
 //! own, in `server/handler.rs`.)
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
@@ -28,8 +28,8 @@ const WRITE_BATCH: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) struct ConnState {
     peer_max_frame: AtomicU32,
-    /// Set once the peer's hello arrived: the connection speaks the framed protocol.
-    framed: AtomicBool,
+    /// The protocol version the hellos settled on; 0 until then, and for a raw connection.
+    version: AtomicU8,
     /// Set when the writer sends file ranges itself (`sendfile`), so file data need not be
     /// copied into frames.
     sends_files: AtomicBool,
@@ -48,7 +48,7 @@ impl ConnState {
         let budget = budget.clamp(1, u32::MAX as usize);
         Arc::new(ConnState {
             peer_max_frame: AtomicU32::new(peer_max_frame),
-            framed: AtomicBool::new(false),
+            version: AtomicU8::new(0),
             sends_files: AtomicBool::new(false),
             latency: Latency::default(),
             budget,
@@ -71,14 +71,20 @@ impl ConnState {
         }
     }
 
-    /// Records the limit from the peer's hello, which also marks the connection as framed.
-    pub(crate) fn set_peer_max_frame(&self, max_frame: u32) {
+    /// Records what the hellos settled: the protocol `version` and the peer's frame limit
+    /// (which also marks the connection as framed).
+    pub(crate) fn set_peer(&self, version: u8, max_frame: u32) {
         self.peer_max_frame.store(max_frame, Ordering::Relaxed);
-        self.framed.store(true, Ordering::Release);
+        self.version.store(version, Ordering::Release);
     }
 
     pub(crate) fn is_framed(&self) -> bool {
-        self.framed.load(Ordering::Acquire)
+        self.version.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the peer speaks topic frames (protocol version 2 on).
+    pub(crate) fn speaks_topics(&self) -> bool {
+        self.version.load(Ordering::Acquire) >= crate::frame::TOPICS_VERSION
     }
 
     pub(crate) fn set_sends_files(&self, sends_files: bool) {
@@ -799,7 +805,10 @@ pub(crate) fn encode(frame: &Frame, raw: bool, buf: &mut BytesMut) {
         return;
     }
     match frame {
-        Frame::Data(body) | Frame::Request { body, .. } | Frame::Reply { body, .. } => {
+        Frame::Data(body)
+        | Frame::Request { body, .. }
+        | Frame::Reply { body, .. }
+        | Frame::Publish { body, .. } => {
             buf.extend_from_slice(body);
         }
         _ => {}

@@ -106,6 +106,9 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),
+    /// The peer's application refused what was asked (a subscription), and says why.
+    #[error("refused by the server: {0}")]
+    Refused(String),
     /// A room or topic name (or pattern) that breaks the naming rules.
     #[error("invalid room or topic: {0}")]
     Topic(#[from] crate::topic::TopicError),

@@ -5,6 +5,8 @@
 //! any memory), then parses it and advances the buffer. `docs/protocol.md` describes the same
 //! format byte by byte; keep the two in step.
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -15,9 +17,16 @@ use crate::error::FrameError;
 /// signature).
 pub const MAGIC: [u8; 4] = [0x89, b'S', b'C', b'M'];
 
-/// The protocol version this build speaks. Peers announce a range, so a later version can be
-/// added without breaking version-1 peers.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The highest protocol version this build speaks. Peers announce a range, so a later version
+/// can be added without breaking earlier peers: version 2 adds topics (SUBSCRIBE, UNSUBSCRIBE,
+/// PUBLISH, TOPIC_ACK); a connection that settles on version 1 never carries them.
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// The lowest protocol version this build speaks.
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
+
+/// The first version with topic frames.
+pub const TOPICS_VERSION: u8 = 2;
 
 /// Length of the hello in bytes: magic (4), two version bytes, flags (u16), max_frame (u32).
 pub const HELLO_LEN: usize = 12;
@@ -45,7 +54,7 @@ impl Hello {
     /// The hello a client of this build sends.
     pub fn client(max_frame: u32) -> Hello {
         Hello {
-            min_version: PROTOCOL_VERSION,
+            min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             max_frame,
         }
@@ -53,11 +62,9 @@ impl Hello {
 
     /// The server's answer to `offered`: the highest version both speak, or a refusal.
     pub fn answer(offered: &Hello, max_frame: u32) -> Hello {
-        let version = if (offered.min_version..=offered.max_version).contains(&PROTOCOL_VERSION) {
-            PROTOCOL_VERSION
-        } else {
-            0
-        };
+        let highest = offered.max_version.min(PROTOCOL_VERSION);
+        let lowest = offered.min_version.max(MIN_PROTOCOL_VERSION);
+        let version = if lowest <= highest { highest } else { 0 };
         Hello {
             min_version: version,
             max_version: if version == 0 {
@@ -202,6 +209,10 @@ pub mod kind {
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
     pub const CLOSE: u8 = 0x30;
+    pub const SUBSCRIBE: u8 = 0x40;
+    pub const UNSUBSCRIBE: u8 = 0x41;
+    pub const PUBLISH: u8 = 0x42;
+    pub const TOPIC_ACK: u8 = 0x43;
 }
 
 /// One frame of the framed protocol.
@@ -279,6 +290,45 @@ pub enum Frame {
         code: CloseCode,
         reason: String,
     },
+    /// A client asks to be in the rooms `pattern` matches (a topic name or a pattern); the
+    /// server answers with a [`Frame::TopicAck`] carrying the same `id`. Version 2.
+    Subscribe {
+        id: u32,
+        pattern: String,
+    },
+    /// A client asks to leave what `pattern` (as subscribed) joined; answered as
+    /// [`Frame::Subscribe`]. Version 2.
+    Unsubscribe {
+        id: u32,
+        pattern: String,
+    },
+    /// A message on `topic`: from a client, published to it; from a server, delivered because
+    /// the client is in a room that `topic` matches. Version 2.
+    Publish {
+        topic: Arc<str>,
+        body: Bytes,
+    },
+    /// The server's answer to a [`Frame::Subscribe`] or [`Frame::Unsubscribe`]. Version 2.
+    TopicAck {
+        id: u32,
+        status: TopicStatus,
+        reason: String,
+    },
+}
+
+/// What became of a SUBSCRIBE or UNSUBSCRIBE ([`Frame::TopicAck`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicStatus(pub u8);
+
+impl TopicStatus {
+    /// Done: subscribed, or unsubscribed.
+    pub const DONE: TopicStatus = TopicStatus(0);
+    /// Nothing changed: subscribed already, or was not subscribed.
+    pub const UNCHANGED: TopicStatus = TopicStatus(1);
+    /// The name or pattern breaks the naming rules.
+    pub const BAD_NAME: TopicStatus = TopicStatus(2);
+    /// The server's application refused the subscription.
+    pub const REFUSED: TopicStatus = TopicStatus(3);
 }
 
 /// A BLAKE3 digest.
@@ -408,7 +458,23 @@ impl Frame {
             Frame::FileCancel { reason, .. } => 4 + reason.len(),
             Frame::Ping(_) | Frame::Pong(_) => 8,
             Frame::Close { reason, .. } => 2 + reason.len(),
+            Frame::Subscribe { pattern, .. } | Frame::Unsubscribe { pattern, .. } => {
+                4 + pattern.len()
+            }
+            Frame::Publish { topic, body } => 1 + topic.len() + body.len(),
+            Frame::TopicAck { reason, .. } => 4 + 1 + reason.len(),
         }
+    }
+
+    /// Whether the frame exists only from protocol version 2 on (topics).
+    pub fn needs_topics(&self) -> bool {
+        matches!(
+            self,
+            Frame::Subscribe { .. }
+                | Frame::Unsubscribe { .. }
+                | Frame::Publish { .. }
+                | Frame::TopicAck { .. }
+        )
     }
 }
 
@@ -593,6 +659,34 @@ impl Decoder for FrameCodec {
                 let code = CloseCode(body.get_u16());
                 let reason = String::from_utf8_lossy(&body).into_owned();
                 Frame::Close { code, reason }
+            }
+            kind::SUBSCRIBE | kind::UNSUBSCRIBE => {
+                let id = take_u32(&mut body, kind)?;
+                let pattern = utf8(body, "topic")?;
+                if kind == kind::SUBSCRIBE {
+                    Frame::Subscribe { id, pattern }
+                } else {
+                    Frame::Unsubscribe { id, pattern }
+                }
+            }
+            kind::PUBLISH => {
+                need(&body, kind, 1)?;
+                let len = usize::from(body.get_u8());
+                need(&body, kind, len)?;
+                let topic = utf8(body.split_to(len), "topic")?;
+                Frame::Publish {
+                    topic: Arc::from(topic),
+                    body,
+                }
+            }
+            kind::TOPIC_ACK => {
+                let id = take_u32(&mut body, kind)?;
+                need(&body, kind, 1)?;
+                Frame::TopicAck {
+                    id,
+                    status: TopicStatus(body.get_u8()),
+                    reason: String::from_utf8_lossy(&body).into_owned(),
+                }
             }
             other => return Err(FrameError::UnknownType(other)),
         };
@@ -785,6 +879,29 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
         Frame::Close { code, reason } => {
             dst.put_u8(kind::CLOSE);
             dst.put_u16(code.0);
+            dst.extend_from_slice(reason.as_bytes());
+        }
+        Frame::Subscribe { id, pattern } | Frame::Unsubscribe { id, pattern } => {
+            let kind = if matches!(frame, Frame::Subscribe { .. }) {
+                kind::SUBSCRIBE
+            } else {
+                kind::UNSUBSCRIBE
+            };
+            dst.put_u8(kind);
+            dst.put_u32(*id);
+            dst.extend_from_slice(pattern.as_bytes());
+        }
+        Frame::Publish { topic, body } => {
+            dst.put_u8(kind::PUBLISH);
+            // A topic is at most 255 bytes (checked where it is named: `topic::check_name`).
+            dst.put_u8(topic.len() as u8);
+            dst.extend_from_slice(topic.as_bytes());
+            dst.extend_from_slice(body);
+        }
+        Frame::TopicAck { id, status, reason } => {
+            dst.put_u8(kind::TOPIC_ACK);
+            dst.put_u32(*id);
+            dst.put_u8(status.0);
             dst.extend_from_slice(reason.as_bytes());
         }
     }

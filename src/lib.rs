@@ -38,7 +38,7 @@ mod python;
 #[doc(hidden)]
 pub const FAULT_PANIC: &[u8] = b"\xffsocketcomm: panic here";
 
-pub use client::Client;
+pub use client::{Client, Incoming};
 pub use config::{ClientConfig, Mode, Pings, ServerConfig};
 pub use error::{CloseInfo, Error, FrameError};
 pub use frame::{CloseCode, Frame, FrameCodec};

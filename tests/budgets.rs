@@ -136,6 +136,11 @@ async fn frames_in_progress_count_towards_max_buffered() {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            // The connection stays open until the test ends: a sender whose frame arrived
+            // whole and then left would add a Disconnected of its own ("closed by the client")
+            // to the two events counted below (a run under load saw it come first).
+            std::future::pending::<()>().await;
+            drop(peer);
         }));
     }
     let read = bytes_read_when_settled(&server).await;

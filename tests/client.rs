@@ -21,8 +21,9 @@ async fn hand_written_server(then: &'static [u8]) -> u16 {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut hello = [0u8; 12];
         stream.read_exact(&mut hello).await.unwrap();
+        let offered = Hello::decode(&hello).unwrap();
         stream
-            .write_all(&Hello::client(4096).encode())
+            .write_all(&Hello::answer(&offered, 4096).encode())
             .await
             .unwrap();
         stream.write_all(then).await.unwrap();

@@ -245,6 +245,14 @@ fn hello_round_trips_and_negotiates() {
     let answer = Hello::answer(&offered, 2048);
     assert_eq!(answer.agreed_version(), Some(PROTOCOL_VERSION));
     assert_eq!(answer.max_frame, 2048);
+    // A version-1 peer (`01 01`) is served in version 1, without topics.
+    let version_1 = Hello {
+        min_version: 1,
+        max_version: 1,
+        max_frame: 4096,
+    };
+    assert_eq!(Hello::answer(&version_1, 2048).agreed_version(), Some(1));
+    assert_eq!((offered.min_version, offered.max_version), (1, 2));
 
     let from_the_future = Hello {
         min_version: PROTOCOL_VERSION + 1,
@@ -317,8 +325,44 @@ fn the_examples_in_docs_protocol_md_are_what_the_codec_writes() {
     );
     assert_eq!(
         Hello::client(16 * 1024 * 1024).encode(),
-        [0x89, 0x53, 0x43, 0x4D, 1, 1, 0, 0, 1, 0, 0, 0]
+        [0x89, 0x53, 0x43, 0x4D, 1, 2, 0, 0, 1, 0, 0, 0]
     );
+    let topic_frames = [
+        (
+            Frame::Subscribe {
+                id: 3,
+                pattern: "chat.*".into(),
+            },
+            &[
+                0, 0, 0, 0x0B, 0x40, 0, 0, 0, 3, b'c', b'h', b'a', b't', b'.', b'*',
+            ][..],
+        ),
+        (
+            Frame::Publish {
+                topic: "chat.lobby".into(),
+                body: Bytes::from_static(b"hi"),
+            },
+            &[
+                0, 0, 0, 0x0E, 0x42, 10, b'c', b'h', b'a', b't', b'.', b'l', b'o', b'b', b'b',
+                b'y', b'h', b'i',
+            ][..],
+        ),
+        (
+            Frame::TopicAck {
+                id: 3,
+                status: frame::TopicStatus::DONE,
+                reason: String::new(),
+            },
+            &[0, 0, 0, 0x06, 0x43, 0, 0, 0, 3, 0][..],
+        ),
+    ];
+    for (frame, bytes) in topic_frames {
+        let mut out = BytesMut::new();
+        frame::encode_frame(&frame, &mut out);
+        assert_eq!(&out[..], bytes, "{frame:?}");
+        let decoded = FrameCodec::new(1 << 20).decode(&mut out).unwrap();
+        assert_eq!(decoded, Some(frame));
+    }
     let mut close = BytesMut::new();
     frame::encode_frame(
         &Frame::close(CloseCode::NORMAL, "client closed"),

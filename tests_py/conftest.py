@@ -7,10 +7,12 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -24,6 +26,24 @@ ORIGINALS = Path(__file__).resolve().parent / "originals"
 # Senders keep their resume tokens here, not in the user's cache folder (the scripts the tests
 # start inherit it, so that a sender started again resumes as a user's program would).
 os.environ["SOCKETCOMM_RESUME_DIR"] = tempfile.mkdtemp(prefix="socketcomm-resume-")
+
+
+def until(condition: Callable[[], bool], limit: float = 5) -> None:
+    """Waits (bounded) until `condition()` holds; fails the test when it does not in time."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a plain socket; fails the test if the connection ends first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the connection ended early"
+        data += chunk
+    return data
 
 
 @pytest.fixture

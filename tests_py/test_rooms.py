@@ -7,19 +7,14 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 import socketcomm
 import socketcomm.aio as aio
 
-
-def until(condition: Callable[[], bool], limit: float = 5) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        time.sleep(0.01)
+from conftest import until
 
 
 @pytest.fixture

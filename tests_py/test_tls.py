@@ -25,7 +25,7 @@ import trustme
 
 import socketcomm
 
-from conftest import ServerProcess, run
+from conftest import ServerProcess, recv_exactly, run
 
 HELLO = b"\x89SCM\x01\x01\x00\x00\x01\x00\x00\x00"
 
@@ -219,15 +219,6 @@ def test_pythons_ssl_module_as_a_raw_and_a_framed_client(
             length, kind, request_id = struct.unpack("!IBI", recv_exactly(tls_socket, 9))
             assert (kind, request_id) == (0x03, 7)
             assert recv_exactly(tls_socket, length - 5) == socketcomm.ACK_REPLY
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the connection ended early"
-        data += chunk
-    return data
 
 
 def test_tls_1_2_only_when_allowed(pki: Pki) -> None:

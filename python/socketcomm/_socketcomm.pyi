@@ -40,6 +40,7 @@ __all__ = [
     "PeerIdentity",
     "ProtocolError",
     "Ready",
+    "Received",
     "Server",
     "ServerTls",
     "SocketCommError",
@@ -226,6 +227,21 @@ class FileSent:
         """Bytes per second sent by this call."""
 
 @final
+class Received:
+    """A message a `Client` received, as ``recv_message()`` gives it."""
+
+    @property
+    def data(self) -> bytes:
+        """The message as sent."""
+    @property
+    def topic(self) -> str | None:
+        """The topic it was published to; None for a direct message (send, reply,
+        broadcast)."""
+    @property
+    def text(self) -> str:
+        """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
+
+@final
 class FileReceived:
     """A file that arrived whole and verified, and is now in its folder."""
 
@@ -302,6 +318,10 @@ class Message:
     @property
     def request_id(self) -> int | None:
         """The correlation id when the client sent a request and waits for the reply."""
+    @property
+    def topic(self) -> str | None:
+        """The topic the client published the message to (``Client.publish``); None for a
+        direct message."""
     @property
     def raw(self) -> bool:
         """True when the client is a plain socket (no socketcomm framing): its messages are
@@ -786,6 +806,27 @@ class Client:
         has ended and every earlier message was read. In raw mode a message is whatever bytes
         arrived together.
         """
+    def recv_message(self, timeout: float | None = None) -> Received:
+        """As `recv`, the message with the topic it was published to (None for a direct
+        message)."""
+    def subscribe(self, topic: str, timeout: float | None = None) -> bool:
+        """Subscribes to ``topic``: messages published to it arrive (``recv_message()``
+        tells their topic). A topic is a room name of dot-separated segments
+        (``"chat.lobby"``), or a pattern: ``*`` for one segment (``"chat.*"``), ``>`` as the
+        last segment for one or more (``"chat.>"``). False when subscribed already. With
+        ``retries``, a new connection subscribes again.
+
+        ``ValueError`` for a name that breaks the rules, ``ProtocolError`` when the server
+        speaks no topics (socketcomm before 0.2) or this client is raw, ``PermissionError``
+        when the server's application refused it, ``TimeoutError`` when no answer came
+        within ``timeout``."""
+    def unsubscribe(self, topic: str, timeout: float | None = None) -> bool:
+        """Unsubscribes from ``topic`` (as subscribed); False when it was not subscribed."""
+    def publish(self, topic: str, data: _Data, timeout: float | None = None) -> None:
+        """Publishes ``data`` to ``topic`` (a name, no wildcards) through the server: its
+        application sees it as a `Message` whose ``topic`` is set, and a server in the
+        ``broadcast`` mode relays it to every other client subscribed to a matching topic.
+        Raises as `send` and `subscribe`."""
     def request(self, data: _Data, timeout: float | None = None) -> bytes:
         """Sends ``data`` as a request and returns the server's reply to it. Blocks, GIL
         released; raises as ``send()`` and ``recv()``. In raw mode there is no correlation id:
@@ -827,6 +868,13 @@ class Client:
     # The asyncio API's primitives (socketcomm.aio.Client uses them).
     def _try_recv(self) -> bytes | None:
         """The next message if one is waiting, else None."""
+    def _try_recv_message(self) -> Received | None:
+        """As ``_try_recv``, the message with its topic."""
+    def _subscription(self, topic: str, subscribe: bool) -> Awaitable[bool]:
+        """Subscribes to (or unsubscribes from) ``topic``; the awaitable gives whether
+        anything changed."""
+    def _publish(self, topic: str, data: _Data) -> Awaitable[None]:
+        """Publishes to ``topic``, waiting for room in the queue."""
     def _readable(self) -> Awaitable[None]:
         """Completes when ``_try_recv`` has a message or the end to report."""
     def _completions_fd(self) -> int:

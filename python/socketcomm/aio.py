@@ -43,6 +43,7 @@ from socketcomm._socketcomm import (
     Disconnected,
     FileReceived,
     FileSent,
+    Received,
     TransferProgress,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "FileReceived",
     "FileSent",
     "Message",
+    "Received",
     "Server",
     "connect",
 ]
@@ -318,6 +320,37 @@ class Client:
         core = self._watched
         message: bytes = await _take(core._try_recv, core._readable)
         return message
+
+    async def recv_message(self, timeout: float | None = None) -> Received:
+        """The next message that is not a reply, with the topic it was published to."""
+        limit = timeout if timeout is not None else self._timeout
+        core = self._watched
+        result: Received = await _within(
+            _take(core._try_recv_message, core._readable), limit, "message"
+        )
+        return result
+
+    async def subscribe(self, topic: str, timeout: float | None = None) -> bool:
+        """Subscribes to ``topic`` (a name or a pattern), as `socketcomm.Client.subscribe`."""
+        limit = timeout if timeout is not None else self._timeout
+        done: bool = await _within(
+            self._watched._subscription(topic, True), limit, "answer to the subscription"
+        )
+        return done
+
+    async def unsubscribe(self, topic: str, timeout: float | None = None) -> bool:
+        """Unsubscribes from ``topic``; False when it was not subscribed."""
+        limit = timeout if timeout is not None else self._timeout
+        done: bool = await _within(
+            self._watched._subscription(topic, False), limit, "answer to the subscription"
+        )
+        return done
+
+    async def publish(self, topic: str, data: Data, timeout: float | None = None) -> None:
+        """Publishes ``data`` to ``topic`` through the server; waits only while the queue
+        is full."""
+        limit = timeout if timeout is not None else self._timeout
+        await _within(self._connected._publish(topic, data), limit, "room to send")
 
     async def request(self, data: Data, timeout: float | None = None) -> bytes:
         """Sends a request and returns the server's reply to it."""

@@ -20,7 +20,7 @@ use crate::config::ClientConfig;
 use crate::error::{CloseInfo, Error, Result};
 use crate::transfer::{FileDir, Progress, ReceivedFile, SentFile};
 use session::Session;
-pub use session::DEFAULT_CLOSE_GRACE;
+pub use session::{Incoming, DEFAULT_CLOSE_GRACE};
 
 /// The longest wait between two reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -35,6 +35,8 @@ pub struct Client {
     /// Held while reconnecting, so that concurrent callers wait for one new connection.
     reconnecting: tokio::sync::Mutex<()>,
     closed_locally: AtomicBool,
+    /// The topics this client subscribed to, subscribed again on a new connection.
+    subscriptions: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Client {
@@ -68,6 +70,7 @@ impl Client {
             current: RwLock::new(Arc::new(first)),
             reconnecting: tokio::sync::Mutex::new(()),
             closed_locally: AtomicBool::new(false),
+            subscriptions: std::sync::Mutex::default(),
         })
     }
 
@@ -101,8 +104,22 @@ impl Client {
             )
             .await?,
         );
+        self.subscribe_again(&fresh).await;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&fresh);
         Ok(fresh)
+    }
+
+    /// Subscribes a new connection to what the lost one was subscribed to.
+    async fn subscribe_again(&self, fresh: &Session) {
+        let topics: Vec<String> = crate::sync::lock(&self.subscriptions)
+            .iter()
+            .cloned()
+            .collect();
+        for topic in topics {
+            if let Err(e) = fresh.subscription(&topic, true).await {
+                log::warn!("cannot subscribe to {topic:?} again after reconnecting: {e}");
+            }
+        }
     }
 
     /// Runs `operation` on the connection; if that finds it lost and `retries` allows, runs it
@@ -193,8 +210,69 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe: a cancelled receive takes no message.
     pub async fn recv(&self) -> Result<Bytes> {
+        Ok(self.recv_message().await?.data)
+    }
+
+    /// As [`Client::recv`], with the topic the message was published to, if any.
+    ///
+    /// # Errors
+    /// As [`Client::recv`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::recv`].
+    pub async fn recv_message(&self) -> Result<Incoming> {
         self.with_reconnect(|session| async move { session.recv().await })
             .await
+    }
+
+    /// Subscribes to `pattern`, a topic name (`chat.lobby`) or a pattern (`chat.*`, `chat.>`;
+    /// see [`crate::topic`]): messages published to a matching topic arrive with it (see
+    /// [`Client::recv_message`]). `Ok(false)` when subscribed already. With `retries`, a new
+    /// connection subscribes again.
+    ///
+    /// # Errors
+    /// [`Error::Topic`] for a name that breaks the rules, [`Error::Protocol`] when the server
+    /// has no topics (protocol version 1), [`Error::Refused`] when its application refused
+    /// the subscription, [`Error::Closed`] when the connection ended.
+    ///
+    /// # Cancel safety
+    /// As [`Client::request`].
+    pub async fn subscribe(&self, pattern: &str) -> Result<bool> {
+        let subscribed = self
+            .with_reconnect(|session| async move { session.subscription(pattern, true).await })
+            .await?;
+        crate::sync::lock(&self.subscriptions).insert(pattern.to_owned());
+        Ok(subscribed)
+    }
+
+    /// Unsubscribes from `pattern` (as subscribed); `Ok(false)` when it was not subscribed.
+    ///
+    /// # Errors
+    /// As [`Client::subscribe`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::request`].
+    pub async fn unsubscribe(&self, pattern: &str) -> Result<bool> {
+        crate::sync::lock(&self.subscriptions).remove(pattern);
+        self.with_reconnect(|session| async move { session.subscription(pattern, false).await })
+            .await
+    }
+
+    /// Publishes `data` to `topic` (a name, no wildcards) through the server, which hands it
+    /// to its application (`Message.topic`) or, in the broadcast mode, relays it to the
+    /// subscribers of matching topics but this client.
+    ///
+    /// # Errors
+    /// As [`Client::subscribe`] and [`Client::send`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::send`].
+    pub async fn publish(&self, topic: &str, data: Bytes) -> Result<()> {
+        self.with_reconnect(|session| {
+            let data = data.clone();
+            async move { session.publish(topic, data).await }
+        })
+        .await
     }
 
     /// Queues one message if there is room: `Ok(false)` when the queue is full (nothing queued).
@@ -210,6 +288,14 @@ impl Client {
     /// # Errors
     /// As [`Client::recv`]; a lost connection is replaced by [`Client::readable`].
     pub fn try_recv(&self) -> Result<Option<Bytes>> {
+        Ok(self.try_recv_message()?.map(|message| message.data))
+    }
+
+    /// As [`Client::try_recv`], with the topic the message was published to, if any.
+    ///
+    /// # Errors
+    /// As [`Client::try_recv`].
+    pub fn try_recv_message(&self) -> Result<Option<Incoming>> {
         self.session().try_recv()
     }
 

@@ -23,7 +23,7 @@ use crate::connection::{
     outbound, write_loop, ConnState, Finish, Inbound, IntoHalves, Outbox, Readiness, SendFile,
 };
 use crate::error::{CloseInfo, Error, FrameError, Result};
-use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, HELLO_LEN};
+use crate::frame::{self, CloseCode, Frame, FrameCodec, Hello, Sniff, TopicStatus, HELLO_LEN};
 use crate::heartbeat::{Beat, Heard, Heartbeat};
 use crate::sync::lock;
 use crate::transfer::{
@@ -40,7 +40,7 @@ pub(crate) struct Session {
     raw: bool,
     outbox: Outbox,
     /// Messages received, each with its share of `inbound_bytes` (given back when read).
-    inbound: flume::Receiver<(Bytes, Held)>,
+    inbound: flume::Receiver<(Incoming, Held)>,
     /// Files received into `download_dir`, verified, for [`Session::recv_file`].
     downloads: flume::Receiver<ReceivedFile>,
     shared: Arc<Shared>,
@@ -63,7 +63,7 @@ struct Link {
 struct Shared {
     /// Requests waiting for their reply, by correlation id; `None` once the connection ended, so
     /// that no request can start waiting for a reply that will never come.
-    pending: Mutex<Option<HashMap<u32, oneshot::Sender<Bytes>>>>,
+    pending: Mutex<Option<HashMap<u32, Waiter>>>,
     finish: Mutex<Option<Finish>>,
     /// Notified when a message arrives for `recv` and when the connection ends, for callers that
     /// wait for a message without taking it ([`Session::readable`]).
@@ -72,6 +72,22 @@ struct Shared {
     outgoing: Outgoing,
     /// The share of `inbound_bytes` that the messages not yet read hold.
     unread: Arc<Quota>,
+}
+
+/// A message from the server, as the application receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub data: Bytes,
+    /// The topic it was published to (protocol version 2); `None` for a direct message.
+    pub topic: Option<Arc<str>>,
+}
+
+/// Who waits for an answer with a given correlation id.
+enum Waiter {
+    /// A request, for its REPLY.
+    Reply(oneshot::Sender<Bytes>),
+    /// A SUBSCRIBE or UNSUBSCRIBE, for its TOPIC_ACK.
+    Ack(oneshot::Sender<(TopicStatus, String)>),
 }
 
 impl Shared {
@@ -195,7 +211,10 @@ impl Session {
         let mut buffered = BytesMut::new();
         if !config.raw {
             let hello = read_hello(&mut stream, link.peer, config.max_frame, &mut buffered).await?;
-            state.set_peer_max_frame(hello.max_frame);
+            let version = hello
+                .agreed_version()
+                .unwrap_or(frame::MIN_PROTOCOL_VERSION);
+            state.set_peer(version, hello.max_frame);
         }
         Ok(Session::spawn(
             stream,
@@ -386,7 +405,7 @@ impl Session {
     ///
     /// # Cancel safety
     /// Cancel safe: a cancelled receive takes no message.
-    pub(crate) async fn recv(&self) -> Result<Bytes> {
+    pub(crate) async fn recv(&self) -> Result<Incoming> {
         self.check_open()?;
         self.inbound
             .recv_async()
@@ -408,7 +427,7 @@ impl Session {
     ///
     /// # Errors
     /// As [`Session::recv`], once the connection has ended and every message was read.
-    pub(crate) fn try_recv(&self) -> Result<Option<Bytes>> {
+    pub(crate) fn try_recv(&self) -> Result<Option<Incoming>> {
         self.check_open()?;
         match self.inbound.try_recv() {
             Ok((message, _)) => Ok(Some(message)),
@@ -447,23 +466,99 @@ impl Session {
         self.check_open()?;
         if self.raw {
             self.send(data).await?;
-            return self.recv().await;
+            return Ok(self.recv().await?.data);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply_to, reply) = oneshot::channel();
-        match lock(&self.shared.pending).as_mut() {
-            Some(pending) => pending.insert(id, reply_to),
-            None => return Err(self.outbox.state().closed_error()),
-        };
-        let _forget = ForgetOnDrop {
-            shared: &self.shared,
-            id,
-        };
+        let _forget = self.wait_for(id, Waiter::Reply(reply_to))?;
         self.outbox.send(Frame::Request { id, body: data }).await?;
         if self.is_held_back_by_unread() {
             log::warn!("{HELD_BACK}");
         }
         reply.await.map_err(|_| self.outbox.state().closed_error())
+    }
+
+    /// Registers `waiter` for the answer with correlation id `id`, until the guard is dropped.
+    fn wait_for(&self, id: u32, waiter: Waiter) -> Result<ForgetOnDrop<'_>> {
+        match lock(&self.shared.pending).as_mut() {
+            Some(pending) => pending.insert(id, waiter),
+            None => return Err(self.outbox.state().closed_error()),
+        };
+        Ok(ForgetOnDrop {
+            shared: &self.shared,
+            id,
+        })
+    }
+
+    /// Asks the server to put this connection in the rooms `pattern` matches (`subscribe`),
+    /// or to take it out; `Ok(false)` when nothing changed (subscribed already, or was not).
+    ///
+    /// # Errors
+    /// [`Error::Topic`] for a name that breaks the rules (nothing is sent),
+    /// [`Error::Protocol`] when the server speaks no topics (protocol version 1) or this
+    /// client is raw, [`Error::Refused`] when the server's application refused it, and
+    /// [`Error::Closed`] when the connection ends first.
+    ///
+    /// # Cancel safety
+    /// As [`Session::request`].
+    pub(crate) async fn subscription(&self, pattern: &str, subscribe: bool) -> Result<bool> {
+        crate::topic::check_pattern(pattern)?;
+        self.check_topics()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (ack_to, ack) = oneshot::channel();
+        let _forget = self.wait_for(id, Waiter::Ack(ack_to))?;
+        let pattern = pattern.to_owned();
+        let frame = if subscribe {
+            Frame::Subscribe { id, pattern }
+        } else {
+            Frame::Unsubscribe { id, pattern }
+        };
+        self.outbox.send(frame).await?;
+        let (status, reason) = ack.await.map_err(|_| self.outbox.state().closed_error())?;
+        match status {
+            TopicStatus::DONE => Ok(true),
+            TopicStatus::UNCHANGED => Ok(false),
+            TopicStatus::REFUSED => Err(Error::Refused(reason)),
+            _ => Err(Error::Protocol(format!(
+                "the server refused the topic name: {reason}"
+            ))),
+        }
+    }
+
+    /// Publishes `data` to `topic` through the server.
+    ///
+    /// # Errors
+    /// As [`Session::subscription`] and [`Session::send`].
+    ///
+    /// # Cancel safety
+    /// As [`Session::send`].
+    pub(crate) async fn publish(&self, topic: &str, data: Bytes) -> Result<()> {
+        crate::topic::check_name(topic)?;
+        self.check_topics()?;
+        self.outbox
+            .send(Frame::Publish {
+                topic: Arc::from(topic),
+                body: data,
+            })
+            .await
+    }
+
+    /// Whether the connection can carry topic frames.
+    fn check_topics(&self) -> Result<()> {
+        self.check_open()?;
+        if self.raw {
+            return Err(Error::Protocol(
+                "a raw client has no topics: they are part of the framed protocol".to_owned(),
+            ));
+        }
+        if !self.outbox.state().speaks_topics() {
+            return Err(Error::Protocol(format!(
+                "the server at {} speaks protocol version 1, which has no topics (socketcomm \
+                 0.1 and other version-1 servers); topics need a server that speaks version 2",
+                self.peer
+            )));
+        }
+        Ok(())
     }
 
     /// Sends the file at `path` (under `name`, by default its own), streamed in bounded memory,
@@ -686,7 +781,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut inbound: Inbound<R>,
     mut heartbeat: Heartbeat,
     mut receiving: Receiving,
-    (to_app, held): (flume::Sender<(Bytes, Held)>, Arc<Quota>),
+    (to_app, held): (flume::Sender<(Incoming, Held)>, Arc<Quota>),
     shared: Arc<Shared>,
     outbox: Outbox,
     abort: CancellationToken,
@@ -715,7 +810,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     None,
                 )
             }
-            Some(Ok(Frame::Data(body) | Frame::Request { body, .. })) => {
+            Some(Ok(frame @ (Frame::Data(_) | Frame::Request { .. } | Frame::Publish { .. }))) => {
+                let (body, topic) = match frame {
+                    Frame::Publish { topic, body } => (body, Some(topic)),
+                    Frame::Data(body) | Frame::Request { body, .. } => (body, None),
+                    _ => unreachable!("matched above"),
+                };
                 // NOTE: waiting here, for room in `inbound_bytes` and then in the queue, is
                 // what stops the reading: TCP then pushes back on the server.
                 if held.is_full_for(body.len()) && waits_for_replies(&shared) {
@@ -725,7 +825,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     () = abort.cancelled() => false,
                     sent = async {
                         let share = Quota::hold(&held, body.len()).await;
-                        to_app.send_async((body, share)).await
+                        to_app.send_async((Incoming { data: body, topic }, share)).await
                     } => sent.is_ok(),
                 };
                 shared.readable.notify();
@@ -739,11 +839,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Some(Ok(Frame::Reply { id, body })) => {
                 let waiter = lock(&shared.pending).as_mut().and_then(|p| p.remove(&id));
                 match waiter {
-                    Some(waiter) => {
+                    Some(Waiter::Reply(waiter)) => {
                         let _ = waiter.send(body);
                     }
-                    None => log::debug!("discarded the reply to request {id}: nobody waits for it"),
+                    _ => log::debug!("discarded the reply to request {id}: nobody waits for it"),
                 }
+            }
+            Some(Ok(Frame::TopicAck { id, status, reason })) => {
+                let waiter = lock(&shared.pending).as_mut().and_then(|p| p.remove(&id));
+                match waiter {
+                    Some(Waiter::Ack(waiter)) => {
+                        let _ = waiter.send((status, reason));
+                    }
+                    _ => log::debug!("discarded the answer to subscription {id}: nobody waits"),
+                }
+            }
+            Some(Ok(Frame::Subscribe { .. } | Frame::Unsubscribe { .. })) => {
+                log::debug!("ignored a subscription from the server: only clients subscribe");
             }
             Some(Ok(frame @ (Frame::FileAccept { .. } | Frame::FileResult { .. }))) => {
                 shared.outgoing.route(frame);

@@ -30,6 +30,7 @@ use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
 use super::ints;
 use super::options::{pings, socket_options};
+use super::received::Received;
 use super::runtime::{duration_from_secs, refuse_if_forked, runtime, timeout_from_secs};
 use super::server::{exclusions, PyServer};
 use super::tls::PyClientTls;
@@ -361,6 +362,46 @@ impl PyClient {
             .core()
             .try_recv()?
             .map(|message| PyBytes::new(py, &message)))
+    }
+
+    /// As `_try_recv`, the message with its topic.
+    fn _try_recv_message(&self, py: Python<'_>) -> PyResult<Option<Received>> {
+        Ok(self
+            .core()
+            .try_recv_message()?
+            .map(|message| Received::new(py, &message)))
+    }
+
+    /// Subscribes to (`subscribe`) or unsubscribes from `topic`; the awaitable gives whether
+    /// anything changed.
+    fn _subscription<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        subscribe: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::topic::check_pattern(&topic).map_err(Error::from)?;
+        let core = Arc::clone(self.core());
+        spawn_awaitable_to(py, &self.completions()?, async move {
+            if subscribe {
+                core.subscribe(&topic).await
+            } else {
+                core.unsubscribe(&topic).await
+            }
+        })
+    }
+
+    /// Publishes to `topic`, waiting for room in the queue.
+    fn _publish<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::topic::check_name(&topic).map_err(Error::from)?;
+        let data = payload(data)?;
+        let core = Arc::clone(self.core());
+        spawn_awaitable(py, async move { core.publish(&topic, data).await })
     }
 
     /// Completes when `_try_recv` has a message or the end to report.

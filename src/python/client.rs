@@ -16,6 +16,7 @@ use std::net::ToSocketAddrs;
 use pyo3::exceptions::PyValueError;
 
 use super::options::{pings, socket_options};
+use super::received::Received;
 use super::tls::PyClientTls;
 use super::transfer::{send_file_blocking, FileReceived, FileSent};
 use super::wakeup::Completions;
@@ -232,6 +233,45 @@ impl PyClient {
         Ok(PyBytes::new(py, &data))
     }
 
+    /// The next message that is not a reply to a request, with the topic it was published to.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_message(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Received> {
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        let message = wait(py, core.recv_message(), limit)?
+            .ok_or_else(|| self.timed_out("message", limit))??;
+        Ok(Received::new(py, &message))
+    }
+
+    /// Subscribes to `topic` (a name or a pattern); False when subscribed already.
+    #[pyo3(signature = (topic, timeout = None))]
+    fn subscribe(&self, py: Python<'_>, topic: &str, timeout: Option<f64>) -> PyResult<bool> {
+        self.subscription(py, topic, true, timeout)
+    }
+
+    /// Unsubscribes from `topic` (as subscribed); False when it was not subscribed.
+    #[pyo3(signature = (topic, timeout = None))]
+    fn unsubscribe(&self, py: Python<'_>, topic: &str, timeout: Option<f64>) -> PyResult<bool> {
+        self.subscription(py, topic, false, timeout)
+    }
+
+    /// Publishes `data` to `topic` through the server.
+    #[pyo3(signature = (topic, data, timeout = None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let data = payload(data)?;
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        wait(py, core.publish(topic, data), limit)?
+            .ok_or_else(|| self.timed_out("room to send", limit))??;
+        Ok(())
+    }
+
     /// Sends `data` as a request and returns the server's reply to it.
     #[pyo3(signature = (data, timeout = None))]
     fn request<'py>(
@@ -362,6 +402,27 @@ impl PyClient {
 
     fn timed_out(&self, what: &str, limit: Option<Duration>) -> PyErr {
         timed_out(&self.core, what, limit)
+    }
+
+    /// Subscribes to (or unsubscribes from) `topic`, waiting up to `timeout` for the answer.
+    fn subscription(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        subscribe: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let limit = self.limit(timeout)?;
+        let core = &self.core;
+        let asking = async move {
+            if subscribe {
+                core.subscribe(topic).await
+            } else {
+                core.unsubscribe(topic).await
+            }
+        };
+        Ok(wait(py, asking, limit)?
+            .ok_or_else(|| self.timed_out("answer to the subscription", limit))??)
     }
 }
 

@@ -7,7 +7,9 @@
 
 use std::io;
 
-use pyo3::exceptions::{PyConnectionError, PyException, PyOSError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyException, PyOSError, PyPermissionError, PyTimeoutError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -192,6 +194,7 @@ impl From<Error> for PyErr {
                 Error::Tls(_) => raise(py, &all.tls, message, None),
                 Error::Timeout(_) => PyTimeoutError::new_err(message),
                 Error::InvalidOption { .. } | Error::Topic(_) => PyValueError::new_err(message),
+                Error::Refused(_) => PyPermissionError::new_err(message),
             }
         })
     }

@@ -131,6 +131,13 @@ impl Message {
         self.fields.inner.request_id
     }
 
+    /// The topic the client published the message to (``client.publish``); None for a
+    /// direct message.
+    #[getter]
+    fn topic(&self) -> Option<&str> {
+        self.fields.inner.topic.as_deref()
+    }
+
     /// True when the client is a plain socket: the data is what one read returned.
     #[getter]
     fn raw(&self) -> bool {

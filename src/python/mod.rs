@@ -12,6 +12,7 @@ mod exit;
 mod ints;
 mod logging;
 mod options;
+mod received;
 mod runtime;
 mod server;
 mod tls;
@@ -73,6 +74,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<aio::AbortOnCancel>()?;
     m.add_class::<aio::Flush>()?;
     m.add_class::<client::PyClient>()?;
+    m.add_class::<received::Received>()?;
     errors::register(m)?;
     Ok(())
 }

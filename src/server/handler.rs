@@ -28,7 +28,8 @@ use crate::connection::{
 };
 use crate::error::{CloseInfo, FrameError};
 use crate::frame::{
-    self, CloseCode, Frame, FrameCodec, Hello, Sniff, TransferStatus, HELLO_LEN, LENGTH_PREFIX,
+    self, CloseCode, Frame, FrameCodec, Hello, Sniff, TopicStatus, TransferStatus, HELLO_LEN,
+    LENGTH_PREFIX,
 };
 use crate::heartbeat::{Beat, Heartbeat, RawFd};
 use crate::tls::{handshake_error, PeerIdentity, ServerTls};
@@ -639,6 +640,9 @@ impl Driver<'_> {
                 }
             };
             *active |= !matches!(frame, Frame::Ping(_) | Frame::Pong(_));
+            if let Err(e) = self.allowed(&frame) {
+                return Some(self.protocol_error(e));
+            }
             if let Some(ended) = self.handle_frame(frame).await {
                 return Some((ended, None));
             }
@@ -743,11 +747,70 @@ impl Driver<'_> {
         (CloseInfo::new(Some(code), reason), Some(frame))
     }
 
+    /// Checks what the protocol version settled for this connection allows: topic frames
+    /// from version 2 on, and a topic that follows the naming rules.
+    fn allowed(&self, frame: &Frame) -> Result<(), FrameError> {
+        if !frame.needs_topics() {
+            return Ok(());
+        }
+        if !self.conn.outbox.state().speaks_topics() {
+            return Err(FrameError::Malformed(format!(
+                "topic frames need protocol version {}; this connection settled on version 1",
+                frame::TOPICS_VERSION
+            )));
+        }
+        if let Frame::Publish { topic, .. } = frame {
+            crate::topic::check_name(topic)
+                .map_err(|e| FrameError::Malformed(format!("a PUBLISH to a bad topic: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The answer to a client's SUBSCRIBE or UNSUBSCRIBE.
+    fn subscription(&self, id: u32, pattern: &str, subscribe: bool) -> Frame {
+        let outcome = if subscribe {
+            self.hub.rooms.join(self.conn, pattern)
+        } else {
+            crate::topic::check_pattern(pattern)
+                .map(|()| self.hub.rooms.leave(self.conn.id, pattern))
+                .map_err(crate::Error::from)
+        };
+        let (status, reason) = match outcome {
+            Ok(true) => (TopicStatus::DONE, String::new()),
+            Ok(false) if subscribe => (TopicStatus::UNCHANGED, "subscribed already".to_owned()),
+            Ok(false) => (TopicStatus::UNCHANGED, "was not subscribed".to_owned()),
+            Err(crate::Error::Topic(e)) => (TopicStatus::BAD_NAME, e.to_string()),
+            Err(e) => (TopicStatus::REFUSED, e.to_string()),
+        };
+        Frame::TopicAck { id, status, reason }
+    }
+
     /// Handles one frame from the client; returns why the connection ends, if it does.
     async fn handle_frame(&mut self, frame: Frame) -> Option<CloseInfo> {
         let message = match frame {
             Frame::Data(data) => Message::new(self.conn.clone(), data, None),
             Frame::Request { id, body } => Message::new(self.conn.clone(), body, Some(id)),
+            Frame::Publish { topic, body } => {
+                let mut message = Message::new(self.conn.clone(), body, None);
+                message.topic = Some(topic);
+                message
+            }
+            Frame::Subscribe { id, pattern } => {
+                encode(
+                    &self.subscription(id, &pattern, true),
+                    self.raw,
+                    &mut self.write_buf,
+                );
+                return None;
+            }
+            Frame::Unsubscribe { id, pattern } => {
+                encode(
+                    &self.subscription(id, &pattern, false),
+                    self.raw,
+                    &mut self.write_buf,
+                );
+                return None;
+            }
             Frame::Ping(token) => {
                 encode(&Frame::Pong(token), self.raw, &mut self.write_buf);
                 return None;
@@ -782,7 +845,7 @@ impl Driver<'_> {
                 self.heartbeat.pong(token);
                 return None;
             }
-            Frame::Reply { .. } | Frame::FileRange { .. } => {
+            Frame::Reply { .. } | Frame::FileRange { .. } | Frame::TopicAck { .. } => {
                 log::debug!(
                     "connection {}: ignored a frame the server did not ask for",
                     self.conn.id
@@ -815,9 +878,17 @@ impl Driver<'_> {
                 encode(&answer, self.raw, &mut self.write_buf);
                 self.messages_out += 1;
             }
-            Mode::Broadcast => {
-                self.hub.broadcast(message.data, &[self.conn.id]).await;
-            }
+            Mode::Broadcast => match &message.topic {
+                // A message to a topic goes to the rooms it matches; any other, to everyone.
+                Some(topic) => {
+                    if let Ok(targets) = self.hub.rooms.reached_by(topic, &[self.conn.id]) {
+                        self.hub.fan_out(targets, Some(topic), message.data).await;
+                    }
+                }
+                None => {
+                    self.hub.broadcast(message.data, &[self.conn.id]).await;
+                }
+            },
         }
         None
     }
@@ -1126,15 +1197,16 @@ async fn answer_hello<S: AsyncWrite + Unpin>(
             let answer = Hello::answer(&offered, max_frame);
             let refusal = answer.agreed_version().is_none().then(|| {
                 let reason = format!(
-                    "the client speaks protocol versions {}..={}, this server speaks {}",
+                    "the client speaks protocol versions {}..={}, this server speaks {}..={}",
                     offered.min_version,
                     offered.max_version,
+                    frame::MIN_PROTOCOL_VERSION,
                     frame::PROTOCOL_VERSION
                 );
                 CloseInfo::new(Some(CloseCode::UNSUPPORTED_VERSION), reason)
             });
-            if refusal.is_none() {
-                conn.outbox.state().set_peer_max_frame(offered.max_frame);
+            if let Some(version) = answer.agreed_version() {
+                conn.outbox.state().set_peer(version, offered.max_frame);
             }
             (answer, refusal)
         }

@@ -165,6 +165,18 @@ impl Connection {
         self.control.wake.fire();
     }
 
+    /// `data` as this client is sent a message published to `topic`: with its topic to a
+    /// client that speaks topics (protocol version 2), as a plain message to any other.
+    fn message_frame(&self, topic: Option<&Arc<str>>, data: &Bytes) -> Frame {
+        match topic {
+            Some(topic) if self.outbox.state().speaks_topics() => Frame::Publish {
+                topic: Arc::clone(topic),
+                body: data.clone(),
+            },
+            _ => Frame::Data(data.clone()),
+        }
+    }
+
     /// Why the connection ended, once it has (or is being closed).
     pub fn close_info(&self) -> Option<CloseInfo> {
         self.outbox.state().close_info().cloned()
@@ -219,6 +231,8 @@ pub struct Message {
     pub data: Bytes,
     /// Set when the client sent a request and waits for the reply with this id.
     pub request_id: Option<u32>,
+    /// The topic the client published it to (protocol version 2); `None` for a direct message.
+    pub topic: Option<Arc<str>>,
     /// Its share of the inbound budgets, given back when this is dropped or
     /// [`Message::release`]d.
     charge: Charge,
@@ -231,6 +245,7 @@ impl Clone for Message {
             conn: self.conn.clone(),
             data: self.data.clone(),
             request_id: self.request_id,
+            topic: self.topic.clone(),
             charge: Charge::default(),
         }
     }
@@ -242,6 +257,7 @@ impl Message {
             conn,
             data,
             request_id,
+            topic: None,
             charge: Charge::default(),
         }
     }
@@ -679,7 +695,10 @@ impl Server {
     /// As [`Server::broadcast`].
     pub async fn publish(&self, name: &str, data: Bytes, exclude: &[ConnId]) -> Result<usize> {
         let targets = self.hub.rooms.reached_by(name, exclude)?;
-        Ok(self.hub.fan_out(targets, data).await)
+        Ok(self
+            .hub
+            .fan_out(targets, Some(&Arc::from(name)), data)
+            .await)
     }
 
     /// Sends the file at `path` to connection `id` (under `name`, by default its own), streamed
@@ -1049,16 +1068,21 @@ impl Hub {
             .filter(|conn| !exclude.contains(&conn.id))
             .cloned()
             .collect();
-        self.fan_out(targets, data).await
+        self.fan_out(targets, None, data).await
     }
 
-    /// Queues `data` to each of `targets`, waiting for the full queues together under the
-    /// `slow_reader` policy; returns how many it reached.
-    async fn fan_out(&self, targets: Vec<Connection>, data: Bytes) -> usize {
+    /// Queues `data` to each of `targets` (as published to `topic`, if any), waiting for the
+    /// full queues together under the `slow_reader` policy; returns how many it reached.
+    async fn fan_out(
+        &self,
+        targets: Vec<Connection>,
+        topic: Option<&Arc<str>>,
+        data: Bytes,
+    ) -> usize {
         let mut reached = 0;
         let mut full = Vec::new();
         for conn in targets {
-            match conn.try_send(data.clone()) {
+            match conn.outbox.try_send(conn.message_frame(topic, &data)) {
                 Ok(true) => reached += 1,
                 Ok(false) => full.push(conn),
                 Err(_) => {}
@@ -1070,7 +1094,7 @@ impl Hub {
         // whole grace period.
         let deadline = tokio::time::Instant::now() + SLOW_READER_GRACE;
         let waits = full.iter().map(|conn| async {
-            let send = conn.outbox.send(Frame::Data(data.clone()));
+            let send = conn.outbox.send(conn.message_frame(topic, &data));
             match self.config.slow_reader {
                 SlowReader::Wait => send.await.is_ok(),
                 SlowReader::Disconnect => match tokio::time::timeout_at(deadline, send).await {
