@@ -730,8 +730,9 @@ async fn mismatching_receiver() -> u16 {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut hello = [0u8; 12];
         stream.read_exact(&mut hello).await.unwrap();
+        let offered = Hello::decode(&hello).unwrap();
         stream
-            .write_all(&Hello::client(1 << 24).encode())
+            .write_all(&Hello::answer(&offered, 1 << 24).encode())
             .await
             .unwrap();
         let mut codec = FrameCodec::new(1 << 24);
