@@ -316,6 +316,10 @@ pub struct ServerConfig {
     pub hello_timeout: Option<Duration>,
     /// Heartbeats to framed clients.
     pub pings: Pings,
+    /// A client's SUBSCRIBE becomes an [`Event::Subscribe`](crate::Event::Subscribe) that the
+    /// application accepts or refuses (events mode); without it, every subscription to a
+    /// well-formed name is accepted.
+    pub subscription_events: bool,
 }
 
 impl Default for ServerConfig {
@@ -347,6 +351,7 @@ impl Default for ServerConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             hello_timeout: Some(Duration::from_secs(10)),
             pings: Pings::default(),
+            subscription_events: false,
         }
     }
 }

@@ -42,4 +42,4 @@ pub use client::{Client, Incoming};
 pub use config::{ClientConfig, Mode, Pings, ServerConfig};
 pub use error::{CloseInfo, Error, FrameError};
 pub use frame::{CloseCode, Frame, FrameCodec};
-pub use server::{ConnId, Connection, Event, Message, Server, Stats};
+pub use server::{ConnId, Connection, Event, Message, Server, Stats, Subscription};

@@ -199,3 +199,38 @@ def test_topics_from_asyncio(server: socketcomm.Server) -> None:
     asyncio.run(main())
     (published,) = messages(server, 1)
     assert (published.topic, published.data) == ("chat.a", b"from asyncio")
+
+
+def test_on_subscribe_decides_who_may_subscribe() -> None:
+    asked: list[tuple[int, str]] = []
+
+    def on_subscribe(conn_id: int, topic: str) -> bool:
+        asked.append((conn_id, topic))
+        if topic == "boom":
+            raise RuntimeError("the check itself failed")
+        return not topic.startswith("admin.")
+
+    with socketcomm.Server(
+        "127.0.0.1", 0, on_message=lambda conn, data: data, on_subscribe=on_subscribe
+    ) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with socketcomm.Client(*server.address, timeout=5) as client:
+            assert client.subscribe("chat.*") is True
+            with pytest.raises(PermissionError, match="on_subscribe refused it"):
+                client.subscribe("admin.>")
+            with pytest.raises(PermissionError, match="on_subscribe failed"):
+                client.subscribe("boom")
+            with pytest.raises(ValueError, match="invalid room or topic"):
+                client.subscribe("a b")  # refused here, never asked
+            assert client.request(b"still served") == b"still served"
+            (conn,) = server.connections
+            assert server.rooms(conn) == ["chat.*"]
+            assert asked == [(conn, "chat.*"), (conn, "admin.>"), (conn, "boom")]
+            assert server.publish("chat.x", b"allowed") == 1
+            assert client.recv_message().topic == "chat.x"
+            assert server.publish("admin.x", b"not for it") == 0
+
+
+def test_on_subscribe_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="on_subscribe"):
+        socketcomm.Server("127.0.0.1", 0, on_subscribe="yes")  # type: ignore[arg-type]

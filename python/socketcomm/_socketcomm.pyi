@@ -446,6 +446,11 @@ class Server:
     add up to ``raw_min_rate * idle_timeout`` bytes, so one that sends a byte now and then is
     dropped as idle too (off by default: a person typing into netcat sends less than any rate
     that stops a trickle).
+    A client's ``subscribe(topic)`` puts its connection in that room (see `join`); with
+    ``on_subscribe(conn_id, topic)`` the application decides: a true result lets it subscribe,
+    a false one (or an exception, which is logged) refuses it, and the client's ``subscribe``
+    raises ``PermissionError``. It runs on the handler threads like the other handlers (the
+    events mode), and that connection's later frames wait for its answer.
     ``hello_timeout`` (seconds, on by default) closes a connection that has not said what it
     speaks that long after it was accepted (after its TLS handshake, with TLS): one that sent
     nothing, or a framed client's unfinished hello (code 1006, counted in ``idle_timeouts``),
@@ -530,6 +535,7 @@ class Server:
         on_connect: Callable[[int, tuple[str, int]], object] | None = None,
         on_disconnect: Callable[[int, str], object] | None = None,
         on_file: Callable[[int, FileReceived], object] | None = None,
+        on_subscribe: Callable[[int, str], object] | None = None,
         handler_threads: int = 4,
         slow_handler: float = 5.0,
         upload_dir: str | os.PathLike[str] | None = None,

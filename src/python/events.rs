@@ -294,5 +294,11 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
             .into_any()
             .unbind()
         }
+        // NOTE: not met in practice: subscriptions become events only on a server with an
+        // on_subscribe handler, whose events all go to the handler threads.
+        Event::Subscribe(asking) => {
+            asking.accept();
+            py.None()
+        }
     })
 }

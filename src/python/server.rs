@@ -50,6 +50,7 @@ struct Handlers {
     on_connect: Option<Py<PyAny>>,
     on_disconnect: Option<Py<PyAny>>,
     on_file: Option<Py<PyAny>>,
+    on_subscribe: Option<Py<PyAny>>,
     /// This dispatcher thread's clock, and every thread's (for the copies `clone_ref` makes).
     clock: Arc<HandlerClock>,
     clocks: Arc<Clocks>,
@@ -61,6 +62,7 @@ impl Handlers {
             || self.on_connect.is_some()
             || self.on_disconnect.is_some()
             || self.on_file.is_some()
+            || self.on_subscribe.is_some()
     }
 
     fn clone_ref(&self, py: Python<'_>) -> Handlers {
@@ -70,6 +72,7 @@ impl Handlers {
             on_connect: copy(&self.on_connect),
             on_disconnect: copy(&self.on_disconnect),
             on_file: copy(&self.on_file),
+            on_subscribe: copy(&self.on_subscribe),
             clock: self.clocks.add(),
             clocks: Arc::clone(&self.clocks),
         }
@@ -114,12 +117,36 @@ impl Handlers {
                 .on_disconnect
                 .as_ref()
                 .map(|h| h.call1(py, (conn.id(), reason.reason.as_str())).map(drop)),
+            Event::Subscribe(asking) => Some(self.screen(py, asking)),
         };
         if let Some(Err(error)) = outcome {
             if error.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
                 return Err(error);
             }
             log_handler_error(py, &event, error);
+        }
+        Ok(())
+    }
+}
+
+impl Handlers {
+    /// Answers a client's subscription with what `on_subscribe` says: a true value lets it
+    /// subscribe, a false one (or an exception, which is logged too) refuses it.
+    fn screen(&self, py: Python<'_>, asking: &core::Subscription) -> PyResult<()> {
+        let Some(hook) = &self.on_subscribe else {
+            asking.accept();
+            return Ok(());
+        };
+        let verdict = hook
+            .call1(py, (asking.conn.id(), asking.pattern.as_str()))
+            .and_then(|verdict| verdict.bind(py).is_truthy());
+        match verdict {
+            Ok(true) => asking.accept(),
+            Ok(false) => asking.refuse("the server's on_subscribe refused it"),
+            Err(e) => {
+                asking.refuse("the server's on_subscribe failed");
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -132,6 +159,7 @@ fn handler_index(event: &Event) -> usize {
         Event::Message(_) => 1,
         Event::FileReceived { .. } => 2,
         Event::Disconnected { .. } => 3,
+        Event::Subscribe(_) => 4,
     }
 }
 
@@ -139,6 +167,7 @@ pub(super) fn event_conn(event: &Event) -> u64 {
     match event {
         Event::Connected(conn) | Event::FileReceived { conn, .. } => conn.id(),
         Event::Disconnected { conn, .. } => conn.id(),
+        Event::Subscribe(asking) => asking.conn.id(),
         Event::Message(message) => message.conn.id(),
     }
 }
@@ -204,6 +233,7 @@ impl PyServer {
         on_connect = None,
         on_disconnect = None,
         on_file = None,
+        on_subscribe = None,
         handler_threads = 4,
         slow_handler = 5.0,
         upload_dir = None,
@@ -250,6 +280,7 @@ impl PyServer {
         on_connect: Option<Py<PyAny>>,
         on_disconnect: Option<Py<PyAny>>,
         on_file: Option<Py<PyAny>>,
+        on_subscribe: Option<Py<PyAny>>,
         #[pyo3(from_py_with = ints::handler_threads)] handler_threads: usize,
         slow_handler: f64,
         upload_dir: Option<PathBuf>,
@@ -290,6 +321,7 @@ impl PyServer {
             ("on_connect", &on_connect),
             ("on_disconnect", &on_disconnect),
             ("on_file", &on_file),
+            ("on_subscribe", &on_subscribe),
         ] {
             if let Some(handler) = handler.as_ref().map(|h| h.bind(py)) {
                 if !handler.is_callable() {
@@ -307,6 +339,7 @@ impl PyServer {
             on_connect,
             on_disconnect,
             on_file,
+            on_subscribe,
             clock: clocks.add(),
             clocks: Arc::clone(&clocks),
         };
@@ -361,6 +394,7 @@ impl PyServer {
             )?,
             hello_timeout: timeout_from_secs("hello_timeout", hello_timeout)?,
             pings: pings(ping_interval, ping_timeout)?,
+            subscription_events: handlers.on_subscribe.is_some(),
         };
         let addr = resolve(py, host, port)?;
         let core = Arc::new(py.detach(|| core::Server::bind(addr, config))?);

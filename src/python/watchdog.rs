@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 use crate::server::Event;
 
 /// The handlers by name, as the clock records which one runs.
-pub(crate) const HANDLER_NAMES: [&str; 4] =
-    ["on_connect", "on_message", "on_file", "on_disconnect"];
+pub(crate) const HANDLER_NAMES: [&str; 5] = [
+    "on_connect",
+    "on_message",
+    "on_file",
+    "on_disconnect",
+    "on_subscribe",
+];
 
 /// Which handler runs now, for which connection, since when.
 #[derive(Debug)]

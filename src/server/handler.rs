@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use super::reads::{ReadSize, READ_CHUNK};
-use super::{lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Wake};
+use super::{
+    lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Subscription, Wake,
+};
 use crate::budget::{BufferRoom, Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
 use crate::config::{Mode, Pings};
 use crate::connection::{
@@ -785,6 +787,35 @@ impl Driver<'_> {
         Frame::TopicAck { id, status, reason }
     }
 
+    /// The answer to a SUBSCRIBE that the application decides on: asked through an
+    /// [`Event::Subscribe`], waited for (the connection's later frames wait with it, so that
+    /// they keep their order), then carried out as [`Driver::subscription`] does.
+    async fn ask_the_application(&mut self, id: u32, pattern: String) -> Frame {
+        if let Err(e) = crate::topic::check_pattern(&pattern) {
+            return Frame::TopicAck {
+                id,
+                status: TopicStatus::BAD_NAME,
+                reason: e.to_string(),
+            };
+        }
+        let (asking, answer) = Subscription::new(self.conn.clone(), pattern.clone());
+        self.hub.emit(self.events, Event::Subscribe(asking)).await;
+        let answer = tokio::select! {
+            () = self.conn.control.wake.fired() => Err("the connection is closing".to_owned()),
+            answer = answer => answer.unwrap_or_else(|_| {
+                Err("the application did not answer the subscription".to_owned())
+            }),
+        };
+        match answer {
+            Ok(()) => self.subscription(id, &pattern, true),
+            Err(reason) => Frame::TopicAck {
+                id,
+                status: TopicStatus::REFUSED,
+                reason,
+            },
+        }
+    }
+
     /// Handles one frame from the client; returns why the connection ends, if it does.
     async fn handle_frame(&mut self, frame: Frame) -> Option<CloseInfo> {
         let message = match frame {
@@ -796,11 +827,13 @@ impl Driver<'_> {
                 message
             }
             Frame::Subscribe { id, pattern } => {
-                encode(
-                    &self.subscription(id, &pattern, true),
-                    self.raw,
-                    &mut self.write_buf,
-                );
+                let ack = if self.hub.config.subscription_events {
+                    // Boxed: rare, and its future would otherwise be part of every task.
+                    Box::pin(self.ask_the_application(id, pattern)).await
+                } else {
+                    self.subscription(id, &pattern, true)
+                };
+                encode(&ack, self.raw, &mut self.write_buf);
                 return None;
             }
             Frame::Unsubscribe { id, pattern } => {

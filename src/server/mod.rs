@@ -22,7 +22,7 @@ use futures_util::task::AtomicWaker;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -320,6 +320,57 @@ pub enum Event {
         conn: Connection,
         reason: CloseInfo,
     },
+    /// A client asks to subscribe to a topic, and waits for the application's answer (only
+    /// with [`ServerConfig::subscription_events`](crate::ServerConfig)).
+    Subscribe(Subscription),
+}
+
+/// The application's answer to a [`Subscription`]: `Err` with the reason it refused.
+type Verdict = std::result::Result<(), String>;
+
+/// A client's request to subscribe to `pattern` (a topic name or a pattern), which the
+/// application answers with [`Subscription::accept`] or [`Subscription::refuse`]; one left
+/// unanswered is refused when the last copy is dropped.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub conn: Connection,
+    pub pattern: String,
+    answer: Arc<Mutex<Option<oneshot::Sender<Verdict>>>>,
+}
+
+impl Subscription {
+    /// The event for `pattern`, and the receiving end of its answer.
+    fn new(
+        conn: Connection,
+        pattern: String,
+    ) -> (
+        Subscription,
+        oneshot::Receiver<std::result::Result<(), String>>,
+    ) {
+        let (answer, answered) = oneshot::channel();
+        let subscription = Subscription {
+            conn,
+            pattern,
+            answer: Arc::new(Mutex::new(Some(answer))),
+        };
+        (subscription, answered)
+    }
+
+    /// Lets the client subscribe.
+    pub fn accept(&self) {
+        self.answer_with(Ok(()));
+    }
+
+    /// Refuses the subscription; the client is told `reason`.
+    pub fn refuse(&self, reason: &str) {
+        self.answer_with(Err(reason.to_owned()));
+    }
+
+    fn answer_with(&self, answer: Verdict) {
+        if let Some(sender) = lock(&self.answer).take() {
+            let _ = sender.send(answer);
+        }
+    }
 }
 
 /// A bound server. Dropping it without [`Server::shutdown`] leaves its tasks running until the
