@@ -78,6 +78,10 @@ ACK_REPLY: Final[bytes]
 
 _Data: TypeAlias = str | Buffer
 """A message payload: ``str`` is sent as UTF-8, any bytes-like object as is."""
+_Dumps: TypeAlias = Callable[[Any], str | bytes]
+"""Encodes one JSON document (``json.dumps``, ``orjson.dumps``)."""
+_Loads: TypeAlias = Callable[[bytes], Any]
+"""Decodes one JSON document (``json.loads``, ``orjson.loads``)."""
 
 class SocketCommError(Exception):
     """The root of every socketcomm exception.
@@ -240,6 +244,8 @@ class Received:
     @property
     def text(self) -> str:
         """The message decoded as UTF-8; ``ValueError`` when it is not valid UTF-8."""
+    def json(self, *, loads: _Loads | None = None) -> Any:
+        """The message decoded from JSON; ``ValueError`` when it is not JSON."""
 
 @final
 class FileReceived:
@@ -326,6 +332,11 @@ class Message:
     def raw(self) -> bool:
         """True when the client is a plain socket (no socketcomm framing): its messages are
         the bytes as they arrived, and nothing tells where one ends."""
+    def json(self, *, loads: _Loads | None = None) -> Any:
+        """The message decoded from JSON (``json.loads``, or the ``loads`` given, orjson's
+        say); ``ValueError`` when it is not JSON."""
+    def reply_json(self, obj: Any, *, dumps: _Dumps | None = None) -> None:
+        """Answers with ``obj`` as JSON (``json.dumps``, or the ``dumps`` given)."""
     def reply(self, data: _Data) -> None:
         """Answers this message: the reply to a request, or a plain message otherwise.
 
@@ -339,6 +350,10 @@ class AsyncMessage(Message):
     """A message from a client, as ``socketcomm.aio`` yields it (``socketcomm.aio.Message``):
     a `Message` whose ``reply`` is awaited."""
 
+    def reply_json(  # type: ignore[override]
+        self, obj: Any, *, dumps: _Dumps | None = None
+    ) -> Awaitable[None]:
+        """Answers with ``obj`` as JSON; await the result."""
     def reply(self, data: _Data) -> Awaitable[None]:  # type: ignore[override]
         """Answers this message. The awaitable completes at once when the connection's queue
         has room, and after waiting for room otherwise."""
@@ -630,6 +645,22 @@ class Server:
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""
+    def send_json(self, conn_id: int, obj: Any, *, dumps: _Dumps | None = None) -> None:
+        """Sends ``obj`` as one JSON message (``json.dumps``, or the ``dumps`` given), as
+        `send`."""
+    def broadcast_json(
+        self, obj: Any, exclude: int | Iterable[int] | None = None, *, dumps: _Dumps | None = None
+    ) -> int:
+        """Sends ``obj`` as JSON to every connection but ``exclude``, as `broadcast`."""
+    def publish_json(
+        self,
+        room: str,
+        obj: Any,
+        exclude: int | Iterable[int] | None = None,
+        *,
+        dumps: _Dumps | None = None,
+    ) -> int:
+        """Publishes ``obj`` as JSON to ``room``, as `publish`."""
     def join(self, conn_id: int, room: str) -> bool:
         """Puts the connection ``conn_id`` in ``room``; False when it was in it already.
 
@@ -812,6 +843,27 @@ class Client:
         has ended and every earlier message was read. In raw mode a message is whatever bytes
         arrived together.
         """
+    def send_json(
+        self, obj: Any, timeout: float | None = None, *, dumps: _Dumps | None = None
+    ) -> None:
+        """Sends ``obj`` as one JSON message, encoded with ``json.dumps`` or the ``dumps``
+        given (``orjson.dumps``, say: ``str`` or ``bytes``). As `send` otherwise."""
+    def recv_json(self, timeout: float | None = None, *, loads: _Loads | None = None) -> Any:
+        """The next message decoded from JSON (``json.loads``, or the ``loads`` given);
+        ``ValueError`` when it is not JSON (the message is taken all the same)."""
+    def request_json(
+        self,
+        obj: Any,
+        timeout: float | None = None,
+        *,
+        dumps: _Dumps | None = None,
+        loads: _Loads | None = None,
+    ) -> Any:
+        """Sends ``obj`` as a JSON request and returns the reply decoded from JSON."""
+    def publish_json(
+        self, topic: str, obj: Any, timeout: float | None = None, *, dumps: _Dumps | None = None
+    ) -> None:
+        """Publishes ``obj`` as JSON to ``topic``, as `publish`."""
     def recv_message(self, timeout: float | None = None) -> Received:
         """As `recv`, the message with the topic it was published to (None for a direct
         message)."""

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
@@ -69,6 +70,23 @@ Progress = bool | Callable[[int, int], object] | None
 
 # Iteration over a client ends quietly on these close codes (normal, server shutting down).
 _QUIET_ENDINGS = (None, 1000, 1001)
+
+
+Dumps = Callable[[Any], str | bytes]
+Loads = Callable[[bytes], Any]
+
+
+def _dumps(obj: Any, dumps: Dumps | None) -> str | bytes:
+    """``obj`` as one JSON document, as the blocking API encodes it."""
+    return (dumps or json.dumps)(obj)
+
+
+def _loads(data: bytes, loads: Loads | None) -> Any:
+    """The object the JSON message ``data`` holds; ValueError when it is not JSON."""
+    try:
+        return (loads or json.loads)(data)
+    except ValueError as e:
+        raise ValueError(f"the message is not JSON ({e}); its bytes are in .data") from e
 
 
 async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -> Any:
@@ -321,6 +339,33 @@ class Client:
         message: bytes = await _take(core._try_recv, core._readable)
         return message
 
+    async def send_json(
+        self, obj: Any, timeout: float | None = None, *, dumps: Dumps | None = None
+    ) -> None:
+        """Sends ``obj`` as a JSON message (``json.dumps``, or the ``dumps`` given)."""
+        await self.send(_dumps(obj, dumps), timeout)
+
+    async def recv_json(self, timeout: float | None = None, *, loads: Loads | None = None) -> Any:
+        """The next message, decoded from JSON (``json.loads``, or the ``loads`` given)."""
+        return _loads(await self.recv(timeout), loads)
+
+    async def request_json(
+        self,
+        obj: Any,
+        timeout: float | None = None,
+        *,
+        dumps: Dumps | None = None,
+        loads: Loads | None = None,
+    ) -> Any:
+        """Sends ``obj`` as a JSON request and returns the reply decoded from JSON."""
+        return _loads(await self.request(_dumps(obj, dumps), timeout), loads)
+
+    async def publish_json(
+        self, topic: str, obj: Any, timeout: float | None = None, *, dumps: Dumps | None = None
+    ) -> None:
+        """Publishes ``obj`` as JSON to ``topic``."""
+        await self.publish(topic, _dumps(obj, dumps), timeout)
+
     async def recv_message(self, timeout: float | None = None) -> Received:
         """The next message that is not a reply, with the topic it was published to."""
         limit = timeout if timeout is not None else self._timeout
@@ -508,6 +553,27 @@ class Server:
     async def send(self, conn_id: int, data: Data) -> None:
         """Sends one message to a connection, waiting only while its queue is full."""
         await self._core._send(conn_id, data)
+
+    async def send_json(self, conn_id: int, obj: Any, *, dumps: Dumps | None = None) -> None:
+        """Sends ``obj`` as a JSON message to one connection."""
+        await self.send(conn_id, _dumps(obj, dumps))
+
+    async def broadcast_json(
+        self, obj: Any, exclude: int | Iterable[int] | None = None, *, dumps: Dumps | None = None
+    ) -> int:
+        """Sends ``obj`` as JSON to every connection but ``exclude``."""
+        return await self.broadcast(_dumps(obj, dumps), exclude)
+
+    async def publish_json(
+        self,
+        room: str,
+        obj: Any,
+        exclude: int | Iterable[int] | None = None,
+        *,
+        dumps: Dumps | None = None,
+    ) -> int:
+        """Publishes ``obj`` as JSON to ``room``."""
+        return await self.publish(room, _dumps(obj, dumps), exclude)
 
     async def broadcast(self, data: Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends to every connection but ``exclude``; returns how many it reached."""

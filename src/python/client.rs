@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use super::convert::{address, payload};
 use super::ints;
+use super::json;
 use super::runtime::{duration_from_secs, refuse_if_forked, timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use std::net::ToSocketAddrs;
@@ -270,6 +271,57 @@ impl PyClient {
         wait(py, core.publish(topic, data), limit)?
             .ok_or_else(|| self.timed_out("room to send", limit))??;
         Ok(())
+    }
+
+    /// Sends `obj` as a JSON message (`json.dumps`, or the `dumps` given).
+    #[pyo3(signature = (obj, timeout = None, *, dumps = None))]
+    fn send_json(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.send(py, &json::dumps(py, obj, dumps)?, timeout)
+    }
+
+    /// The next message, decoded from JSON (`json.loads`, or the `loads` given).
+    #[pyo3(signature = (timeout = None, *, loads = None))]
+    fn recv_json<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+        loads: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let data = self.recv(py, timeout)?;
+        json::loads(py, data.as_bytes(), loads)
+    }
+
+    /// Sends `obj` as a JSON request and returns the reply decoded from JSON.
+    #[pyo3(signature = (obj, timeout = None, *, dumps = None, loads = None))]
+    fn request_json<'py>(
+        &self,
+        py: Python<'py>,
+        obj: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+        dumps: Option<&Bound<'py, PyAny>>,
+        loads: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let reply = self.request(py, &json::dumps(py, obj, dumps)?, timeout)?;
+        json::loads(py, reply.as_bytes(), loads)
+    }
+
+    /// Publishes `obj` as JSON to `topic`.
+    #[pyo3(signature = (topic, obj, timeout = None, *, dumps = None))]
+    fn publish_json(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        obj: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.publish(py, topic, &json::dumps(py, obj, dumps)?, timeout)
     }
 
     /// Sends `data` as a request and returns the server's reply to it.

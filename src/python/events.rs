@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::convert::{address, payload};
 use super::driven::Driven;
+use super::json;
 use super::runtime::wait;
 use super::tls::{identity_of, PyPeerIdentity};
 use super::transfer::FileReceived;
@@ -155,6 +156,27 @@ impl Message {
         slf.get().fields.repr(slf.py(), &class.to_cow()?)
     }
 
+    /// The message decoded from JSON (`json.loads`, or the `loads` given).
+    #[pyo3(signature = (*, loads = None))]
+    fn json<'py>(
+        &self,
+        py: Python<'py>,
+        loads: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        json::loads(py, &self.fields.inner.data, loads)
+    }
+
+    /// Answers this message with `obj` as JSON (`json.dumps`, or the `dumps` given).
+    #[pyo3(signature = (obj, *, dumps = None))]
+    fn reply_json(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.reply(py, &json::dumps(py, obj, dumps)?)
+    }
+
     /// Answers this message: the reply to a request, or a plain message otherwise.
     fn reply(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let data = payload(data)?;
@@ -170,6 +192,16 @@ impl Message {
 
 #[pymethods]
 impl AsyncMessage {
+    /// Answers this message with `obj` as JSON; await the result.
+    #[pyo3(signature = (obj, *, dumps = None))]
+    fn reply_json<'py>(
+        slf: &Bound<'py, Self>,
+        obj: &Bound<'py, PyAny>,
+        dumps: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        Self::reply(slf, &json::dumps(slf.py(), obj, dumps)?)
+    }
+
     /// Answers this message; await the result. Completes at once when the connection's queue
     /// has room, and waits for room otherwise.
     fn reply<'py>(slf: &Bound<'py, Self>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {

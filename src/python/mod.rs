@@ -10,6 +10,7 @@ mod errors;
 mod events;
 mod exit;
 mod ints;
+mod json;
 mod logging;
 mod options;
 mod received;

@@ -48,6 +48,16 @@ impl Received {
         Ok(PyString::new(py, text))
     }
 
+    /// The message decoded from JSON (`json.loads`, or the `loads` given).
+    #[pyo3(signature = (*, loads = None))]
+    fn json<'py>(
+        &self,
+        py: Python<'py>,
+        loads: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::json::loads(py, self.data.as_bytes(py), loads)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let data = self.data.bind(py).repr()?;
         Ok(match &self.topic {

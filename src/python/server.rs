@@ -22,6 +22,7 @@ use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::{stop_at_exit, with_python};
 use super::ints;
+use super::json;
 use super::options::{pings, socket_options};
 use super::runtime::{
     duration_from_secs, forked, refuse_if_forked, runtime, timeout_from_secs, wait,
@@ -695,6 +696,43 @@ impl PyServer {
         exclude: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.fan_out(py, None, data, exclude)
+    }
+
+    /// Sends `obj` as a JSON message to one connection.
+    #[pyo3(signature = (conn_id, obj, *, dumps = None))]
+    fn send_json(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = ints::conn_id)] conn_id: u64,
+        obj: &Bound<'_, PyAny>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.send(py, conn_id, &json::dumps(py, obj, dumps)?)
+    }
+
+    /// Sends `obj` as JSON to every connection but `exclude`, as `broadcast`.
+    #[pyo3(signature = (obj, exclude = None, *, dumps = None))]
+    fn broadcast_json(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        self.fan_out(py, None, &json::dumps(py, obj, dumps)?, exclude)
+    }
+
+    /// Publishes `obj` as JSON to `room`, as `publish`.
+    #[pyo3(signature = (room, obj, exclude = None, *, dumps = None))]
+    fn publish_json(
+        &self,
+        py: Python<'_>,
+        room: &str,
+        obj: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, PyAny>>,
+        dumps: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        self.fan_out(py, Some(room), &json::dumps(py, obj, dumps)?, exclude)
     }
 
     /// Puts connection `conn_id` in `room` (a name such as ``"lobby"`` or ``"chat.lobby"``, or a
