@@ -499,3 +499,77 @@ def test_print_config_shows_the_byte_budgets() -> None:
     shown = run([sys.executable, *command])
     assert "inbound_bytes = 65536  # flag" in shown.stdout, shown.stdout
     assert "# max_buffered is not set  # default" in shown.stdout, shown.stdout
+
+
+def test_workers_in_broadcast_mode_keep_one_room() -> None:
+    """`--workers 2 --mode broadcast` is two listeners in one process: every other client gets
+    every message, whichever listener took it (processes would each keep a room of their
+    own: 3 of 7 clients received it)."""
+    server = ServerProcess("--workers", "2", "--mode", "broadcast")
+    clients = []
+    try:
+        server.wait_for_line("stderr", "2 listeners in one process")
+        clients = [socketcomm.Client("127.0.0.1", server.port, timeout=5) for _ in range(8)]
+        for client in clients:  # every client's hello is through: each is in the room
+            client.send(b"")
+        for client in clients:
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    client.recv(timeout=0.3)
+        clients[0].send(b"to everyone")
+        for client in clients[1:]:
+            assert client.recv(timeout=5) == b"to everyone"
+        with pytest.raises(TimeoutError):
+            clients[0].recv(timeout=0.2)
+    finally:
+        for client in clients:
+            client.close()
+        code, _, err = server.stop()
+    assert code == 0
+    assert err.count("served ") == 1, "one process"
+
+
+def test_chat_rooms_on_the_command_line() -> None:
+    """`client.py -i --room ROOM` against `server.py --mode broadcast`: lines go to the room,
+    /join, /leave and /rooms change and show the rooms, and a room's message shows its name."""
+    server = ServerProcess("--mode", "broadcast")
+    clients = []
+    try:
+        for room in ("lobby", "lobby", "kitchen"):
+            chat = Background(
+                [sys.executable, "client.py", "-i", "--port", str(server.port), "--room", room],
+                stdin=True,
+            )
+            clients.append(chat)
+            chat.wait_for_line("stderr", f"joined {room}")
+            chat.wait_for_line("stderr", "type messages")
+        alice, bob, carol = clients
+
+        alice.send_line("hi lobby")
+        bob.wait_for_line("stdout", r"^\[lobby\] hi lobby$")
+        carol.send_line("/join lobby")
+        carol.wait_for_line("stderr", "joined lobby; lines go to it")
+        carol.send_line("/rooms")
+        carol.wait_for_line("stderr", r"rooms: kitchen, lobby \(current\)")
+        alice.send_line("second")
+        carol.wait_for_line("stdout", r"^\[lobby\] second$")
+        bob.wait_for_line("stdout", r"^\[lobby\] second$")
+        carol.send_line("/leave lobby")
+        carol.wait_for_line("stderr", "left lobby; lines go to kitchen")
+        carol.send_line("to the kitchen")
+        bob.send_line("/leave nowhere")
+        bob.wait_for_line("stderr", "left nowhere")
+        bob.send_line("/join a b")
+        bob.wait_for_line("stderr", "error: invalid room or topic")
+        alice.send_line("third")
+        bob.wait_for_line("stdout", r"^\[lobby\] third$")
+        for chat in clients:
+            chat.send_line("/quit")
+            assert chat.process.wait(timeout=10) == 0
+        outputs = [chat.process.stdout.read() if chat.process.stdout else "" for chat in clients]
+        assert "kitchen" not in "".join(outputs[:2]), "nobody else is in the kitchen"
+        assert "third" not in outputs[2], "carol left the lobby"
+    finally:
+        for chat in clients:
+            chat.stop()
+        server.stop()

@@ -7,7 +7,7 @@ import threading
 
 import socketcomm
 
-from conftest import ROOT, run
+from conftest import ROOT, Background, run
 
 
 def test_the_stdlib_client_speaks_the_framed_protocol() -> None:
@@ -115,3 +115,29 @@ def test_tls_example() -> None:
         "CA-signed: hello",
         "mutual: 'hello from alice' from CN=alice ['alice@example.org']",
     ]
+
+
+def test_the_stdlib_client_subscribes_to_a_topic() -> None:
+    with socketcomm.Server("127.0.0.1", 0, event_queue=1000) as server:
+        subscriber = Background(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "plain_socket_client.py"),
+                "--port",
+                str(server.address[1]),
+                "--subscribe",
+                "news.>",
+                "--count",
+                "2",
+            ]
+        )
+        try:
+            subscriber.wait_for_line("stdout", "^subscribed to news.>$")
+            assert server.publish("news.world", "first") == 1
+            assert server.publish("sport", "not for it") == 0
+            assert server.publish("news.eu.fr", b"second") == 1
+            assert subscriber.process.wait(timeout=10) == 0
+            assert subscriber.process.stdout is not None
+            assert subscriber.process.stdout.read() == "news.world: first\nnews.eu.fr: second\n"
+        finally:
+            subscriber.stop()

@@ -26,6 +26,7 @@ from socketcomm._socketcomm import (
     Client,
     ClientTls,
     Connected,
+    ConnectionClosedError,
     Disconnected,
     FileReceived,
     Message,
@@ -189,7 +190,12 @@ def run_server(args: argparse.Namespace) -> int:
         return 0
     _setup_logging(args, settings)
     native = settings["mode"] != "reply"
-    workers = settings["workers"]
+    # NOTE: the native modes serve --workers N as N listeners in this one process (the
+    # kernel spreads connections over them, the Rust core uses every core), so a broadcast
+    # reaches every client, whichever listener took it; worker processes would each keep a
+    # room of their own. Only the reply mode, which runs Python per message, needs processes.
+    listeners = settings["workers"] if native else 1
+    workers = 1 if native else settings["workers"]
     if workers > 1 and settings["tls_self_signed"]:
         raise ConfigError(
             "--tls-self-signed makes a certificate per process, so clients could not pin one "
@@ -216,6 +222,7 @@ def run_server(args: argparse.Namespace) -> int:
         reuse_addr=settings["reuse_addr"],
         reuse_port=settings["reuse_port"] or workers > 1,
         backlog=settings["backlog"],
+        workers=listeners,
         **_socket_options(settings),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
@@ -231,6 +238,13 @@ def run_server(args: argparse.Namespace) -> int:
         f"listening on {host}:{bound_port} (mode {settings['mode']}"
         f"{_worker_tag(', ')}); Ctrl-C stops"
     )
+    if listeners > 1:
+        _say(f"{listeners} listeners in one process: one set of clients, one broadcast room")
+    if workers > 1:
+        _say(
+            f"{workers} worker processes: each keeps its own rooms and subscriptions, so a "
+            "topic published through one does not reach the subscribers of another"
+        )
     if tls is not None:
         kind = "self-signed certificate" if settings["tls_self_signed"] else "certificate"
         mutual = "; clients must present a certificate" if tls.mutual else ""
@@ -370,6 +384,9 @@ Connect, send one message, print the answer and exit, as the original client.py 
 
 With -i (interactive), send each line typed instead and print messages as they arrive, until
 /quit, the end of input (Ctrl-D) or Ctrl-C: a chat client for `server.py --mode broadcast`.
+Rooms: --room ROOM joins one at start, and inside, /join ROOM joins another (lines then go
+to it), /leave ROOM leaves one, /rooms lists them; a message from a room is shown as
+[room] text.
 Against a plain TCP server (such as the original server.py) add --raw.
 """
 
@@ -425,7 +442,7 @@ def run_client(args: argparse.Namespace) -> int:
             **_socket_options(settings),
         ) as client:
             if args.interactive:
-                return _chat(client)
+                return _chat(client, settings["room"])
             if args.file:
                 return _send_files(client, args.file, progress=not args.quiet)
             if raw:
@@ -457,9 +474,66 @@ def _send_files(client: Client, paths: list[str], progress: bool) -> int:
 _CLOSED = object()
 
 
-def _chat(client: Client) -> int:
+class _Rooms:
+    """The rooms an interactive client is in, and the one its lines go to (the last joined)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.joined: list[str] = []
+
+    @property
+    def current(self) -> str | None:
+        return self.joined[-1] if self.joined else None
+
+    def command(self, line: str) -> bool:
+        """Carries out a /join, /leave or /rooms line; False for anything else."""
+        verb, _, room = line.partition(" ")
+        room = room.strip()
+        if verb == "/rooms":
+            shown = ", ".join(f"{r} (current)" if r == self.current else r for r in self.joined)
+            _say(f"rooms: {shown}" if self.joined else "rooms: none; /join ROOM joins one")
+            return True
+        if verb not in ("/join", "/leave"):
+            return False
+        if not room:
+            _say(f"usage: {verb} ROOM")
+            return True
+        try:
+            if verb == "/join":
+                self.join(room)
+            else:
+                self.leave(room)
+        except (ValueError, PermissionError, SocketCommError) as e:
+            _say(f"error: {e}")
+        return True
+
+    def join(self, room: str) -> None:
+        self.client.subscribe(room)
+        if room in self.joined:
+            self.joined.remove(room)
+        self.joined.append(room)
+        _say(f"joined {room}; lines go to it")
+
+    def leave(self, room: str) -> None:
+        self.client.unsubscribe(room)
+        if room in self.joined:
+            self.joined.remove(room)
+        where = f"lines go to {self.current}" if self.current else "lines go to everyone"
+        _say(f"left {room}; {where}")
+
+    def send(self, line: str) -> None:
+        if self.current is None:
+            self.client.send(line)
+        else:
+            self.client.publish(self.current, line)
+
+
+def _chat(client: Client, room: str | None = None) -> int:
     """Sends each line of standard input and prints each message as it arrives."""
     host, port = client.address
+    rooms = _Rooms(client)
+    if room is not None:
+        rooms.join(room)
     _say(f"connected to {host}:{port}; type messages, {QUIT} to leave")
     # Both stdin and the connection block, so each has a thread that feeds one queue, and the
     # main thread (the one Ctrl-C reaches) waits on that queue alone.
@@ -473,10 +547,17 @@ def _chat(client: Client) -> int:
 
     def print_messages() -> None:
         try:
-            for message in client:
-                print(message.decode("utf-8", errors="replace"), flush=True)
+            while True:
+                try:
+                    message = client.recv_message()
+                except TimeoutError:
+                    continue
+                shown = message.data.decode("utf-8", errors="replace")
+                print(f"[{message.topic}] {shown}" if message.topic else shown, flush=True)
+        except ConnectionClosedError as e:
             if not leaving.is_set():
-                _say("the server closed the connection")
+                quiet = e.code in (None, 1000, 1001)
+                _say("the server closed the connection" if quiet else f"connection lost: {e}")
         except SocketCommError as e:
             if not leaving.is_set():
                 _say(f"connection lost: {e}")
@@ -492,8 +573,8 @@ def _chat(client: Client) -> int:
             leaving.set()
             return 0
         assert isinstance(item, str)
-        if item:
-            client.send(item)
+        if item and not rooms.command(item):
+            rooms.send(item)
 
 
 def _run(args: argparse.Namespace) -> int:

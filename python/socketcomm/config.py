@@ -380,7 +380,8 @@ SERVER_SETTINGS = [
         "workers",
         _positive_integer,
         1,
-        "serve the port from this many processes (SO_REUSEPORT spreads the connections)",
+        "serve the port from this many processes (SO_REUSEPORT spreads the connections); "
+        "in the native modes, this many listeners in one process, one broadcast room",
         "N",
     ),
     *_SOCKET,
@@ -424,6 +425,15 @@ CLIENT_SETTINGS = [
         0.2,
         "seconds before the first retry; doubled after each (at most 5)",
         "SECONDS",
+    ),
+    Setting(
+        "room",
+        _text,
+        None,
+        "with -i: join this room at start (a topic such as lobby or chat.lobby); the lines "
+        "typed go to it; /join, /leave and /rooms change rooms (the server in --mode "
+        "broadcast relays each room)",
+        "ROOM",
     ),
     *_CLIENT_TLS,
     *_SOCKET,
