@@ -17,6 +17,19 @@ step "build the wheel (abi3: one build for every supported Python)"
 python -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$work/wheels" .
 wheel="$(ls "$work"/wheels/socketcomm-*.whl)"
 
+step "system packages the tests use: redis-server (the backplane's tests start their own)"
+if ! command -v redis-server >/dev/null; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq redis-server >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null && apt-get install -y -qq redis-server >/dev/null; }
+    else
+        echo "redis-server is missing, and installing it needs root and apt-get: the tests" \
+             "that use it will be skipped, each saying so (under CI they fail instead)"
+    fi
+fi
+command -v redis-server >/dev/null && redis-server --version
+
 step "install socketcomm and the test tools"
 pip_quiet python "socketcomm[test] @ file://$wheel"
 # The same version may be installed already (an earlier build): this wheel replaces it.

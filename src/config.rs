@@ -320,6 +320,9 @@ pub struct ServerConfig {
     /// application accepts or refuses (events mode); without it, every subscription to a
     /// well-formed name is accepted.
     pub subscription_events: bool,
+    /// The Redis (`redis://host:port/db`) through which this server and others share their
+    /// rooms and broadcasts; `None` serves this server's connections alone.
+    pub backplane: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -352,6 +355,7 @@ impl Default for ServerConfig {
             hello_timeout: Some(Duration::from_secs(10)),
             pings: Pings::default(),
             subscription_events: false,
+            backplane: None,
         }
     }
 }

@@ -234,3 +234,22 @@ def test_on_subscribe_decides_who_may_subscribe() -> None:
 def test_on_subscribe_must_be_callable() -> None:
     with pytest.raises(TypeError, match="on_subscribe"):
         socketcomm.Server("127.0.0.1", 0, on_subscribe="yes")  # type: ignore[arg-type]
+
+
+def test_a_reconnecting_client_subscribes_again(server: socketcomm.Server) -> None:
+    with socketcomm.Client(*server.address, timeout=5, retries=3, backoff=0.05) as client:
+        assert client.subscribe("lobby")
+        (first,) = server.connections
+        server.disconnect(first, "go away for a moment")
+
+        def publish_once_subscribed_again() -> None:
+            until(lambda: server.members("lobby") not in ([], [first]))
+            assert server.publish("lobby", b"to the new connection") == 1
+
+        publisher = threading.Thread(target=publish_once_subscribed_again)
+        publisher.start()
+        # recv finds the connection lost, connects again, subscribes again, and waits there.
+        assert client.recv_message(timeout=10).data == b"to the new connection"
+        publisher.join(timeout=10)
+        (second,) = server.members("lobby")
+        assert second != first

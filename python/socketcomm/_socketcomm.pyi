@@ -461,6 +461,12 @@ class Server:
     add up to ``raw_min_rate * idle_timeout`` bytes, so one that sends a byte now and then is
     dropped as idle too (off by default: a person typing into netcat sends less than any rate
     that stops a trickle).
+    ``backplane="redis://host:6379/0"`` joins this server to the others using that Redis:
+    every publish and broadcast is delivered here at once and through Redis pub/sub (one
+    connection, reconnecting with backoff) to their connections too, so servers in several
+    processes or machines behind a load balancer serve one set of rooms; each message is
+    delivered once. While Redis is away the server serves its own rooms, and what the others
+    would have got is dropped and counted (``stats()``). None (the default) serves alone.
     A client's ``subscribe(topic)`` puts its connection in that room (see `join`); with
     ``on_subscribe(conn_id, topic)`` the application decides: a true result lets it subscribe,
     a false one (or an exception, which is logged) refuses it, and the client's ``subscribe``
@@ -584,6 +590,7 @@ class Server:
         max_buffered: int | None = None,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        backplane: str | None = None,
     ) -> Self: ...
     @property
     def tls_fingerprint(self) -> str | None:
@@ -640,8 +647,12 @@ class Server:
         ``connections_total``, ``messages_in``, ``messages_out``, ``bytes_in``, ``bytes_out``,
         ``refused_full``, ``protocol_errors``, ``idle_timeouts``, ``slow_readers``,
         ``connection_errors``, ``files_received``, ``files_sent``, ``transfers_failed``
-        (refused or failed, either way; interrupted ones are not counted) and ``tls_failures``
-        (handshakes that failed or timed out, and plaintext clients of a TLS server)."""
+        (refused or failed, either way; interrupted ones are not counted), ``tls_failures``
+        (handshakes that failed or timed out, and plaintext clients of a TLS server),
+        ``rooms`` (with members now), and the backplane's: ``backplane_connected`` (1 while
+        its link to Redis is up), ``backplane_published`` (handed to Redis for the other
+        servers), ``backplane_received`` (theirs, delivered here) and ``backplane_dropped``
+        (what the others did not get while Redis was away)."""
     def broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> int:
         """Sends ``data`` to every connection but ``exclude`` (an id or ids); returns how many
         it reached. A client whose outbound queue is full is handled by ``slow_reader``."""

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -223,6 +224,7 @@ def run_server(args: argparse.Namespace) -> int:
         reuse_port=settings["reuse_port"] or workers > 1,
         backlog=settings["backlog"],
         workers=listeners,
+        backplane=settings["backplane"],
         **_socket_options(settings),
     )
     # SIGTERM stops the server the same way Ctrl-C does: gracefully, exit status 0.
@@ -240,10 +242,13 @@ def run_server(args: argparse.Namespace) -> int:
     )
     if listeners > 1:
         _say(f"{listeners} listeners in one process: one set of clients, one broadcast room")
-    if workers > 1:
+    if settings["backplane"]:
+        _say_backplane(server, settings["backplane"])
+    elif workers > 1:
         _say(
             f"{workers} worker processes: each keeps its own rooms and subscriptions, so a "
-            "topic published through one does not reach the subscribers of another"
+            "topic published through one does not reach the subscribers of another; "
+            "--backplane redis://... joins them"
         )
     if tls is not None:
         kind = "self-signed certificate" if settings["tls_self_signed"] else "certificate"
@@ -275,6 +280,20 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 WORKER_ENV = "SOCKETCOMM_WORKER"
+
+
+def _say_backplane(server: Server, url: str) -> None:
+    """Says whether the backplane is up, waiting a moment for it (the server serves its own
+    clients meanwhile, and whatever happens)."""
+    deadline = time.monotonic() + 3
+    while not server.stats()["backplane_connected"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if server.stats()["backplane_connected"]:
+        _say(f"backplane {url} connected: rooms and broadcasts are shared with its servers")
+    else:
+        _say(f"backplane {url} not reachable yet: serving this server's rooms alone meanwhile")
+
+
 # The pid of worker 0, in the environment of the workers it starts.
 PARENT_ENV = "SOCKETCOMM_WORKER_PARENT"
 

@@ -282,6 +282,14 @@ SERVER_SETTINGS = [
     ),
     Setting("reply", _text, ACK_REPLY.decode(), "the answer of the reply and ack modes", "TEXT"),
     Setting(
+        "backplane",
+        _text,
+        None,
+        "share rooms and broadcasts with the other servers using this Redis "
+        "(redis://HOST:PORT/DB): clients of any of them are in the same rooms",
+        "URL",
+    ),
+    Setting(
         "keep_open",
         _boolean,
         False,

@@ -268,6 +268,7 @@ impl PyServer {
         max_buffered = None,
         ping_interval = 20.0,
         ping_timeout = 20.0,
+        backplane = None,
     ))]
     // Each argument is a Python keyword option.
     #[allow(clippy::too_many_arguments)]
@@ -315,6 +316,7 @@ impl PyServer {
         #[pyo3(from_py_with = ints::max_buffered)] max_buffered: Option<usize>,
         ping_interval: Option<f64>,
         ping_timeout: Option<f64>,
+        backplane: Option<String>,
     ) -> PyResult<PyServer> {
         refuse_if_forked()?;
         for (option, handler) in [
@@ -396,6 +398,7 @@ impl PyServer {
             hello_timeout: timeout_from_secs("hello_timeout", hello_timeout)?,
             pings: pings(ping_interval, ping_timeout)?,
             subscription_events: handlers.on_subscribe.is_some(),
+            backplane,
         };
         let addr = resolve(py, host, port)?;
         let core = Arc::new(py.detach(|| core::Server::bind(addr, config))?);
@@ -670,6 +673,11 @@ impl PyServer {
             ("files_sent", stats.files_sent),
             ("transfers_failed", stats.transfers_failed),
             ("tls_failures", stats.tls_failures),
+            ("rooms", stats.rooms),
+            ("backplane_connected", stats.backplane_connected),
+            ("backplane_published", stats.backplane_published),
+            ("backplane_received", stats.backplane_received),
+            ("backplane_dropped", stats.backplane_dropped),
         ] {
             all.set_item(name, value)?;
         }

@@ -914,9 +914,11 @@ impl Driver<'_> {
             Mode::Broadcast => match &message.topic {
                 // A message to a topic goes to the rooms it matches; any other, to everyone.
                 Some(topic) => {
-                    if let Ok(targets) = self.hub.rooms.reached_by(topic, &[self.conn.id]) {
-                        self.hub.fan_out(targets, Some(topic), message.data).await;
-                    }
+                    // The name was checked when the frame arrived (`allowed`).
+                    let _ = self
+                        .hub
+                        .publish(Arc::clone(topic), message.data, &[self.conn.id])
+                        .await;
                 }
                 None => {
                     self.hub.broadcast(message.data, &[self.conn.id]).await;

@@ -5,6 +5,7 @@
 //!
 //! The core never builds a runtime: [`Server::start`] takes a handle to the caller's.
 
+mod backplane;
 mod handler;
 mod reads;
 mod rooms;
@@ -411,6 +412,8 @@ struct Hub {
     /// The bytes held for all clients together (`max_buffered`).
     buffered: Budget,
     rooms: rooms::Rooms,
+    /// The link to the other servers of the same rooms (`backplane`), if any.
+    backplane: Option<Arc<backplane::Backplane>>,
 }
 
 /// The event queue's sending side, held by the accept loop and each connection task. When the
@@ -492,6 +495,16 @@ pub struct Stats {
     pub transfers_failed: u64,
     /// TLS handshakes that failed or timed out, and plaintext clients of a TLS server.
     pub tls_failures: u64,
+    /// Rooms with members now.
+    pub rooms: u64,
+    /// 1 while the backplane's link to Redis is up, else 0 (and 0 without a backplane).
+    pub backplane_connected: u64,
+    /// Publications and broadcasts handed to Redis for the other servers.
+    pub backplane_published: u64,
+    /// Publications and broadcasts of other servers delivered here.
+    pub backplane_received: u64,
+    /// Publications and broadcasts the other servers did not get: Redis was away (or slow).
+    pub backplane_dropped: u64,
 }
 
 /// How long a broadcast waits for room in a full outbound queue before it disconnects that
@@ -551,6 +564,12 @@ impl Server {
         }
         let (sender, events) = flume::bounded(config.event_queue);
         let buffered = Budget::new(config.max_buffered);
+        let backplane = config
+            .backplane
+            .as_deref()
+            .map(backplane::Backplane::new)
+            .transpose()?
+            .map(Arc::new);
         let hub = Arc::new(Hub {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             per_address: Arc::default(),
@@ -566,6 +585,7 @@ impl Server {
             counters: Counters::default(),
             buffered,
             rooms: rooms::Rooms::default(),
+            backplane,
         });
         let sender = EventSender {
             queue: Some(sender),
@@ -614,6 +634,9 @@ impl Server {
             return false;
         };
         let _guard = accept.enter();
+        if let Some(backplane) = &self.hub.backplane {
+            backplane.start(Arc::downgrade(&self.hub), self.hub.stop.clone());
+        }
         for listener in listeners {
             let hub = Arc::clone(&self.hub);
             let serving = connections.cloned();
@@ -673,7 +696,21 @@ impl Server {
             files_sent: load(&c.files_sent),
             transfers_failed: load(&c.transfers_failed),
             tls_failures: load(&c.tls_failures),
+            rooms: self.hub.rooms.count() as u64,
+            backplane_connected: self.hub.backplane.as_ref().map_or(0, |b| {
+                u64::from(b.counters.connected.load(Ordering::Relaxed))
+            }),
+            backplane_published: self.backplane_count(|c| &c.published),
+            backplane_received: self.backplane_count(|c| &c.received),
+            backplane_dropped: self.backplane_count(|c| &c.dropped),
         }
+    }
+
+    fn backplane_count(&self, which: impl Fn(&backplane::BackplaneCounters) -> &AtomicU64) -> u64 {
+        self.hub
+            .backplane
+            .as_ref()
+            .map_or(0, |b| which(&b.counters).load(Ordering::Relaxed))
     }
 
     /// The live connection with this id.
@@ -745,11 +782,7 @@ impl Server {
     /// # Cancel safety
     /// As [`Server::broadcast`].
     pub async fn publish(&self, name: &str, data: Bytes, exclude: &[ConnId]) -> Result<usize> {
-        let targets = self.hub.rooms.reached_by(name, exclude)?;
-        Ok(self
-            .hub
-            .fan_out(targets, Some(&Arc::from(name)), data)
-            .await)
+        self.hub.publish(Arc::from(name), data, exclude).await
     }
 
     /// Sends the file at `path` to connection `id` (under `name`, by default its own), streamed
@@ -1113,7 +1146,43 @@ impl Hub {
         self.events_ready.notify();
     }
 
+    /// Queues `data` to every connection but `exclude`, here and (with a backplane) on the
+    /// other servers; how many it reached here.
     async fn broadcast(&self, data: Bytes, exclude: &[ConnId]) -> usize {
+        if let Some(backplane) = &self.backplane {
+            backplane.send(&backplane::Reach::Everyone, &data);
+        }
+        self.broadcast_locally(data, exclude).await
+    }
+
+    /// Queues `data` to every connection in a room `topic` matches but `exclude`, here and
+    /// (with a backplane) on the other servers; how many it reached here.
+    ///
+    /// # Errors
+    /// [`Error::Topic`] when `topic` is not a name to publish to.
+    async fn publish(&self, topic: Arc<str>, data: Bytes, exclude: &[ConnId]) -> Result<usize> {
+        let targets = self.rooms.reached_by(&topic, exclude)?;
+        if let Some(backplane) = &self.backplane {
+            backplane.send(&backplane::Reach::Room(Arc::clone(&topic)), &data);
+        }
+        Ok(self.fan_out(targets, Some(&topic), data).await)
+    }
+
+    /// Delivers what another server published to this server's connections.
+    async fn deliver_locally(&self, reach: &backplane::Reach, data: Bytes) {
+        match reach {
+            backplane::Reach::Everyone => {
+                self.broadcast_locally(data, &[]).await;
+            }
+            backplane::Reach::Room(topic) => {
+                if let Ok(targets) = self.rooms.reached_by(topic, &[]) {
+                    self.fan_out(targets, Some(topic), data).await;
+                }
+            }
+        }
+    }
+
+    async fn broadcast_locally(&self, data: Bytes, exclude: &[ConnId]) -> usize {
         let targets: Vec<Connection> = lock(&self.connections)
             .values()
             .filter(|conn| !exclude.contains(&conn.id))
