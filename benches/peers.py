@@ -8,6 +8,8 @@ load generator drives them all. KIND is one of:
   socketcomm-handler     Server(on_message=handler): the dispatcher runs the Python handler
   socketcomm-pull        for event in server: event.reply(handler(...))
   socketcomm-recv-many   server.recv_many(): a batch of events, each answered with reply
+  socketcomm-broadcast   Server(mode="broadcast"): relays topics natively; joined to other
+                         servers through the Redis in $SOCKETCOMM_BENCH_BACKPLANE, if set
   protocol-echo          asyncio Protocol echo (add -uvloop for uvloop)
   protocol-echo-raw      asyncio Protocol, plain bytes: data_received writes the bytes back
                          (add -uvloop)
@@ -201,6 +203,10 @@ def serve_socketcomm(kind: str) -> None:
     elif kind == "socketcomm-tls-echo":
         tls = socketcomm.ServerTls(*tls_files())
         server = socketcomm.Server("127.0.0.1", 0, mode="echo", tls=tls)
+    elif kind == "socketcomm-broadcast":
+        # A native relay of topics; with SOCKETCOMM_BENCH_BACKPLANE, joined to the others.
+        backplane = os.environ.get("SOCKETCOMM_BENCH_BACKPLANE")
+        server = socketcomm.Server("127.0.0.1", 0, mode="broadcast", backplane=backplane)
     elif kind == "socketcomm-handler":
         server = socketcomm.Server("127.0.0.1", 0, on_message=handler)
     else:

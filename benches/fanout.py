@@ -1,0 +1,193 @@
+"""The fan-out benchmark (issue 14): one publisher and many subscribers of one topic, 1 KiB
+messages, measured by the compiled load generator (benches/loadgen, `fanout`), which holds
+the publisher and every subscriber in one process and speaks each server's own protocol.
+
+Rows, in the same run:
+  - socketcomm, native: one Server(mode="broadcast"); the publisher's PUBLISH frames are
+    relayed by the Rust core to every subscriber, no Python per message;
+  - socketcomm through Redis: two servers joined by a backplane, the publisher on one and
+    every subscriber on the other, so each message crosses Redis;
+  - Redis pub/sub alone: the same publisher and subscribers on redis-server itself (PUBLISH
+    and SUBSCRIBE), the fan-out that redis-py's pub/sub users get from Redis.
+
+    python benches/fanout.py            # 100 subscribers, 2,000 messages, 3 rounds
+    python benches/fanout.py --quick    # 1 round
+
+Each row reports deliveries per second (messages x subscribers), the publish rate, latency
+from publish to delivery (p50, p99), and the CPU of the servers and of the load generator.
+The load generator keeps the publisher at most 64 messages ahead of the slowest subscriber.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from run import RELEASE, Peer, ensure_tools, machine, say
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Redis:
+    """A redis-server of its own on a free loopback port."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.geteuid() == 0 and shutil.which("apt-get"):
+                say("installing redis-server from Debian's packages")
+                env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+                subprocess.run(
+                    ["apt-get", "install", "-y", "-qq", "redis-server"], check=False, env=env
+                )
+            binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is missing (apt-get install redis-server)")
+        self.port = free_port()
+        self.folder = tempfile.mkdtemp(prefix="socketcomm-bench-redis-")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.folder,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fanout(
+    port: int, publish_port: int, pids: list[str], args: argparse.Namespace, redis: bool = False
+) -> dict[str, float]:
+    command = [
+        str(RELEASE / "fanout"),
+        "--port",
+        str(port),
+        "--publish-port",
+        str(publish_port),
+        "--subscribers",
+        str(args.subscribers),
+        "--size",
+        str(args.size),
+        "--messages",
+        str(args.messages),
+        "--server-pid",
+        ",".join(pids),
+    ] + (["--redis"] if redis else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def row(redis: Redis, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    if kind == "redis":
+        pid = str(redis.process.pid)
+        return fanout(redis.port, redis.port, [pid], args, redis=True)
+    if kind == "native":
+        peer = Peer("socketcomm-broadcast")
+        try:
+            return fanout(peer.port, peer.port, [peer.pid], args)
+        finally:
+            peer.stop()
+    os.environ["SOCKETCOMM_BENCH_BACKPLANE"] = redis.url
+    try:
+        publisher_side, subscriber_side = Peer("socketcomm-broadcast"), Peer("socketcomm-broadcast")
+    finally:
+        del os.environ["SOCKETCOMM_BENCH_BACKPLANE"]
+    try:
+        time.sleep(0.5)  # both backplane links up
+        pids = [publisher_side.pid, subscriber_side.pid, str(redis.process.pid)]
+        return fanout(subscriber_side.port, publisher_side.port, pids, args)
+    finally:
+        publisher_side.stop()
+        subscriber_side.stop()
+
+
+ROWS = [
+    ("native", "socketcomm, native relay (mode='broadcast')"),
+    ("backplane", "socketcomm through Redis (two servers, backplane)"),
+    ("redis", "Redis pub/sub alone (redis-server's own fan-out)"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subscribers", type=int, default=100)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--messages", type=int, default=2000)
+    args = parser.parse_args()
+    rounds = 1 if args.quick else args.rounds
+    ensure_tools()
+    redis = Redis()
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind, _ in ROWS}
+    try:
+        for _ in range(rounds):
+            for kind, label in ROWS:
+                say(f"{label} ...")
+                results[kind].append(row(redis, kind, args))
+    finally:
+        redis.stop()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"Run {now} on {machine()}, {rounds} round(s), median kept; {args.subscribers} "
+        f"subscribers, {args.size} B messages, {args.messages} published.\n"
+    )
+    print(
+        "| path | deliveries/s | published/s | p50 µs | p99 µs | servers' CPU s | "
+        "load generator CPU s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind, label in ROWS:
+        runs = sorted(results[kind], key=lambda r: r["deliveries_per_s"])
+        median = runs[len(runs) // 2]
+        spread = ", ".join(f"{r['deliveries_per_s']:,.0f}" for r in results[kind])
+        print(
+            f"| {label} | {median['deliveries_per_s']:,.0f} ({spread}) | "
+            f"{median['published_per_s']:,.0f} | {median['p50_us']:.0f} | "
+            f"{median['p99_us']:.0f} | {median['server_cpu_s']:.2f} | "
+            f"{median['loadgen_cpu_s']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
