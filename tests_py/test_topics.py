@@ -253,3 +253,80 @@ def test_a_reconnecting_client_subscribes_again(server: socketcomm.Server) -> No
         publisher.join(timeout=10)
         (second,) = server.members("lobby")
         assert second != first
+
+
+@pytest.mark.parametrize("serving", ["start", "serve_forever"])
+def test_on_subscribe_in_the_native_broadcast_mode(serving: str) -> None:
+    """The broadcast mode relays topics with no Python per message; on_subscribe still
+    decides who may subscribe (one thread answers the subscriptions)."""
+    with socketcomm.Server(
+        "127.0.0.1",
+        0,
+        mode="broadcast",
+        on_subscribe=lambda conn_id, topic: topic != "secret",
+    ) as server:
+        if serving == "start":
+            server.start()
+        else:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        talker, listener = (socketcomm.Client(*server.address, timeout=5) for _ in range(2))
+        assert listener.subscribe("news")
+        with pytest.raises(PermissionError, match="refused"):
+            listener.subscribe("secret")
+        talker.publish("news", b"relayed natively")
+        talker.publish("secret", b"nobody may hear this")
+        assert listener.recv_message().data == b"relayed natively"
+        with pytest.raises(TimeoutError):
+            listener.recv(timeout=0.3)
+        talker.close()
+        listener.close()
+
+
+def test_per_message_handlers_still_need_the_events_mode() -> None:
+    with pytest.raises(ValueError, match="need mode='events'"):
+        socketcomm.Server("127.0.0.1", 0, mode="broadcast", on_message=lambda c, d: d)
+
+
+def test_the_pull_loop_answers_subscription_requests() -> None:
+    with socketcomm.Server("127.0.0.1", 0, screen_subscriptions=True) as server:
+        answered: list[str] = []
+
+        def serve() -> None:
+            for event in server:
+                if isinstance(event, socketcomm.SubscriptionRequest):
+                    answered.append(event.topic)
+                    assert event.conn_id in server.connections
+                    assert "SubscriptionRequest" in repr(event)
+                    if event.topic == "open":
+                        event.accept()
+                    elif event.topic == "closed":
+                        event.refuse("members only")
+                    else:
+                        del event  # dropped unanswered, which refuses it
+
+        threading.Thread(target=serve, daemon=True).start()
+        with socketcomm.Client(*server.address, timeout=5) as client:
+            assert client.subscribe("open")
+            with pytest.raises(PermissionError, match="members only"):
+                client.subscribe("closed")
+            with pytest.raises(PermissionError, match="did not answer"):
+                client.subscribe("ignored")
+        assert answered == ["open", "closed", "ignored"]
+
+
+def test_on_subscribe_from_asyncio() -> None:
+    async def allowed(conn_id: int, topic: str) -> bool:
+        await asyncio.sleep(0.01)
+        return topic.startswith("public.")
+
+    async def main() -> None:
+        async with aio.Server("127.0.0.1", 0, on_subscribe=allowed) as server:
+            server.start()
+            async with aio.Client(*server.address, timeout=5) as client:
+                assert await client.subscribe("public.news") is True
+                with pytest.raises(PermissionError, match="refused"):
+                    await client.subscribe("private.diary")
+                (conn,) = server.connections
+                assert server.rooms(conn) == ["public.news"]
+
+    asyncio.run(main())

@@ -33,13 +33,15 @@ from socketcomm._socketcomm import (
     Server,
     ServerTls,
     SocketCommError,
+    SubscriptionRequest,
     TlsError,
     TransferError,
     __version__,
 )
 
-Event = Connected | Message | FileReceived | Disconnected
-"""What iterating over a `Server` yields."""
+Event = Connected | Message | FileReceived | Disconnected | SubscriptionRequest
+"""What iterating over a `Server` yields (`SubscriptionRequest` only with
+``screen_subscriptions=True``)."""
 
 __all__ = [
     "ACK_REPLY",
@@ -64,6 +66,7 @@ __all__ = [
     "Server",
     "ServerTls",
     "SocketCommError",
+    "SubscriptionRequest",
     "TlsError",
     "TransferError",
     "__version__",

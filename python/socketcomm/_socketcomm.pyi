@@ -44,6 +44,7 @@ __all__ = [
     "Server",
     "ServerTls",
     "SocketCommError",
+    "SubscriptionRequest",
     "TlsError",
     "TransferError",
     "TransferProgress",
@@ -229,6 +230,27 @@ class FileSent:
     @property
     def rate(self) -> float:
         """Bytes per second sent by this call."""
+
+@final
+class SubscriptionRequest:
+    """A client asks to subscribe to ``topic`` (a server with ``screen_subscriptions=True``):
+    answer with `accept` or `refuse`; one dropped unanswered, or not answered within 10 s, is
+    refused. The connection's later frames wait for the answer."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def topic(self) -> str:
+        """The topic name or pattern asked for."""
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client's verified certificate, on a mutual-TLS server."""
+    def accept(self) -> None:
+        """Lets the client subscribe."""
+    def refuse(self, reason: str = "refused by the server's application") -> None:
+        """Refuses it: the client's ``subscribe`` raises ``PermissionError`` with ``reason``."""
 
 @final
 class Received:
@@ -430,7 +452,7 @@ class Disconnected:
     def peer_identity(self) -> PeerIdentity | None:
         """The client's verified certificate, on a mutual-TLS server."""
 
-_Event: TypeAlias = Connected | Message | FileReceived | Disconnected
+_Event: TypeAlias = Connected | Message | FileReceived | Disconnected | SubscriptionRequest
 
 @final
 class Server:
@@ -470,8 +492,11 @@ class Server:
     A client's ``subscribe(topic)`` puts its connection in that room (see `join`); with
     ``on_subscribe(conn_id, topic)`` the application decides: a true result lets it subscribe,
     a false one (or an exception, which is logged) refuses it, and the client's ``subscribe``
-    raises ``PermissionError``. It runs on the handler threads like the other handlers (the
-    events mode), and that connection's later frames wait for its answer.
+    raises ``PermissionError``. With ``screen_subscriptions=True`` (and no ``on_subscribe``)
+    each request comes as a `SubscriptionRequest` event, to ``accept()`` or ``refuse()``
+    (one dropped unanswered, or left 10 s, is refused). ``on_subscribe`` runs on the handler
+    threads like the other handlers (in a native mode, where it is the only handler allowed, on
+    a thread of its own), and that connection's later frames wait for its answer.
     ``hello_timeout`` (seconds, on by default) closes a connection that has not said what it
     speaks that long after it was accepted (after its TLS handshake, with TLS): one that sent
     nothing, or a framed client's unfinished hello (code 1006, counted in ``idle_timeouts``),
@@ -591,6 +616,7 @@ class Server:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         backplane: str | None = None,
+        screen_subscriptions: bool = False,
     ) -> Self: ...
     @property
     def tls_fingerprint(self) -> str | None:
@@ -727,7 +753,9 @@ class Server:
         self, conn_id: int, path: str | os.PathLike[str], name: str | None
     ) -> tuple[Awaitable[FileSent], TransferProgress]:
         """Sends a file to a connection; the awaitable gives the `FileSent`."""
-    def _try_event(self) -> Connected | AsyncMessage | FileReceived | Disconnected | None:
+    def _try_event(
+        self,
+    ) -> Connected | AsyncMessage | FileReceived | Disconnected | SubscriptionRequest | None:
         """The next event (asyncio flavour) if one is queued, else None."""
     def _wakeup_fd(self) -> int:
         """The descriptor that becomes readable once ``_arm`` was called and ``_try_event``

@@ -45,6 +45,7 @@ from socketcomm._socketcomm import (
     FileReceived,
     FileSent,
     Received,
+    SubscriptionRequest,
     TransferProgress,
 )
 
@@ -58,11 +59,13 @@ __all__ = [
     "Message",
     "Received",
     "Server",
+    "SubscriptionRequest",
     "connect",
 ]
 
-Event = Connected | Message | FileReceived | Disconnected
-"""What iterating over an `aio.Server` yields."""
+Event = Connected | Message | FileReceived | Disconnected | SubscriptionRequest
+"""What iterating over an `aio.Server` yields (`SubscriptionRequest` only with
+``screen_subscriptions=True``)."""
 
 Data = str | bytes | bytearray | memoryview
 PathLike = str | os.PathLike[str]
@@ -87,6 +90,13 @@ def _loads(data: bytes, loads: Loads | None) -> Any:
         return (loads or json.loads)(data)
     except ValueError as e:
         raise ValueError(f"the message is not JSON ({e}); its bytes are in .data") from e
+
+
+def _answer(request: SubscriptionRequest, verdict: Any) -> None:
+    if verdict:
+        request.accept()
+    else:
+        request.refuse("the server's on_subscribe refused it")
 
 
 async def _within(awaitable: Awaitable[Any], timeout: float | None, what: str) -> Any:
@@ -475,8 +485,9 @@ class Server:
     """A TCP server for asyncio. Same options as `socketcomm.Server`; binds and serves at once.
 
     ``on_message(conn_id, data)``, ``on_connect(conn_id, peer)``,
-    ``on_disconnect(conn_id, reason)`` and ``on_file(conn_id, file)`` may be plain or ``async``
-    functions; they run on the
+    ``on_disconnect(conn_id, reason)``, ``on_file(conn_id, file)`` and
+    ``on_subscribe(conn_id, topic)`` (true lets the client subscribe, false refuses it) may be
+    plain or ``async`` functions; they run on the
     event loop, one event at a time, in order, from ``serve_forever()`` (or the task ``start()``
     creates). ``on_message`` returns the reply (or None). Without handlers, iterate:
     ``async for event in server``.
@@ -491,9 +502,13 @@ class Server:
         on_connect: Handler | None = None,
         on_disconnect: Handler | None = None,
         on_file: Handler | None = None,
+        on_subscribe: Handler | None = None,
         **options: Any,
     ) -> None:
         self._handlers = (on_message, on_connect, on_disconnect, on_file)
+        self._on_subscribe = on_subscribe
+        if on_subscribe is not None:
+            options["screen_subscriptions"] = True
         if any(self._handlers) and options.get("mode", "events") != "events":
             raise ValueError(
                 f"invalid mode: the on_* handlers need mode='events', but mode="
@@ -627,16 +642,20 @@ class Server:
         `socketcomm.Server.latency`)."""
         return self._core.latency(conn_id)
 
+    @property
+    def _handles_events(self) -> bool:
+        return any(self._handlers) or self._on_subscribe is not None
+
     def start(self) -> None:
         """Runs the handlers in a task of the running event loop (idempotent)."""
-        if any(self._handlers) and self._task is None:
+        if self._handles_events and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
     async def serve_forever(self) -> None:
         """Serves until ``close()``: runs the handlers, or (native modes) just waits."""
         if self._task is not None:
             await self._task
-        elif any(self._handlers):
+        elif self._handles_events:
             await self._dispatch()
         elif self.mode != "events":
             async for _ in self:
@@ -668,6 +687,8 @@ class Server:
     def _handle(self, event: Event) -> Awaitable[None] | None:
         """Runs the event's handler; what is left to await, if anything."""
         on_message, on_connect, on_disconnect, on_file = self._handlers
+        if isinstance(event, SubscriptionRequest):
+            return self._screen(event)
         try:
             if isinstance(event, Message):
                 if on_message is None:
@@ -695,6 +716,31 @@ class Server:
         except Exception:
             _log_handler_failure(event)
             return None
+
+    def _screen(self, request: SubscriptionRequest) -> Awaitable[None] | None:
+        """Answers a subscription with what ``on_subscribe`` says; what is left to await."""
+        try:
+            verdict = (
+                True
+                if self._on_subscribe is None
+                else self._on_subscribe(request.conn_id, request.topic)
+            )
+        except Exception:
+            _log_handler_failure(request)
+            request.refuse("the server's on_subscribe failed")
+            return None
+        if inspect.isawaitable(verdict):
+            return self._screen_later(request, verdict)
+        _answer(request, verdict)
+        return None
+
+    @staticmethod
+    async def _screen_later(request: SubscriptionRequest, verdict: Awaitable[Any]) -> None:
+        try:
+            _answer(request, await verdict)
+        except Exception:
+            _log_handler_failure(request)
+            request.refuse("the server's on_subscribe failed")
 
     @staticmethod
     async def _reply_later(event: Message, answer: Awaitable[Any]) -> None:
@@ -790,4 +836,6 @@ def _handler_name(event: Event | None) -> str:
         return "on_message"
     if isinstance(event, FileReceived):
         return "on_file"
+    if isinstance(event, SubscriptionRequest):
+        return "on_subscribe"
     return "on_connect" if isinstance(event, Connected) else "on_disconnect"

@@ -261,6 +261,58 @@ impl Disconnected {
     }
 }
 
+/// A client asks to subscribe to `topic`, on a server with ``screen_subscriptions=True``:
+/// answer with `accept()` or `refuse(reason)`; one dropped unanswered is refused.
+#[pyclass(frozen, module = "socketcomm._socketcomm")]
+pub(crate) struct SubscriptionRequest {
+    asking: crate::server::Subscription,
+}
+
+#[pymethods]
+impl SubscriptionRequest {
+    #[getter]
+    fn conn_id(&self) -> u64 {
+        self.asking.conn.id()
+    }
+
+    #[getter]
+    fn peer(&self) -> (String, u16) {
+        address(self.asking.conn.peer())
+    }
+
+    /// The topic name or pattern asked for.
+    #[getter]
+    fn topic(&self) -> &str {
+        &self.asking.pattern
+    }
+
+    /// The client's verified certificate, on a mutual-TLS server.
+    #[getter]
+    fn peer_identity(&self) -> Option<PyPeerIdentity> {
+        identity_of(&self.asking.conn)
+    }
+
+    /// Lets the client subscribe (its ``subscribe`` returns).
+    fn accept(&self) {
+        self.asking.accept();
+    }
+
+    /// Refuses the subscription: the client's ``subscribe`` raises ``PermissionError`` with
+    /// `reason`.
+    #[pyo3(signature = (reason = "refused by the server's application"))]
+    fn refuse(&self, reason: &str) {
+        self.asking.refuse(reason);
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SubscriptionRequest(conn_id={}, topic={:?})",
+            self.asking.conn.id(),
+            self.asking.pattern
+        )
+    }
+}
+
 /// A peer address as Python prints a tuple: `('127.0.0.1', 45396)`.
 fn peer_repr((host, port): &(String, u16)) -> String {
     format!("('{host}', {port})")
@@ -326,11 +378,9 @@ pub(crate) fn event_to_py(py: Python<'_>, event: Event, flavour: Flavour) -> PyR
             .into_any()
             .unbind()
         }
-        // NOTE: not met in practice: subscriptions become events only on a server with an
-        // on_subscribe handler, whose events all go to the handler threads.
-        Event::Subscribe(asking) => {
-            asking.accept();
-            py.None()
-        }
+        Event::Subscribe(asking) => SubscriptionRequest { asking }
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
     })
 }

@@ -63,6 +63,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<events::Message>()?;
     m.add_class::<events::AsyncMessage>()?;
     m.add_class::<events::Disconnected>()?;
+    m.add_class::<events::SubscriptionRequest>()?;
     m.add_class::<transfer::FileReceived>()?;
     m.add_class::<tls::PyServerTls>()?;
     m.add_class::<tls::PyClientTls>()?;

@@ -59,11 +59,26 @@ struct Handlers {
 
 impl Handlers {
     fn any(&self) -> bool {
+        self.any_per_message() || self.on_subscribe.is_some()
+    }
+
+    /// Whether a handler runs for the events of the events mode (all but `on_subscribe`,
+    /// which a native mode runs too).
+    fn any_per_message(&self) -> bool {
         self.on_message.is_some()
             || self.on_connect.is_some()
             || self.on_disconnect.is_some()
             || self.on_file.is_some()
-            || self.on_subscribe.is_some()
+    }
+
+    /// In a native mode, where nothing else reads the events: answers a subscription with
+    /// `on_subscribe` (logging what it raises), and drops any other event.
+    fn screen_or_drop(&self, py: Python<'_>, event: Event) {
+        if let Event::Subscribe(asking) = &event {
+            if let Err(error) = self.screen(py, asking) {
+                log_handler_error(py, &event, error);
+            }
+        }
     }
 
     fn clone_ref(&self, py: Python<'_>) -> Handlers {
@@ -211,9 +226,10 @@ pub(crate) struct PyServer {
 
 fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
     let mode = Mode::parse(mode).map_err(PyErr::from)?;
-    if handlers.any() && mode.is_native() {
+    if handlers.any_per_message() && mode.is_native() {
         return Err(PyValueError::new_err(format!(
-            "invalid mode: the on_* handlers need mode='events', but mode={:?} answers natively",
+            "invalid mode: the on_* handlers need mode='events', but mode={:?} answers natively \
+             (on_subscribe alone works in every mode)",
             mode.name()
         )));
     }
@@ -269,6 +285,7 @@ impl PyServer {
         ping_interval = 20.0,
         ping_timeout = 20.0,
         backplane = None,
+        screen_subscriptions = false,
     ))]
     // Each argument is a Python keyword option.
     #[allow(clippy::too_many_arguments)]
@@ -317,6 +334,7 @@ impl PyServer {
         ping_interval: Option<f64>,
         ping_timeout: Option<f64>,
         backplane: Option<String>,
+        screen_subscriptions: bool,
     ) -> PyResult<PyServer> {
         refuse_if_forked()?;
         for (option, handler) in [
@@ -397,7 +415,7 @@ impl PyServer {
             )?,
             hello_timeout: timeout_from_secs("hello_timeout", hello_timeout)?,
             pings: pings(ping_interval, ping_timeout)?,
-            subscription_events: handlers.on_subscribe.is_some(),
+            subscription_events: handlers.on_subscribe.is_some() || screen_subscriptions,
             backplane,
         };
         let addr = resolve(py, host, port)?;
@@ -475,7 +493,9 @@ impl PyServer {
     /// dispatcher threads run them. Idempotent.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.start_accepting(py)?;
-        if self.handlers.any() {
+        if self.core.config().mode.is_native() {
+            self.spawn_screener(py)?;
+        } else if self.handlers.any() {
             self.spawn_dispatchers(py, 0)?;
         }
         Ok(())
@@ -494,7 +514,7 @@ impl PyServer {
         }
         self.start_accepting(py)?;
         let events = self.core.events().clone();
-        if self.handlers.any() {
+        if self.handlers.any() && !config.mode.is_native() {
             if let Some(scheduler) = self.spawn_dispatchers(py, 1)? {
                 // Be dispatcher 0 on this thread (with a clock of its own).
                 let handlers = self.handlers.clone_ref(py);
@@ -513,12 +533,13 @@ impl PyServer {
             return Ok(());
         }
         // A native mode, or a file drop (files are received natively; messages are read and
-        // dropped): the events have no reader; drain them.
-        while self
+        // dropped): the events have no reader; drain them, answering subscriptions.
+        while let Ok(event) = self
             .serve_until(py, events.recv_async(), None)?
             .expect("waits without a timeout")
-            .is_ok()
-        {}
+        {
+            self.handlers.screen_or_drop(py, event);
+        }
         Ok(())
     }
 
@@ -971,6 +992,30 @@ impl PyServer {
             let _ = ended.recv();
         }));
         Ok(Some(Arc::clone(scheduler)))
+    }
+
+    /// A native-mode server with `on_subscribe`: one thread answers its subscriptions (the
+    /// connections wait for the answers), until the server has ended. Once.
+    fn spawn_screener(&self, py: Python<'_>) -> PyResult<()> {
+        if self.handlers.on_subscribe.is_none() {
+            return Ok(());
+        }
+        let mut dispatchers = lock(&self.dispatchers);
+        if !dispatchers.is_empty() {
+            return Ok(());
+        }
+        let events = self.core.events().clone();
+        let handlers = self.handlers.clone_ref(py);
+        let thread = std::thread::Builder::new()
+            .name("socketcomm-subscriptions".to_owned())
+            .spawn(move || {
+                while let Ok(event) = events.recv() {
+                    with_python(|py| handlers.screen_or_drop(py, event));
+                }
+            })
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start a thread: {e}")))?;
+        dispatchers.push(thread);
+        Ok(())
     }
 
     /// Starts the accept loop unless it runs; refuses a closed server.

@@ -37,6 +37,10 @@ use crate::heartbeat::{Beat, Heartbeat, RawFd};
 use crate::tls::{handshake_error, PeerIdentity, ServerTls};
 use crate::transfer::{Delivery, ReceivedFile, Receiving};
 
+/// How long a subscription waits for the application's answer (`on_subscribe`, or a
+/// `SubscriptionRequest` event) before it is refused: the connection's later frames wait too.
+const SUBSCRIPTION_ANSWER: Duration = Duration::from_secs(10);
+
 /// How long the writer may take to flush what is queued once the connection is closing, before
 /// the rest is dropped.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
@@ -802,6 +806,9 @@ impl Driver<'_> {
         self.hub.emit(self.events, Event::Subscribe(asking)).await;
         let answer = tokio::select! {
             () = self.conn.control.wake.fired() => Err("the connection is closing".to_owned()),
+            () = tokio::time::sleep(SUBSCRIPTION_ANSWER) => Err(format!(
+                "the application did not answer the subscription within {SUBSCRIPTION_ANSWER:?}"
+            )),
             answer = answer => answer.unwrap_or_else(|_| {
                 Err("the application did not answer the subscription".to_owned())
             }),
