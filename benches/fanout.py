@@ -8,7 +8,9 @@ Rows, in the same run:
   - socketcomm through Redis: two servers joined by a backplane, the publisher on one and
     every subscriber on the other, so each message crosses Redis;
   - Redis pub/sub alone: the same publisher and subscribers on redis-server itself (PUBLISH
-    and SUBSCRIBE), the fan-out that redis-py's pub/sub users get from Redis.
+    and SUBSCRIBE), the fan-out that redis-py's pub/sub users get from Redis;
+  - redis-py: the same publisher and subscribers written with redis-py on asyncio (uvloop),
+    as a Python program using Redis pub/sub would (benches/fanout_redis_py.py).
 
     python benches/fanout.py            # 100 subscribers, 2,000 messages, 3 rounds
     python benches/fanout.py --quick    # 1 round
@@ -22,15 +24,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from run import RELEASE, Peer, ensure_tools, machine, say
+
+
+def cpu_time_of(pid: int) -> float:
+    """User plus system CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -117,7 +128,29 @@ def fanout(
     return result
 
 
+def redis_py(redis: Redis, args: argparse.Namespace) -> dict[str, float]:
+    """The same fan-out as a redis-py user writes it (benches/fanout_redis_py.py)."""
+    if importlib.util.find_spec("redis") is None:
+        say("installing redis-py from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "redis"], check=True)
+    before = cpu_time_of(redis.process.pid)
+    command = [
+        sys.executable,
+        str(Path(__file__).parent / "fanout_redis_py.py"),
+        str(redis.port),
+        str(args.subscribers),
+        str(args.size),
+        str(args.messages),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    result: dict[str, float] = json.loads(done.stdout)
+    result["server_cpu_s"] = cpu_time_of(redis.process.pid) - before
+    return result
+
+
 def row(redis: Redis, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    if kind == "redis-py":
+        return redis_py(redis, args)
     if kind == "redis":
         pid = str(redis.process.pid)
         return fanout(redis.port, redis.port, [pid], args, redis=True)
@@ -145,6 +178,7 @@ ROWS = [
     ("native", "socketcomm, native relay (mode='broadcast')"),
     ("backplane", "socketcomm through Redis (two servers, backplane)"),
     ("redis", "Redis pub/sub alone (redis-server's own fan-out)"),
+    ("redis-py", "redis-py on asyncio (uvloop): the same, in Python"),
 ]
 
 
