@@ -903,7 +903,10 @@ impl Driver<'_> {
                 match charge {
                     Ok(charge) => {
                         message.charge = charge;
-                        self.hub.emit(self.events, Event::Message(message)).await;
+                        if let Some(waiting) = self.hub.offer(self.events, Event::Message(message))
+                        {
+                            waiting.await;
+                        }
                     }
                     Err(room) => self.stall = Some(Box::new(Stall::Message(message, room))),
                 }
@@ -918,17 +921,19 @@ impl Driver<'_> {
                 encode(&answer, self.raw, &mut self.write_buf);
                 self.messages_out += 1;
             }
+            // NOTE: the fan-out futures are boxed: inline, they would be part of every
+            // connection's task, idle ones too (an allocation per relayed message is small
+            // next to writing it to every member).
             Mode::Broadcast => match &message.topic {
                 // A message to a topic goes to the rooms it matches; any other, to everyone.
                 Some(topic) => {
                     // The name was checked when the frame arrived (`allowed`).
-                    let _ = self
-                        .hub
-                        .publish(Arc::clone(topic), message.data, &[self.conn.id])
-                        .await;
+                    let exclude = [self.conn.id];
+                    let _ =
+                        Box::pin(self.hub.publish(Arc::clone(topic), message.data, &exclude)).await;
                 }
                 None => {
-                    self.hub.broadcast(message.data, &[self.conn.id]).await;
+                    Box::pin(self.hub.broadcast(message.data, &[self.conn.id])).await;
                 }
             },
         }
@@ -970,7 +975,9 @@ impl Driver<'_> {
         match (stall, room) {
             (Some(Stall::Message(mut message, _)), Room::Message(charge)) => {
                 message.charge = charge;
-                self.hub.emit(self.events, Event::Message(message)).await;
+                if let Some(waiting) = self.hub.offer(self.events, Event::Message(message)) {
+                    waiting.await;
+                }
             }
             (_, Room::Buffer(Ok(permit))) => {
                 if let Some(permit) = permit {

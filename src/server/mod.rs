@@ -326,6 +326,9 @@ pub enum Event {
     Subscribe(Subscription),
 }
 
+/// A wait for room in the event queue ([`Hub::offer`]).
+type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// The application's answer to a [`Subscription`]: `Err` with the reason it refused.
 type Verdict = std::result::Result<(), String>;
 
@@ -1133,17 +1136,40 @@ impl Hub {
     /// Hands an event to the application. In the native modes nobody may be reading, so an event
     /// that finds the queue full is dropped; otherwise the connection waits (backpressure).
     async fn emit(&self, events: &EventSender, event: Event) {
-        if self.config.mode.is_native() {
-            if events.try_send(event).is_err() {
+        if let Some(waiting) = self.offer(events, event) {
+            waiting.await;
+        }
+    }
+
+    /// As [`Hub::emit`], without waiting: queues `event` at once when the queue has room (or
+    /// drops it, in a native mode) and returns `None`; else returns the wait for room.
+    ///
+    /// NOTE: the wait is boxed and made only when the queue is full, so that the connection's
+    /// task holds one pointer for it instead of the event and a channel's send future (about
+    /// 600 bytes, in every connection's task, idle ones too).
+    fn offer<'a>(&'a self, events: &'a EventSender, event: Event) -> Option<Waiting<'a>> {
+        match events.try_send(event) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(event)) if !self.config.mode.is_native() => {
+                return Some(Box::pin(async move {
+                    tokio::select! {
+                        () = self.abort.cancelled() => return,
+                        sent = events.send_async(event) => {
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    self.events_ready.notify();
+                }));
+            }
+            Err(flume::TrySendError::Full(_)) => {
                 log::trace!("event queue full; dropped an event of a native-mode server");
             }
-        } else {
-            tokio::select! {
-                () = self.abort.cancelled() => return,
-                _ = events.send_async(event) => {}
-            }
+            Err(flume::TrySendError::Disconnected(_)) => return None,
         }
         self.events_ready.notify();
+        None
     }
 
     /// Queues `data` to every connection but `exclude`, here and (with a backplane) on the
