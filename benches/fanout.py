@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 
 from run import RELEASE, Peer, ensure_tools, machine, say
 
+from socketcomm.testing import RedisServer
+
 
 def cpu_time_of(pid: int) -> float:
     """User plus system CPU seconds of a process, from /proc."""
@@ -44,65 +45,17 @@ def cpu_time_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Redis:
-    """A redis-server of its own on a free loopback port."""
-
-    def __init__(self) -> None:
+def redis_server(folder: Path) -> RedisServer:
+    """A redis-server of its own, installed from Debian's packages first if it is missing."""
+    binary = shutil.which("redis-server")
+    if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        say("installing redis-server from Debian's packages")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=False, env=env)
         binary = shutil.which("redis-server")
-        if binary is None:
-            if os.geteuid() == 0 and shutil.which("apt-get"):
-                say("installing redis-server from Debian's packages")
-                env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-                subprocess.run(
-                    ["apt-get", "install", "-y", "-qq", "redis-server"], check=False, env=env
-                )
-            binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is missing (apt-get install redis-server)")
-        self.port = free_port()
-        self.folder = tempfile.mkdtemp(prefix="socketcomm-bench-redis-")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.folder,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        shutil.rmtree(self.folder, ignore_errors=True)
+    if binary is None:
+        raise SystemExit("redis-server is missing (apt-get install redis-server)")
+    return RedisServer(binary, folder)
 
 
 def fanout(
@@ -128,12 +81,12 @@ def fanout(
     return result
 
 
-def redis_py(redis: Redis, args: argparse.Namespace) -> dict[str, float]:
+def redis_py(redis: RedisServer, args: argparse.Namespace) -> dict[str, float]:
     """The same fan-out as a redis-py user writes it (benches/fanout_redis_py.py)."""
     if importlib.util.find_spec("redis") is None:
         say("installing redis-py from PyPI")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "redis"], check=True)
-    before = cpu_time_of(redis.process.pid)
+    before = cpu_time_of(redis.pid)
     command = [
         sys.executable,
         str(Path(__file__).parent / "fanout_redis_py.py"),
@@ -144,15 +97,15 @@ def redis_py(redis: Redis, args: argparse.Namespace) -> dict[str, float]:
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     result: dict[str, float] = json.loads(done.stdout)
-    result["server_cpu_s"] = cpu_time_of(redis.process.pid) - before
+    result["server_cpu_s"] = cpu_time_of(redis.pid) - before
     return result
 
 
-def row(redis: Redis, kind: str, args: argparse.Namespace) -> dict[str, float]:
+def row(redis: RedisServer, kind: str, args: argparse.Namespace) -> dict[str, float]:
     if kind == "redis-py":
         return redis_py(redis, args)
     if kind == "redis":
-        pid = str(redis.process.pid)
+        pid = str(redis.pid)
         return fanout(redis.port, redis.port, [pid], args, redis=True)
     if kind == "native":
         peer = Peer("socketcomm-broadcast")
@@ -167,7 +120,7 @@ def row(redis: Redis, kind: str, args: argparse.Namespace) -> dict[str, float]:
         del os.environ["SOCKETCOMM_BENCH_BACKPLANE"]
     try:
         time.sleep(0.5)  # both backplane links up
-        pids = [publisher_side.pid, subscriber_side.pid, str(redis.process.pid)]
+        pids = [publisher_side.pid, subscriber_side.pid, str(redis.pid)]
         return fanout(subscriber_side.port, publisher_side.port, pids, args)
     finally:
         publisher_side.stop()
@@ -192,7 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     ensure_tools()
-    redis = Redis()
+    folder = tempfile.mkdtemp(prefix="socketcomm-bench-redis-")
+    redis = redis_server(Path(folder))
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind, _ in ROWS}
     try:
         for _ in range(rounds):
@@ -201,6 +155,7 @@ def main() -> None:
                 results[kind].append(row(redis, kind, args))
     finally:
         redis.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"Run {now} on {machine()}, {rounds} round(s), median kept; {args.subscribers} "

@@ -78,7 +78,7 @@ async fn a_connection_that_ends_leaves_its_rooms() {
         server.join(id, "lobby").unwrap();
         server.join(id, "chat.>").unwrap();
     }
-    assert_eq!(server.room_count(), 2);
+    assert_eq!(server.stats().rooms, 2);
     leaving.close(LIMIT).await;
     next_disconnected(&server).await;
     assert_eq!(server.members("lobby").unwrap(), vec![staying_id]);
@@ -93,5 +93,5 @@ async fn a_connection_that_ends_leaves_its_rooms() {
     tokio::time::timeout(LIMIT, next_disconnected(&server))
         .await
         .unwrap();
-    assert_eq!(server.room_count(), 0, "rooms without members are gone");
+    assert_eq!(server.stats().rooms, 0, "rooms without members are gone");
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import socketcomm
+from socketcomm.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINALS = Path(__file__).resolve().parent / "originals"
@@ -45,59 +46,6 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, "the connection ended early"
         data += chunk
     return data
-
-
-class RedisServer:
-    """A `redis-server` of its own on a free loopback port, nothing saved to disk; `stop()` and
-    `start()` again on the same port stand for Redis going away and coming back."""
-
-    def __init__(self, binary: str, folder: Path) -> None:
-        self.binary = binary
-        self.folder = folder
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 @pytest.fixture

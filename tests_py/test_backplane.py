@@ -10,8 +10,9 @@ from collections.abc import Callable
 import pytest
 
 import socketcomm
+from socketcomm.testing import RedisServer
 
-from conftest import Background, RedisServer, ServerProcess, until
+from conftest import Background, ServerProcess, until
 
 
 def drain(client: socketcomm.Client, wait: float = 0.3) -> list[bytes]:

@@ -25,11 +25,18 @@ Fixtures:
   socketcomm_aio_client      a `socketcomm.aio.Client` for it, to enter with `async with` in
                              the test's own event loop
   socketcomm_server_factory  makes more servers: ``factory(**options)``; all closed after
+
+And `RedisServer`, a throwaway ``redis-server`` on a free loopback port, for tests of a
+``backplane=`` (socketcomm's own tests and benchmarks use it).
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +45,7 @@ import socketcomm
 import socketcomm.aio
 
 __all__ = [
+    "RedisServer",
     "socketcomm_aio_client",
     "socketcomm_client",
     "socketcomm_server",
@@ -46,6 +54,57 @@ __all__ = [
 ]
 
 ServerFactory = Callable[..., socketcomm.Server]
+
+
+class RedisServer:
+    """A ``redis-server`` (the binary at ``binary``) of its own on a free loopback port, saving
+    nothing but into ``folder``; `stop()` and `start()` again on the same port stand for Redis
+    going away and coming back."""
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary = binary
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        """The running redis-server's process id."""
+        assert self.process is not None, "started in __init__"
+        return self.process.pid
+
+    def start(self) -> None:
+        """Starts it, and returns once it answers PING (within 10 s, else RuntimeError)."""
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), *options, "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
 
 @pytest.fixture

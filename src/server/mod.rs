@@ -770,11 +770,6 @@ impl Server {
         Ok(reached.iter().map(Connection::id).collect())
     }
 
-    /// How many rooms have members now.
-    pub fn room_count(&self) -> usize {
-        self.hub.rooms.count()
-    }
-
     /// Queues `data` to every connection that a publish to the room `name` reaches (see
     /// [`Server::members`]) but those in `exclude`, each once, as [`Server::broadcast`] does
     /// (the same `slow_reader` policy); returns how many it reached.
