@@ -147,6 +147,9 @@ class Result:
     # The share of the machine's CPU time the hypervisor gave to others during the row: a row
     # with much of it ran on a machine slower than the others did.
     steal: float = 0.0
+    # The kernel's part of server_cpu_us_per_msg (system CPU time): the system calls of each
+    # message, which every server pays alike.
+    server_system_us_per_msg: float = 0.0
 
     @property
     def client_bound(self) -> bool:
@@ -239,6 +242,7 @@ def run_load(kind: str, label: str, args: argparse.Namespace) -> Result:
         server_cpu_us_per_msg=(data["server_cpu_s"] or 0.0) * 1e6 / messages,
         loadgen_cpu=(data["loadgen_cpu_s"] or 0.0) / data["seconds"],
         steal=stolen / ticks if ticks else 0.0,
+        server_system_us_per_msg=(data.get("server_system_s") or 0.0) * 1e6 / messages,
     )
 
 

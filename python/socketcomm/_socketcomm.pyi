@@ -762,6 +762,13 @@ class Server:
         has an event or the end to report."""
     def _arm(self) -> None:
         """The loop is about to wait for an event: wake it through ``_wakeup_fd``."""
+    def _poll_fd(self) -> int | None:
+        """The descriptor that is readable while the connections have work to do; the loop
+        watches it and calls ``_turn`` then (None: wait through ``_wakeup_fd`` alone)."""
+    def _has_event(self) -> bool:
+        """Whether ``_try_event`` has an event or the end to report now."""
+    def _turn(self) -> None:
+        """Serves the connections for one turn on the calling thread; returns at once."""
     def _send(self, conn_id: int, data: _Data) -> Awaitable[None]:
         """Sends to one connection, waiting for room in its queue."""
     def _broadcast(self, data: _Data, exclude: int | Iterable[int] | None = None) -> Awaitable[int]:

@@ -190,6 +190,11 @@ class _Wakeup(_Watched):
         super().__init__(core._wakeup_fd(), self._woken)
         self._core = core
         self._waiters: list[asyncio.Future[None]] = []
+        # NOTE: where the connections' runtime has a descriptor to watch, the loop serves
+        # them itself whenever it is readable: a message is then read, handled and answered
+        # on the loop's thread, with no other thread woken (see src/python/poll_fd.rs).
+        poll_fd = core._poll_fd()
+        self._serving = None if poll_fd is None else _Watched(poll_fd, self._serve)
 
     async def wait(self) -> None:
         if self._core.closed:
@@ -198,6 +203,8 @@ class _Wakeup(_Watched):
             await asyncio.sleep(0.01)
             return
         waiter = self.watch().create_future()
+        if self._serving is not None:
+            self._serving.watch()
         self._waiters.append(waiter)
         self._core._arm()
         try:
@@ -205,6 +212,11 @@ class _Wakeup(_Watched):
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+    def _serve(self) -> None:
+        self._core._turn()
+        if self._waiters and self._core._has_event():
+            self.release_waiters()
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -215,6 +227,8 @@ class _Wakeup(_Watched):
         """As `_Watched.stop`; the tasks waiting look again, so that none waits for a byte
         nobody will read."""
         super().stop()
+        if self._serving is not None:
+            self._serving.stop()
         self.release_waiters()
 
     def release_waiters(self) -> None:

@@ -518,6 +518,26 @@ impl PyServer {
         Ok(self.wakeup()?.fd())
     }
 
+    /// The descriptor that is readable while the connections' runtime has work (`poll_fd.rs`):
+    /// the loop watches it and calls `_turn` then, so that it serves the connections itself.
+    /// None for a native-mode server, or where it cannot be found.
+    fn _poll_fd(&self) -> Option<i32> {
+        self.driven().and_then(|driven| driven.poll_fd())
+    }
+
+    /// Whether `_try_event` has something to say now (an event, or the end).
+    fn _has_event(&self) -> bool {
+        self.core().has_event()
+    }
+
+    /// Serves the connections for one turn on this thread (see `Driven::turn`): kept answers
+    /// are written and what the sockets have is read; returns at once.
+    fn _turn(&self) {
+        if let Some(driven) = self.driven() {
+            driven.turn();
+        }
+    }
+
     /// The loop is about to wait for an event: wake it through `_wakeup_fd` when one is there.
     fn _arm(&self) -> PyResult<()> {
         self.wakeup()?.arm();

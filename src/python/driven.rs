@@ -16,6 +16,7 @@
 //! tokio itself, so the design holds on the free-threaded build too.
 
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,9 @@ use crate::sync::lock;
 /// within milliseconds; long enough that a dispatcher running a batch of handlers (which takes
 /// microseconds) is never relieved by it.
 pub(crate) const HANDOFF: Duration = Duration::from_millis(10);
+
+/// How many times a [`Driven::turn`] lets the runtime run its ready tasks and poll the sockets.
+const TURN_PASSES: usize = 2;
 
 /// How often the caretaker, while it drives, checks whether the server has ended.
 const CARETAKER_CHECK: Duration = Duration::from_millis(100);
@@ -60,6 +64,8 @@ struct Shared {
     /// Answers with their place in their connection's queue taken, to queue from inside the
     /// runtime when a thread next drives it.
     answers: Mutex<Vec<Reserved>>,
+    /// The descriptor the runtime waits on, for an asyncio loop to watch (`poll_fd.rs`).
+    poll_fd: Option<RawFd>,
 }
 
 impl Shared {
@@ -108,6 +114,7 @@ impl Driven {
                     "cannot start the server's runtime: {e}"
                 ))
             })?;
+        let poll_fd = super::poll_fd::find(&runtime);
         let shared = Arc::new(Shared {
             runtime: Some(runtime),
             drivers: AtomicUsize::new(0),
@@ -116,6 +123,7 @@ impl Driven {
             caretaker_turn: AtomicWaker::new(),
             caretaking: AtomicBool::new(false),
             answers: Mutex::new(Vec::new()),
+            poll_fd,
         });
         // Detached: it ends by itself once the server has ended, and nothing waits for it (a
         // server dropped unclosed is shut down by its owner, and the caretaker then finishes
@@ -179,6 +187,43 @@ impl Driven {
     /// Whether answers wait to be queued.
     pub(crate) fn has_answers(&self) -> bool {
         !lock(&self.shared.answers).is_empty()
+    }
+
+    /// The descriptor that is readable while the runtime has I/O to do (or a task woken from
+    /// another thread): an asyncio loop that watches it and calls [`Driven::turn`] then serves
+    /// the connections on its own thread. `None` where it cannot be found (`poll_fd.rs`).
+    pub(crate) fn poll_fd(&self) -> Option<RawFd> {
+        self.shared.poll_fd
+    }
+
+    /// One turn of the runtime on this thread, for an asyncio loop: queues the answers kept,
+    /// runs every task that is ready (the connections write those answers), takes what the
+    /// sockets have (without waiting), and runs the tasks that woke; then returns. `false`,
+    /// doing nothing, while a Python thread drives the runtime already (its turns do the
+    /// same, and the wake-up socket tells the loop of the events).
+    ///
+    /// NOTE: called with the GIL held: the turn runs no Python and waits for nothing but the
+    /// runtime's core, which only the caretaker can hold here (it steps aside at once).
+    /// Releasing and taking back the GIL around each turn would cost more than the turn when
+    /// another thread wants the GIL.
+    pub(crate) fn turn(&self) -> bool {
+        let shared = &*self.shared;
+        if shared.drivers.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        shared.drivers.fetch_add(1, Ordering::SeqCst);
+        shared.caretaker_turn.wake();
+        shared.runtime().block_on(async {
+            shared.queue_answers();
+            // Each yield lets the runtime run what is ready and then poll the sockets with no
+            // timeout: the first writes the answers, the second reads what came meanwhile.
+            for _ in 0..TURN_PASSES {
+                tokio::task::yield_now().await;
+            }
+        });
+        shared.left_at.store(shared.now_ms(), Ordering::Release);
+        shared.drivers.fetch_sub(1, Ordering::SeqCst);
+        true
     }
 
     /// Drives the runtime on this thread (which must not hold the GIL) until `future` completes

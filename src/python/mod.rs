@@ -13,6 +13,7 @@ mod ints;
 mod json;
 mod logging;
 mod options;
+mod poll_fd;
 mod received;
 mod runtime;
 mod server;

@@ -1,15 +1,17 @@
-//! How an `aio.Server`'s events reach its asyncio loop: through a socket pair whose reading end
-//! the loop watches (`loop.add_reader`), written to by a task on the runtime the connections run
-//! on, once per batch of events and only while the loop waits for one. Python is never entered
-//! from that task, and no other thread is involved: a batch of events costs one wake-up of the
-//! loop, the write and the read of one byte. (An awaitable resolved by a tokio task instead
-//! costs a hand-off to the completer thread, which must win the GIL from the loop's thread, and
-//! then the loop's own wake-up pipe: three threads per batch.)
+//! How an `aio.Server`'s events reach its asyncio loop. Where the connections' runtime has a
+//! descriptor to watch (`poll_fd.rs`), the loop watches it and serves the connections itself
+//! when it is readable (`Driven::turn`): a message is read, handled and answered on the loop's
+//! thread. Whenever another thread serves them instead (the caretaker, while the loop is busy
+//! with other work, or everywhere the descriptor cannot be found), the events reach the loop
+//! through a socket pair whose reading end the loop watches (`loop.add_reader`), written to by
+//! a task on the connections' runtime, once per batch of events and only while the loop waits
+//! for one. Python is never entered from that task.
 //!
 //! The answers of a batch go out the same way round: `AsyncMessage.reply` takes the answer's
 //! place in its connection's queue and keeps it (`Driven::keep`); the loop calls `_flush` once
-//! per turn (scheduled with `call_soon` by the first answer of the turn), which pokes this task
-//! to queue every kept answer from inside the runtime: one wake-up for the batch.
+//! per turn (scheduled with `call_soon` by the first answer of the turn), which runs a turn of
+//! the runtime on the loop's thread (the connections write the answers), or, where the loop
+//! does not serve the connections, pokes the task to queue the answers from inside the runtime.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -116,6 +118,8 @@ pub(crate) struct Wakeup {
     /// Set once a `_flush` call is scheduled on the loop for the kept answers.
     flush_scheduled: AtomicBool,
     poke: AtomicWaker,
+    /// The runtime the connections run on (an event-mode server's).
+    driven: Option<Arc<Driven>>,
 }
 
 impl Wakeup {
@@ -134,8 +138,9 @@ impl Wakeup {
             flush: AtomicBool::new(false),
             flush_scheduled: AtomicBool::new(false),
             poke: AtomicWaker::new(),
+            driven,
         });
-        runtime.spawn(Arc::clone(&wakeup).serve(server, driven));
+        runtime.spawn(Arc::clone(&wakeup).serve(server));
         Ok(wakeup)
     }
 
@@ -146,8 +151,11 @@ impl Wakeup {
 
     /// The loop waits for an event: write once one is there (at once if one already is).
     pub(crate) fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
-        self.poke.wake();
+        // Once armed, the task stays armed until it writes: a loop that waits again before
+        // then costs no wake-up of the task.
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            self.poke.wake();
+        }
     }
 
     /// Whether the caller should schedule a `_flush` (none is scheduled yet).
@@ -155,14 +163,25 @@ impl Wakeup {
         !self.flush_scheduled.swap(true, Ordering::AcqRel)
     }
 
-    /// Has the kept answers queued from inside the runtime.
+    /// Has the kept answers queued from inside the runtime: by a turn of it on this thread
+    /// (the loop's), or by the task when the loop does not serve the connections itself or
+    /// another thread drives them now.
     pub(crate) fn flush(&self) {
         self.flush_scheduled.store(false, Ordering::Release);
+        // A loop that watches the runtime's descriptor serves the connections itself (see
+        // `_Wakeup` in aio.py); one that does not leaves them to the task's runtime.
+        let served_here = self
+            .driven
+            .as_ref()
+            .is_some_and(|driven| driven.poll_fd().is_some() && driven.turn());
+        if served_here {
+            return;
+        }
         self.flush.store(true, Ordering::SeqCst);
         self.poke.wake();
     }
 
-    async fn serve(self: Arc<Self>, server: Arc<Server>, driven: Option<Arc<Driven>>) {
+    async fn serve(self: Arc<Self>, server: Arc<Server>) {
         loop {
             let armed = self.armed.load(Ordering::SeqCst);
             tokio::select! {
@@ -177,7 +196,7 @@ impl Wakeup {
                 }
             }
             if self.flush.swap(false, Ordering::SeqCst) {
-                if let Some(driven) = &driven {
+                if let Some(driven) = &self.driven {
                     driven.queue_kept();
                 }
             }

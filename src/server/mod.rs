@@ -673,10 +673,12 @@ impl Server {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn event_ready(&self) {
-        self.hub
-            .events_ready
-            .wait_until(|| !self.events.is_empty() || self.events.is_disconnected())
-            .await;
+        self.hub.events_ready.wait_until(|| self.has_event()).await;
+    }
+
+    /// Whether [`Server::try_event`] has something to say now (an event, or the end).
+    pub fn has_event(&self) -> bool {
+        !self.events.is_empty() || self.events.is_disconnected()
     }
 
     /// What the server has done so far.

@@ -35,6 +35,11 @@ pub fn stop_with_parent() {
 
 /// User plus system CPU time of a process (`self` or a PID), from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: &str) -> Option<Duration> {
+    cpu_times(pid).map(|(user, system)| user + system)
+}
+
+/// User and system (kernel) CPU time of a process (`self` or a PID), from `/proc/<pid>/stat`.
+pub fn cpu_times(pid: &str) -> Option<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields counted here come after its closing paren.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -42,7 +47,8 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(Duration::from_secs_f64((utime + stime) as f64 / ticks))
+    let seconds = |t: u64| Duration::from_secs_f64(t as f64 / ticks);
+    Some((seconds(utime), seconds(stime)))
 }
 
 /// A TLS client that accepts any server certificate: the benchmark's peers run on loopback

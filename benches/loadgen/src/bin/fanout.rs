@@ -84,16 +84,27 @@ fn hello_v2() -> [u8; 12] {
 }
 
 async fn framed(port: u16) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     stream.set_nodelay(true).unwrap();
     stream.write_all(&hello_v2()).await.unwrap();
     let mut answer = [0u8; 12];
     stream.read_exact(&mut answer).await.unwrap();
-    assert_eq!(answer[4..6], [2, 2], "the server must speak protocol version 2");
+    assert_eq!(
+        answer[4..6],
+        [2, 2],
+        "the server must speak protocol version 2"
+    );
     stream
 }
 
-async fn socketcomm_subscriber(port: u16, base: Instant, received: Arc<Received>, ready: Arc<AtomicU64>) {
+async fn socketcomm_subscriber(
+    port: u16,
+    base: Instant,
+    received: Arc<Received>,
+    ready: Arc<AtomicU64>,
+) {
     let stream = framed(port).await;
     let (read, mut write) = stream.into_split();
     let mut subscribe = Vec::new();
@@ -134,7 +145,12 @@ async fn socketcomm_subscriber(port: u16, base: Instant, received: Arc<Received>
     }
 }
 
-async fn redis_subscriber(port: u16, base: Instant, received: Arc<Received>, ready: Arc<AtomicU64>) {
+async fn redis_subscriber(
+    port: u16,
+    base: Instant,
+    received: Arc<Received>,
+    ready: Arc<AtomicU64>,
+) {
     use futures_util::StreamExt;
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
     let mut pubsub = client.get_async_pubsub().await.expect("subscribe to Redis");
@@ -143,7 +159,11 @@ async fn redis_subscriber(port: u16, base: Instant, received: Arc<Received>, rea
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
         let body: Vec<u8> = message.get_payload().unwrap();
-        received.latencies.lock().unwrap().push(latency(base, &body));
+        received
+            .latencies
+            .lock()
+            .unwrap()
+            .push(latency(base, &body));
         received.count.fetch_add(1, Ordering::Release);
     }
 }
@@ -163,8 +183,8 @@ async fn publish(args: &Args, base: Instant, all: &[Arc<Received>]) {
         }
     };
     if args.redis {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", args.publish_port))
-            .unwrap();
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}/0", args.publish_port)).unwrap();
         let mut link = client.get_multiplexed_async_connection().await.unwrap();
         let mut sent = 0;
         while sent < args.messages {
@@ -174,7 +194,10 @@ async fn publish(args: &Args, base: Instant, all: &[Arc<Received>]) {
             let batch = (args.messages - sent).min(16).min(args.window);
             let mut pipe = redis::pipe();
             for _ in 0..batch {
-                pipe.cmd("PUBLISH").arg(TOPIC).arg(payload(base, args.size)).ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(TOPIC)
+                    .arg(payload(base, args.size))
+                    .ignore();
             }
             let () = pipe.query_async(&mut link).await.unwrap();
             sent += batch;
@@ -230,12 +253,16 @@ async fn main() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while ready.load(Ordering::SeqCst) < args.subscribers as u64 {
-        assert!(Instant::now() < deadline, "the subscribers did not all subscribe");
+        assert!(
+            Instant::now() < deadline,
+            "the subscribers did not all subscribe"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // A subscription made through one server reaches the other through Redis: a moment for it.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let servers_cpu = || -> Option<Duration> { args.server_pids.iter().map(|pid| cpu_time(pid)).sum() };
+    let servers_cpu =
+        || -> Option<Duration> { args.server_pids.iter().map(|pid| cpu_time(pid)).sum() };
     let (server_before, own_before) = (servers_cpu(), cpu_time("self"));
     let started = Instant::now();
     let publishing = publish(&args, base, &all);
@@ -243,12 +270,19 @@ async fn main() {
         .await
         .expect("the run took more than 120 s");
     while slowest(&all) < args.messages {
-        assert!(started.elapsed() < Duration::from_secs(120), "messages were lost");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "messages were lost"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let own = cpu_time("self").zip(own_before).map(|(a, b)| (a - b).as_secs_f64());
-    let server = servers_cpu().zip(server_before).map(|(a, b)| (a - b).as_secs_f64());
+    let own = cpu_time("self")
+        .zip(own_before)
+        .map(|(a, b)| (a - b).as_secs_f64());
+    let server = servers_cpu()
+        .zip(server_before)
+        .map(|(a, b)| (a - b).as_secs_f64());
     let mut latencies: Vec<u64> = all
         .iter()
         .flat_map(|r| std::mem::take(&mut *r.latencies.lock().unwrap()))

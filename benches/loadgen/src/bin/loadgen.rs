@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socketcomm_bench::{cpu_time, hello, stop_with_parent, DATA, MAGIC, PING, PONG};
+use socketcomm_bench::{cpu_time, cpu_times, hello, stop_with_parent, DATA, MAGIC, PING, PONG};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -104,6 +104,18 @@ async fn run(options: Arc<Options>) {
         }
         server_pids.iter().map(|pid| cpu_time(pid)).sum()
     };
+    // The kernel's share of the servers' CPU: the system calls of each message, which every
+    // server pays, bound how little CPU per message any of them can use.
+    let servers_system = || -> Option<Duration> {
+        if server_pids.is_empty() {
+            return None;
+        }
+        server_pids
+            .iter()
+            .map(|pid| cpu_times(pid).map(|t| t.1))
+            .sum()
+    };
+    let system_before = servers_system();
     let server_before = servers_cpu();
     let own_before = cpu_time("self");
     let started = Instant::now();
@@ -116,6 +128,9 @@ async fn run(options: Arc<Options>) {
         .map(|(a, b)| (a - b).as_secs_f64());
     let server = servers_cpu()
         .zip(server_before)
+        .map(|(a, b)| (a - b).as_secs_f64());
+    let server_system = servers_system()
+        .zip(system_before)
         .map(|(a, b)| (a - b).as_secs_f64());
     for task in &tasks {
         task.abort();
@@ -133,7 +148,7 @@ async fn run(options: Arc<Options>) {
     let json_or_null = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.4}"));
     println!(
         "{{\"messages\": {}, \"seconds\": {seconds:.3}, \"msgs_per_s\": {:.1}, \"mb_per_s\": {:.2}, \
-         \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"loadgen_cpu_s\": {}, \"server_cpu_s\": {}}}",
+         \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"loadgen_cpu_s\": {}, \"server_cpu_s\": {}, \"server_system_s\": {}}}",
         tally.messages,
         messages / seconds,
         messages * options.size as f64 / seconds / 1e6,
@@ -141,6 +156,7 @@ async fn run(options: Arc<Options>) {
         percentile(0.99),
         json_or_null(own),
         json_or_null(server),
+        json_or_null(server_system),
     );
 }
 
