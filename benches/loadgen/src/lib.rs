@@ -33,9 +33,56 @@ pub fn stop_with_parent() {
     }
 }
 
-/// User plus system CPU time of a process (`self` or a PID), from `/proc/<pid>/stat`.
-pub fn cpu_time(pid: &str) -> Option<Duration> {
-    cpu_times(pid).map(|(user, system)| user + system)
+/// The CPU time that this process and the servers used over a measured window.
+pub struct CpuWindow {
+    server_pids: Vec<String>,
+    own: Option<Duration>,
+    servers: Option<(Duration, Duration)>,
+}
+
+/// What a [`CpuWindow`] measured, in seconds (`None` where `/proc` could not tell).
+pub struct CpuUsed {
+    pub own: Option<f64>,
+    /// User plus system time of the servers.
+    pub server: Option<f64>,
+    /// The kernel's part of `server`: the system calls of each message, which every server
+    /// pays, bound how little CPU per message any of them can use.
+    pub server_system: Option<f64>,
+}
+
+impl CpuWindow {
+    /// Starts measuring now.
+    pub fn start(server_pids: &[String]) -> CpuWindow {
+        CpuWindow {
+            servers: servers_times(server_pids),
+            own: cpu_times("self").map(|(user, system)| user + system),
+            server_pids: server_pids.to_vec(),
+        }
+    }
+
+    /// What was used since the start.
+    pub fn used(&self) -> CpuUsed {
+        let seconds = |after: Duration, before: Duration| (after - before).as_secs_f64();
+        let own = cpu_times("self").map(|(user, system)| user + system);
+        let servers = servers_times(&self.server_pids);
+        let both = servers.zip(self.servers);
+        CpuUsed {
+            own: own.zip(self.own).map(|(a, b)| seconds(a, b)),
+            server: both.map(|(a, b)| seconds(a.0 + a.1, b.0 + b.1)),
+            server_system: both.map(|(a, b)| seconds(a.1, b.1)),
+        }
+    }
+}
+
+/// The servers' user and system time together; `None` without servers.
+fn servers_times(pids: &[String]) -> Option<(Duration, Duration)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .try_fold((Duration::ZERO, Duration::ZERO), |sum, pid| {
+            cpu_times(pid).map(|t| (sum.0 + t.0, sum.1 + t.1))
+        })
 }
 
 /// User and system (kernel) CPU time of a process (`self` or a PID), from `/proc/<pid>/stat`.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socketcomm_bench::{cpu_time, stop_with_parent, MAGIC, PING, PONG};
+use socketcomm_bench::{stop_with_parent, CpuWindow, MAGIC, PING, PONG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -261,9 +261,7 @@ async fn main() {
     }
     // A subscription made through one server reaches the other through Redis: a moment for it.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let servers_cpu =
-        || -> Option<Duration> { args.server_pids.iter().map(|pid| cpu_time(pid)).sum() };
-    let (server_before, own_before) = (servers_cpu(), cpu_time("self"));
+    let cpu = CpuWindow::start(&args.server_pids);
     let started = Instant::now();
     let publishing = publish(&args, base, &all);
     tokio::time::timeout(Duration::from_secs(120), publishing)
@@ -277,12 +275,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let own = cpu_time("self")
-        .zip(own_before)
-        .map(|(a, b)| (a - b).as_secs_f64());
-    let server = servers_cpu()
-        .zip(server_before)
-        .map(|(a, b)| (a - b).as_secs_f64());
+    let used = cpu.used();
     let mut latencies: Vec<u64> = all
         .iter()
         .flat_map(|r| std::mem::take(&mut *r.latencies.lock().unwrap()))
@@ -300,7 +293,7 @@ async fn main() {
         args.messages as f64 / seconds,
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        show(own),
-        show(server),
+        show(used.own),
+        show(used.server),
     );
 }

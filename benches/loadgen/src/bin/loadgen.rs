@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socketcomm_bench::{cpu_time, cpu_times, hello, stop_with_parent, DATA, MAGIC, PING, PONG};
+use socketcomm_bench::{hello, stop_with_parent, CpuWindow, DATA, MAGIC, PING, PONG};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -93,45 +93,18 @@ async fn run(options: Arc<Options>) {
         });
     }
     tokio::time::sleep(options.warmup).await;
-    let server_pids: Vec<&str> = options
+    let server_pids: Vec<String> = options
         .server_pid
         .as_deref()
-        .map(|pids| pids.split(',').collect())
+        .map(|pids| pids.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
-    let servers_cpu = || -> Option<Duration> {
-        if server_pids.is_empty() {
-            return None;
-        }
-        server_pids.iter().map(|pid| cpu_time(pid)).sum()
-    };
-    // The kernel's share of the servers' CPU: the system calls of each message, which every
-    // server pays, bound how little CPU per message any of them can use.
-    let servers_system = || -> Option<Duration> {
-        if server_pids.is_empty() {
-            return None;
-        }
-        server_pids
-            .iter()
-            .map(|pid| cpu_times(pid).map(|t| t.1))
-            .sum()
-    };
-    let system_before = servers_system();
-    let server_before = servers_cpu();
-    let own_before = cpu_time("self");
+    let cpu = CpuWindow::start(&server_pids);
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(options.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    let own = cpu_time("self")
-        .zip(own_before)
-        .map(|(a, b)| (a - b).as_secs_f64());
-    let server = servers_cpu()
-        .zip(server_before)
-        .map(|(a, b)| (a - b).as_secs_f64());
-    let server_system = servers_system()
-        .zip(system_before)
-        .map(|(a, b)| (a - b).as_secs_f64());
+    let used = cpu.used();
     for task in &tasks {
         task.abort();
     }
@@ -154,9 +127,9 @@ async fn run(options: Arc<Options>) {
         messages * options.size as f64 / seconds / 1e6,
         percentile(0.50),
         percentile(0.99),
-        json_or_null(own),
-        json_or_null(server),
-        json_or_null(server_system),
+        json_or_null(used.own),
+        json_or_null(used.server),
+        json_or_null(used.server_system),
     );
 }
 
