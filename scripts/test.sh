@@ -46,6 +46,9 @@ step "Rust tests"
 cargo test --quiet
 # A panic injected into one connection's task (the feature exists for this test only).
 cargo test --quiet --features fault-injection --test faults
+# The bindings' own unit tests (src/python) link libpython, which the test binary finds here.
+libdir="$(python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')"
+LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --quiet --features python --lib
 
 step "type stub against the installed module"
 python -m mypy.stubtest socketcomm._socketcomm

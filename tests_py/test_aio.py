@@ -493,3 +493,51 @@ def test_connections_are_served_while_the_loop_is_busy(run: Runner) -> None:
             await serving
 
     run(main)
+
+
+ECHO_SERVER = """
+import socketcomm
+server = socketcomm.Server("127.0.0.1", 0, mode="echo")
+print(server.address[1], flush=True)
+server.serve_forever()
+"""
+
+THREADS = (None, "socketcomm-io", "socketcomm-serve")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the runtime's descriptor is found in /proc")
+def test_the_loop_serves_its_clients_connections_itself(run: Runner) -> None:
+    """A client's requests are written, and their replies read, on the loop's own thread:
+    the shared runtime's threads (which did it before) and the loop runtime's caretaker stay
+    idle while 20 clients make 10,000 round trips to a server in another process."""
+
+    async def main(port: int) -> list[float]:
+        clients = [await aio.connect("127.0.0.1", port, timeout=10) for _ in range(20)]
+        before = [thread_cpu_seconds(name) for name in THREADS]
+
+        async def ask(client: aio.Client, n: int) -> None:
+            for i in range(500):
+                question = f"{n}:{i}".encode()
+                assert await client.request(question) == question
+
+        await asyncio.gather(*(ask(client, n) for n, client in enumerate(clients)))
+        after = [thread_cpu_seconds(name) for name in THREADS]
+        for client in clients:
+            await client.close()
+        return [a - b for a, b in zip(after, before, strict=True)]
+
+    with subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            loop_cpu, io_cpu, caretaker_cpu = run(lambda: main(port))
+        finally:
+            server.terminate()
+    assert loop_cpu >= 0.1, f"10,000 round trips took {loop_cpu:.2f} s of the loop's CPU"
+    others = io_cpu + caretaker_cpu
+    assert others < 0.2 * loop_cpu, (
+        f"other threads used {others:.2f} s of CPU (runtime {io_cpu:.2f} s, caretaker "
+        f"{caretaker_cpu:.2f} s), the loop {loop_cpu:.2f} s"
+    )

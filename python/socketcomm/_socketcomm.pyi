@@ -36,6 +36,7 @@ __all__ = [
     "FileSent",
     "Flush",
     "FrameTooLargeError",
+    "LoopRuntime",
     "Message",
     "PeerIdentity",
     "ProtocolError",
@@ -402,6 +403,18 @@ class Flush:
 
     def __call__(self, *args: Any) -> None: ...
 
+@final
+class LoopRuntime:
+    """The runtime that the ``socketcomm.aio`` clients of one asyncio loop run on, served by
+    that loop: it watches ``_poll_fd()`` and calls ``_turn()`` when it is readable."""
+
+    def __init__(self) -> None: ...
+    def _poll_fd(self) -> int | None:
+        """The descriptor that is readable while the clients' connections have work (None
+        where it cannot be found)."""
+    def _turn(self) -> None:
+        """Serves the connections for one turn on the calling thread; returns at once."""
+
 def _deliver(future: Any, is_error: bool, value: Any) -> None:
     """Sets an asyncio future's outcome on its loop, unless it was cancelled meanwhile."""
 
@@ -429,8 +442,10 @@ def _connect(
     linger: float | None = None,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    loop_runtime: LoopRuntime | None = None,
 ) -> Awaitable[Client]:
-    """Connects without blocking the event loop (``socketcomm.aio.Client`` uses it)."""
+    """Connects without blocking the event loop (``socketcomm.aio.Client`` uses it); the
+    connection runs on ``loop_runtime`` when given, else on the shared runtime."""
 
 @final
 class Disconnected:

@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -253,6 +254,37 @@ class _Completions(_Watched):
         return self._core
 
 
+class _LoopServing(_Watched):
+    """The runtime that the clients made on one loop run on, served by that loop whenever it
+    has work (see src/python/loop_runtime.rs): a request is written and its reply read on the
+    loop's own thread."""
+
+    def __init__(self, runtime: _socketcomm.LoopRuntime, poll_fd: int) -> None:
+        super().__init__(poll_fd, runtime._turn)
+        self.runtime = runtime
+
+
+# One per loop that has made clients; it goes with its loop.
+_loop_servings: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopServing | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_runtime() -> _socketcomm.LoopRuntime | None:
+    """The runtime of the running loop's clients, watched by it; None where the loop cannot
+    watch one (its clients then run on the shared runtime)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _loop_servings:
+        runtime = _socketcomm.LoopRuntime()
+        poll_fd = runtime._poll_fd()
+        _loop_servings[loop] = None if poll_fd is None else _LoopServing(runtime, poll_fd)
+    serving = _loop_servings[loop]
+    if serving is None:
+        return None
+    serving.watch()
+    return serving.runtime
+
+
 class Client:
     """A connection to a socketcomm server, for asyncio. Same options as `socketcomm.Client`
     (the socket options, ``local_address`` included, are passed as keywords).
@@ -303,7 +335,9 @@ class Client:
     async def connect(self) -> Client:
         """Connects (once); returns the client. Raises as `socketcomm.Client()` does."""
         if self._core is None:
-            self._core = await _socketcomm._connect(*self._target, **self._options)
+            self._core = await _socketcomm._connect(
+                *self._target, **self._options, loop_runtime=_loop_runtime()
+            )
             self._completions = _Completions(self._core)
         return self
 

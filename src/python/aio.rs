@@ -22,13 +22,16 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
 use pyo3::IntoPyObjectExt;
+use tokio::runtime::Handle;
 
 use super::client::{client_config, PyClient};
 use super::convert::payload;
+use super::driven::Driven;
 use super::errors;
 use super::events::{event_to_py, Flavour};
 use super::exit::with_python;
 use super::ints;
+use super::loop_runtime::LoopRuntime;
 use super::options::{pings, socket_options};
 use super::received::Received;
 use super::runtime::{duration_from_secs, refuse_if_forked, runtime, timeout_from_secs};
@@ -103,32 +106,32 @@ where
     F: Future<Output = Result<T, Error>> + Send + 'static,
     T: for<'py> IntoPyObject<'py> + Send + 'static,
 {
-    spawn_resolving(py, future, None)
+    spawn_awaitable_on(py, Place::Runtime(runtime().handle()), None, future)
 }
 
-/// As [`spawn_awaitable`], handing the outcome to `completions`, whose loop runs it on its own
-/// thread (see `wakeup.rs`), instead of to the completer thread.
-pub(crate) fn spawn_awaitable_to<'py, F, T>(
+/// Where an awaitable's Rust task runs.
+#[derive(Clone, Copy)]
+pub(crate) enum Place<'a> {
+    /// On this runtime, woken from outside.
+    Runtime(&'a Handle),
+    /// On a runtime the loop drives, spawned from a turn of it on the loop's thread (see
+    /// [`Driven::spawn_now`]).
+    Turn(&'a Driven),
+}
+
+/// As [`spawn_awaitable`], in `place`, and with `completions`, handing the outcome to them,
+/// whose loop runs it on its own thread (see `wakeup.rs`), instead of to the completer thread.
+pub(crate) fn spawn_awaitable_on<'py, F, T>(
     py: Python<'py>,
-    completions: &Arc<Completions>,
+    place: Place<'_>,
+    completions: Option<&Arc<Completions>>,
     future: F,
 ) -> PyResult<Bound<'py, PyAny>>
 where
     F: Future<Output = Result<T, Error>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
-    spawn_resolving(py, future, Some(Arc::clone(completions)))
-}
-
-fn spawn_resolving<F, T>(
-    py: Python<'_>,
-    future: F,
-    completions: Option<Arc<Completions>>,
-) -> PyResult<Bound<'_, PyAny>>
-where
-    F: Future<Output = Result<T, Error>> + Send + 'static,
-    T: for<'py> IntoPyObject<'py> + Send + 'static,
-{
+    let completions = completions.cloned();
     let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
     let py_future = event_loop.call_method0("create_future")?;
     let target = Target {
@@ -136,7 +139,7 @@ where
         future: py_future.clone().unbind(),
         on_loop: completions.is_some(),
     };
-    let task = runtime().spawn(async move {
+    let task = async move {
         let outcome = AssertUnwindSafe(future).catch_unwind().await;
         let job: Job = Box::new(move |py: Python<'_>| {
             let value = match outcome {
@@ -154,13 +157,12 @@ where
             // more.
             None => drop(completer().send(job)),
         }
-    });
-    py_future.call_method1(
-        "add_done_callback",
-        (AbortOnCancel {
-            task: task.abort_handle(),
-        },),
-    )?;
+    };
+    let task = match place {
+        Place::Runtime(handle) => handle.spawn(task).abort_handle(),
+        Place::Turn(driven) => driven.spawn_now(task),
+    };
+    py_future.call_method1("add_done_callback", (AbortOnCancel { task },))?;
     Ok(py_future)
 }
 
@@ -299,6 +301,7 @@ impl<'py> IntoPyObject<'py> for Payload {
     linger = None,
     ping_interval = 20.0,
     ping_timeout = 20.0,
+    loop_runtime = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn _connect<'py>(
@@ -325,6 +328,7 @@ pub(crate) fn _connect<'py>(
     linger: Option<f64>,
     ping_interval: Option<f64>,
     ping_timeout: Option<f64>,
+    loop_runtime: Option<PyRef<'_, LoopRuntime>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     refuse_if_forked()?;
     let timeout = timeout_from_secs("timeout", timeout)?;
@@ -348,9 +352,17 @@ pub(crate) fn _connect<'py>(
         max_file_size,
         inbound_bytes,
     )?;
-    spawn_awaitable(py, async move {
+    // The connection's tasks run where it is made: on the loop's runtime when there is one.
+    let runtime_of_loop = loop_runtime.map(|r| Arc::clone(r.runtime()));
+    let kept = runtime_of_loop.clone();
+    let place = kept
+        .as_ref()
+        .map_or(Place::Runtime(runtime().handle()), |r| {
+            Place::Turn(r.driven())
+        });
+    spawn_awaitable_on(py, place, None, async move {
         let core = Client::connect(&host, port, config).await?;
-        Ok(PyClient::new_connected(core, timeout))
+        Ok(PyClient::new_connected(core, timeout, runtime_of_loop))
     })
 }
 
@@ -382,7 +394,7 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         crate::topic::check_pattern(&topic).map_err(Error::from)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable_to(py, &self.completions()?, async move {
+        self.spawn_to_loop(py, async move {
             if subscribe {
                 core.subscribe(&topic).await
             } else {
@@ -401,13 +413,13 @@ impl PyClient {
         crate::topic::check_name(&topic).map_err(Error::from)?;
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move { core.publish(&topic, data).await })
+        self.spawn(py, async move { core.publish(&topic, data).await })
     }
 
     /// Completes when `_try_recv` has a message or the end to report.
     fn _readable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let core = Arc::clone(self.core());
-        spawn_awaitable_to(py, &self.completions()?, async move {
+        self.spawn_to_loop(py, async move {
             core.readable().await;
             Ok::<_, Error>(())
         })
@@ -444,7 +456,7 @@ impl PyClient {
     fn _send<'py>(&self, py: Python<'py>, data: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move { core.send(data).await })
+        self.spawn(py, async move { core.send(data).await })
     }
 
     /// Sends a request; the awaitable gives the reply.
@@ -455,9 +467,7 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let data = payload(data)?;
         let core = Arc::clone(self.core());
-        spawn_awaitable_to(py, &self.completions()?, async move {
-            core.request(data).await.map(Payload)
-        })
+        self.spawn_to_loop(py, async move { core.request(data).await.map(Payload) })
     }
 
     /// Sends a file; returns the awaitable of its `FileSent` and the progress to watch.
@@ -468,7 +478,7 @@ impl PyClient {
         name: Option<String>,
     ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
         let core = Arc::clone(self.core());
-        send_file_awaitable(py, |progress| async move {
+        send_file_awaitable(py, self.place(), |progress| async move {
             core.send_file(&path, name, &progress).await
         })
     }
@@ -476,7 +486,7 @@ impl PyClient {
     /// The next file received into `download_dir`.
     fn _recv_file<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move {
+        self.spawn(py, async move {
             core.recv_file()
                 .await
                 .map(|file| FileReceived::new(0, file, None))
@@ -486,10 +496,31 @@ impl PyClient {
     /// Flushes, says goodbye and closes.
     fn _close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let core = Arc::clone(self.core());
-        spawn_awaitable(py, async move {
+        self.spawn(py, async move {
             core.close(DEFAULT_CLOSE_GRACE).await;
             Ok::<_, Error>(())
         })
+    }
+}
+
+impl PyClient {
+    /// Runs `future` where the client's connection runs; its outcome reaches the loop through
+    /// the completer thread (for the calls whose loop may not watch `_completions_fd`).
+    fn spawn<'py, F, T>(&self, py: Python<'py>, future: F) -> PyResult<Bound<'py, PyAny>>
+    where
+        F: Future<Output = Result<T, Error>> + Send + 'static,
+        T: for<'a> IntoPyObject<'a> + Send + 'static,
+    {
+        spawn_awaitable_on(py, self.place(), None, future)
+    }
+
+    /// As [`PyClient::spawn`], the outcome handed to the loop's own thread (`_complete`).
+    fn spawn_to_loop<'py, F, T>(&self, py: Python<'py>, future: F) -> PyResult<Bound<'py, PyAny>>
+    where
+        F: Future<Output = Result<T, Error>> + Send + 'static,
+        T: for<'a> IntoPyObject<'a> + Send + 'static,
+    {
+        spawn_awaitable_on(py, self.place(), Some(&self.completions()?), future)
     }
 }
 
@@ -605,9 +636,11 @@ impl PyServer {
         name: Option<String>,
     ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)> {
         let core = Arc::clone(self.core());
-        send_file_awaitable(py, |progress| async move {
-            core.send_file(conn_id, &path, name, &progress).await
-        })
+        send_file_awaitable(
+            py,
+            Place::Runtime(runtime().handle()),
+            |progress| async move { core.send_file(conn_id, &path, name, &progress).await },
+        )
     }
 
     /// Closes as `close()` does, without blocking the event loop.

@@ -7,9 +7,11 @@ use pyo3::exceptions::PyTimeoutError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+use super::aio::Place;
 use super::convert::{address, payload};
 use super::ints;
 use super::json;
+use super::loop_runtime::ClientRuntime;
 use super::runtime::{duration_from_secs, refuse_if_forked, timeout_from_secs, wait};
 use crate::client::{Client, DEFAULT_CLOSE_GRACE};
 use std::net::ToSocketAddrs;
@@ -34,6 +36,8 @@ pub(crate) struct PyClient {
     timeout: Option<Duration>,
     /// How `socketcomm.aio`'s awaitables of this client reach its loop, once it uses them.
     completions: Mutex<Option<Arc<Completions>>>,
+    /// The runtime of the asyncio loop whose clients this is one of; `None`: the shared one.
+    runtime: Option<Arc<ClientRuntime>>,
 }
 
 /// The client settings from the Python options both APIs share.
@@ -163,7 +167,7 @@ impl PyClient {
             None,
         )?
         .expect("waits without a timeout")?;
-        Ok(PyClient::new_connected(core, timeout))
+        Ok(PyClient::new_connected(core, timeout, None))
     }
 
     /// `(host, port)` of the server.
@@ -420,12 +424,26 @@ impl PyClient {
 }
 
 impl PyClient {
-    pub(crate) fn new_connected(core: Client, timeout: Option<Duration>) -> PyClient {
+    pub(crate) fn new_connected(
+        core: Client,
+        timeout: Option<Duration>,
+        runtime: Option<Arc<ClientRuntime>>,
+    ) -> PyClient {
         PyClient {
             core: Arc::new(core),
             timeout,
             completions: Mutex::new(None),
+            runtime,
         }
+    }
+
+    /// Where the connection's tasks run, and so where its asyncio calls run too.
+    pub(crate) fn place(&self) -> Place<'_> {
+        self.runtime
+            .as_ref()
+            .map_or(Place::Runtime(super::runtime::runtime().handle()), |r| {
+                Place::Turn(r.driven())
+            })
     }
 
     pub(crate) fn core(&self) -> &Arc<Client> {

@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -38,8 +38,9 @@ use crate::sync::lock;
 /// microseconds) is never relieved by it.
 pub(crate) const HANDOFF: Duration = Duration::from_millis(10);
 
-/// How many times a [`Driven::turn`] lets the runtime run its ready tasks and poll the sockets.
-const TURN_PASSES: usize = 2;
+/// How many times a turn on a loop's thread lets the runtime run out of work before it hands
+/// back to the loop anyway (a flood of messages must not keep the loop from its Python).
+const TURN_ROUNDS: usize = 8;
 
 /// How often the caretaker, while it drives, checks whether the server has ended.
 const CARETAKER_CHECK: Duration = Duration::from_millis(100);
@@ -66,6 +67,54 @@ struct Shared {
     answers: Mutex<Vec<Reserved>>,
     /// The descriptor the runtime waits on, for an asyncio loop to watch (`poll_fd.rs`).
     poll_fd: Option<RawFd>,
+    /// Tells a loop's turn when the runtime has nothing left to do.
+    quiet: Arc<Quiet>,
+}
+
+/// How a turn on a loop's thread learns that the runtime has run out of work: tokio calls
+/// [`Quiet::parking`] whenever its run queue is empty, before it waits for the sockets. If the
+/// runtime's descriptor then has nothing to report either, the turn may end. (Ending it on any
+/// other signal would leave behind the tasks that the runtime's last look at the sockets woke,
+/// with nothing to make the loop come back for them.)
+#[derive(Default)]
+struct Quiet {
+    /// Set while a turn waits for the runtime to run out of work.
+    turning: AtomicBool,
+    /// Set by `parking` when it found the runtime out of work.
+    reached: AtomicBool,
+    turn: AtomicWaker,
+    /// The runtime's descriptor, or -1.
+    poll_fd: AtomicI32,
+}
+
+impl Quiet {
+    /// tokio's `on_thread_park`: the run queue is empty. The turn waiting for it is woken
+    /// (from the runtime's own thread: no system call), and told whether the runtime's
+    /// descriptor has anything to report: with nothing, it ends; with something, the runtime
+    /// takes it and the tasks it wakes run before the next call.
+    fn parking(&self) {
+        if !self.turning.load(Ordering::SeqCst) {
+            return;
+        }
+        let fd = self.poll_fd.load(Ordering::SeqCst);
+        if fd < 0 || !has_events(fd) {
+            self.reached.store(true, Ordering::SeqCst);
+        }
+        // Woken, the turn keeps the runtime from waiting: it looks at the sockets without
+        // waiting, then polls the turn, which ends now or lets the woken tasks run first.
+        self.turn.wake();
+    }
+}
+
+/// Whether `fd` is readable now (without waiting).
+fn has_events(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a timeout of zero.
+    unsafe { libc::poll(&mut poll, 1, 0) > 0 }
 }
 
 impl Shared {
@@ -106,8 +155,11 @@ impl Driven {
     /// # Errors
     /// `RuntimeError` when the runtime or the caretaker thread cannot be started.
     pub(crate) fn new(ended: impl Fn() -> bool + Send + 'static) -> PyResult<Driven> {
+        let quiet = Arc::new(Quiet::default());
+        let parking = Arc::clone(&quiet);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(move || parking.parking())
             .build()
             .map_err(|e| {
                 pyo3::exceptions::PyRuntimeError::new_err(format!(
@@ -115,7 +167,9 @@ impl Driven {
                 ))
             })?;
         let poll_fd = super::poll_fd::find(&runtime);
+        quiet.poll_fd.store(poll_fd.unwrap_or(-1), Ordering::SeqCst);
         let shared = Arc::new(Shared {
+            quiet,
             runtime: Some(runtime),
             drivers: AtomicUsize::new(0),
             base: Instant::now(),
@@ -207,23 +261,76 @@ impl Driven {
     /// Releasing and taking back the GIL around each turn would cost more than the turn when
     /// another thread wants the GIL.
     pub(crate) fn turn(&self) -> bool {
+        self.turn_after(|| ()).is_some()
+    }
+
+    /// Spawns `task` from a turn of the runtime on this thread (an asyncio loop's), and lets it
+    /// run at once: a request is written before this returns, and waking the runtime from
+    /// outside (a write to its event descriptor, and one more turn of the loop) is saved.
+    /// While a Python thread drives the runtime already, it is spawned for that thread to run.
+    pub(crate) fn spawn_now<F>(&self, task: F) -> tokio::task::AbortHandle
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut task = Some(task);
+        let spawned = self.turn_after(|| {
+            let task = task.take().expect("spawned once");
+            tokio::spawn(task).abort_handle()
+        });
+        match (spawned, task) {
+            (Some(handle), _) => handle,
+            (None, Some(task)) => self.handle().spawn(task).abort_handle(),
+            (None, None) => unreachable!("a turn that did not run spawned nothing"),
+        }
+    }
+
+    /// A turn of `passes` passes (each runs the ready tasks, then polls the sockets without
+    /// waiting) that first queues the kept answers and runs `first` inside the runtime; `None`,
+    /// running nothing, while a Python thread drives the runtime already.
+    fn turn_after<R>(&self, first: impl FnOnce() -> R) -> Option<R> {
         let shared = &*self.shared;
         if shared.drivers.load(Ordering::SeqCst) > 0 {
-            return false;
+            return None;
         }
         shared.drivers.fetch_add(1, Ordering::SeqCst);
         shared.caretaker_turn.wake();
-        shared.runtime().block_on(async {
+        // NOTE: the caretaker steps aside at once; this waits for it, so that the turn runs on
+        // the runtime's core itself. A `block_on` that has to wait for the core meanwhile polls
+        // its future outside the runtime, and would return without running the tasks.
+        while shared.caretaking.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        let quiet = &*shared.quiet;
+        let mut rounds = 0;
+        let (done, out_of_work) = shared.runtime().block_on(async {
             shared.queue_answers();
-            // Each yield lets the runtime run what is ready and then poll the sockets with no
-            // timeout: the first writes the answers, the second reads what came meanwhile.
-            for _ in 0..TURN_PASSES {
-                tokio::task::yield_now().await;
-            }
+            let done = first();
+            quiet.reached.store(false, Ordering::SeqCst);
+            quiet.turning.store(true, Ordering::SeqCst);
+            let out_of_work = std::future::poll_fn(|cx| {
+                quiet.turn.register(cx.waker());
+                if quiet.reached.swap(false, Ordering::SeqCst) {
+                    return Poll::Ready(true);
+                }
+                rounds += 1;
+                if rounds > TURN_ROUNDS {
+                    // A flood: hand back to the loop, which comes back for the rest.
+                    return Poll::Ready(false);
+                }
+                // Polled again when tokio next finds its queue empty (`Quiet::parking`).
+                Poll::Pending
+            })
+            .await;
+            quiet.turning.store(false, Ordering::SeqCst);
+            (done, out_of_work)
         });
+        if !out_of_work {
+            // Woken from outside the runtime, it becomes readable: the loop turns again.
+            drop(self.handle().spawn(async {}));
+        }
         shared.left_at.store(shared.now_ms(), Ordering::Release);
         shared.drivers.fetch_sub(1, Ordering::SeqCst);
-        true
+        Some(done)
     }
 
     /// Drives the runtime on this thread (which must not hold the GIL) until `future` completes

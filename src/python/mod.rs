@@ -12,6 +12,7 @@ mod exit;
 mod ints;
 mod json;
 mod logging;
+mod loop_runtime;
 mod options;
 mod poll_fd;
 mod received;
@@ -76,6 +77,7 @@ fn _socketcomm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(aio::_deliver, m)?)?;
     m.add_class::<aio::AbortOnCancel>()?;
     m.add_class::<aio::Flush>()?;
+    m.add_class::<loop_runtime::LoopRuntime>()?;
     m.add_class::<client::PyClient>()?;
     m.add_class::<received::Received>()?;
     errors::register(m)?;

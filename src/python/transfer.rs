@@ -9,7 +9,7 @@ use std::sync::Arc;
 use pyo3::exceptions::PyTimeoutError;
 use pyo3::prelude::*;
 
-use super::aio::spawn_awaitable;
+use super::aio::{spawn_awaitable_on, Place};
 use super::convert::address;
 use super::runtime::{timeout_from_secs, wait_reporting};
 use super::tls::PyPeerIdentity;
@@ -220,6 +220,7 @@ where
 /// When there is no running event loop.
 pub(crate) fn send_file_awaitable<'py, F>(
     py: Python<'py>,
+    place: Place<'_>,
     start: impl FnOnce(Arc<Progress>) -> F,
 ) -> PyResult<(Bound<'py, PyAny>, TransferProgress)>
 where
@@ -227,7 +228,9 @@ where
 {
     let progress = Arc::new(Progress::default());
     let transfer = start(Arc::clone(&progress));
-    let awaitable = spawn_awaitable(py, async move { transfer.await.map(FileSent::from) })?;
+    let awaitable = spawn_awaitable_on(py, place, None, async move {
+        transfer.await.map(FileSent::from)
+    })?;
     Ok((awaitable, TransferProgress(progress)))
 }
 

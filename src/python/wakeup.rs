@@ -13,6 +13,7 @@
 //! the runtime on the loop's thread (the connections write the answers), or, where the loop
 //! does not serve the connections, pokes the task to queue the answers from inside the runtime.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -83,27 +84,85 @@ impl Completions {
         self.pair.reader.as_raw_fd()
     }
 
-    /// From a task: hands `job` to the loop.
-    pub(crate) fn push(&self, job: Job) {
+    /// From a task: hands `job` to the loop. A task that runs in a turn of its runtime on the
+    /// loop's own thread ([`turning`]) writes no byte: the loop runs the job right after the
+    /// turn.
+    pub(crate) fn push(self: &Arc<Self>, job: Job) {
         self.jobs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(job);
-        if !self.signalled.swap(true, Ordering::SeqCst) {
+        let noted = TURNING.with(|turning| match turning.borrow_mut().as_mut() {
+            Some(noted) => {
+                if !noted.iter().any(|c| Arc::ptr_eq(c, self)) {
+                    noted.push(Arc::clone(self));
+                }
+                true
+            }
+            None => false,
+        });
+        if !noted && !self.signalled.swap(true, Ordering::SeqCst) {
             self.pair.wake();
         }
     }
 
-    /// On the loop's thread, when the socket is readable: runs every job handed over.
+    /// On the loop's thread, when the socket is readable or after a turn: runs every job
+    /// handed over.
     pub(crate) fn run(&self, py: Python<'_>) {
-        // The bytes read first, then the flag cleared: a job queued from then on writes a byte
-        // of its own (cleared before the read, that byte could be read here while the flag
-        // stayed set, and no later job would write one).
-        self.pair.drain();
-        self.signalled.store(false, Ordering::SeqCst);
+        // A byte is there only while the flag is set. The bytes read first, then the flag
+        // cleared: a job queued from then on writes a byte of its own (cleared before the
+        // read, that byte could be read here while the flag stayed set, and no later job
+        // would write one).
+        if self.signalled.load(Ordering::SeqCst) {
+            self.pair.drain();
+            self.signalled.store(false, Ordering::SeqCst);
+        }
         let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(PoisonError::into_inner));
         for job in jobs {
             job(py);
+        }
+    }
+}
+
+thread_local! {
+    /// Set on a loop's thread while it turns its clients' runtime: the completions handed over
+    /// meanwhile, to run when the turn is over.
+    static TURNING: RefCell<Option<Vec<Arc<Completions>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `turn` (a turn of a runtime) on the loop's thread, then the jobs that the tasks handed
+/// over during it, with no byte written and read for them.
+pub(crate) fn turning(py: Python<'_>, turn: impl FnOnce()) {
+    let noting = Noting::begin();
+    turn();
+    for completions in noting.finish() {
+        completions.run(py);
+    }
+}
+
+/// Notes the completions handed over on this thread until finished; if the turn unwinds
+/// instead, they are signalled through their sockets as usual, so none waits for a run that
+/// never comes.
+struct Noting;
+
+impl Noting {
+    fn begin() -> Noting {
+        TURNING.with(|turning| *turning.borrow_mut() = Some(Vec::new()));
+        Noting
+    }
+
+    fn finish(self) -> Vec<Arc<Completions>> {
+        TURNING.with(|turning| turning.borrow_mut().take().unwrap_or_default())
+    }
+}
+
+impl Drop for Noting {
+    fn drop(&mut self) {
+        let noted = TURNING.with(|turning| turning.borrow_mut().take().unwrap_or_default());
+        for completions in noted {
+            if !completions.signalled.swap(true, Ordering::SeqCst) {
+                completions.pair.wake();
+            }
         }
     }
 }
