@@ -12,7 +12,9 @@ uvloop), and the Protocol peers, and prints the ratios that issue 12 asks for; t
 echo next to the minimal tokio server (no regression of the native modes), and the request
 round trips of both clients next to their stdlib and asyncio streams peers.
 
-Every figure is msgs/s with the server's CPU time per message (from /proc over the window) and
+Every figure is msgs/s with the server's CPU time per message (from /proc over the window),
+the kernel's part of it (system time: the reads and writes of each message, which no change in
+user space removes, so the goals' "floor" line compares it with uvloop's whole), and
 the load generator's own CPU; a row whose load generator used more than 90% of a core was
 limited by it, not by the server, and is marked so. "CPU stolen" is the share of the machine's
 CPU time the hypervisor gave to other guests during the row: a round with much of it ran on a

@@ -541,3 +541,30 @@ def test_the_loop_serves_its_clients_connections_itself(run: Runner) -> None:
         f"other threads used {others:.2f} s of CPU (runtime {io_cpu:.2f} s, caretaker "
         f"{caretaker_cpu:.2f} s), the loop {loop_cpu:.2f} s"
     )
+
+
+def test_an_idle_loop_serving_a_server_and_a_client_uses_no_cpu(run: Runner) -> None:
+    """The loop serves the runtimes only when they have work: while nothing happens, an
+    `aio.Server` with a connected `aio.Client` on the same loop costs next to no CPU (a turn
+    that re-armed itself would keep one core busy)."""
+
+    async def main() -> float:
+        async with aio.Server("127.0.0.1", 0) as server:
+
+            async def serve() -> None:
+                async for event in server:
+                    if isinstance(event, aio.Message):
+                        await event.reply(event.data)
+
+            serving = asyncio.create_task(serve())
+            async with aio.Client(*server.address, timeout=5) as client:
+                assert await client.request(b"x") == b"x"
+                before = os.times()
+                await asyncio.sleep(1.0)
+                after = os.times()
+            await server.close()
+            await serving
+        return (after.user - before.user) + (after.system - before.system)
+
+    used = run(main)
+    assert used < 0.3, f"an idle second cost {used:.2f} s of CPU"

@@ -1,6 +1,7 @@
-//! The native half of `socketcomm.aio`: awaitables for the asyncio API, bridged onto the shared
-//! tokio runtime with pyo3-async-runtimes. `python/socketcomm/aio.py` builds the public classes
-//! from these.
+//! The native half of `socketcomm.aio`: awaitables for the asyncio API, whose Rust tasks run on
+//! the runtime their connection runs on (a server's, the loop's own for its clients:
+//! `loop_runtime.rs`, or the shared one) and hand their outcomes to the loop. `python/socketcomm/
+//! aio.py` builds the public classes from these.
 //!
 //! Receiving is split in two so that cancellation never loses a message: `_readable()` waits,
 //! without taking anything, until a message (or the end) is there, and `_try_recv()` takes it

@@ -2,7 +2,9 @@
 //! server's own Python threads drive while they wait for events (the handler dispatchers, a pull
 //! loop, `close()`), so that a message is read, handled and answered on one thread, with no
 //! hand-off to another thread and back (each hand-off is the wake-up of a parked thread, which
-//! cost more than the Python handler itself).
+//! cost more than the Python handler itself). An asyncio loop drives one too, in short turns
+//! (`Driven::turn`) whenever the runtime's descriptor is readable: an `aio.Server`'s, and the
+//! one its clients run on (`loop_runtime.rs`).
 //!
 //! The rule that keeps Python off the I/O: Python runs only on the server's Python threads, and
 //! never inside this runtime. A thread leaves the runtime with the events that are ready before
@@ -65,9 +67,8 @@ struct Shared {
     /// Answers with their place in their connection's queue taken, to queue from inside the
     /// runtime when a thread next drives it.
     answers: Mutex<Vec<Reserved>>,
-    /// The descriptor the runtime waits on, for an asyncio loop to watch (`poll_fd.rs`).
-    poll_fd: Option<RawFd>,
-    /// Tells a loop's turn when the runtime has nothing left to do.
+    /// Tells a loop's turn when the runtime has nothing left to do; holds the descriptor the
+    /// runtime waits on.
     quiet: Arc<Quiet>,
 }
 
@@ -83,7 +84,8 @@ struct Quiet {
     /// Set by `parking` when it found the runtime out of work.
     reached: AtomicBool,
     turn: AtomicWaker,
-    /// The runtime's descriptor, or -1.
+    /// The descriptor the runtime waits on (`poll_fd.rs`), or -1 where it is not known. Set
+    /// once, right after the runtime is built (tokio takes the hook before that).
     poll_fd: AtomicI32,
 }
 
@@ -163,11 +165,11 @@ impl Driven {
             .build()
             .map_err(|e| {
                 pyo3::exceptions::PyRuntimeError::new_err(format!(
-                    "cannot start the server's runtime: {e}"
+                    "cannot start the connections' runtime: {e}"
                 ))
             })?;
-        let poll_fd = super::poll_fd::find(&runtime);
-        quiet.poll_fd.store(poll_fd.unwrap_or(-1), Ordering::SeqCst);
+        let poll_fd = super::poll_fd::find(&runtime).unwrap_or(-1);
+        quiet.poll_fd.store(poll_fd, Ordering::SeqCst);
         let shared = Arc::new(Shared {
             quiet,
             runtime: Some(runtime),
@@ -177,7 +179,6 @@ impl Driven {
             caretaker_turn: AtomicWaker::new(),
             caretaking: AtomicBool::new(false),
             answers: Mutex::new(Vec::new()),
-            poll_fd,
         });
         // Detached: it ends by itself once the server has ended, and nothing waits for it (a
         // server dropped unclosed is shut down by its owner, and the caretaker then finishes
@@ -188,7 +189,7 @@ impl Driven {
             .spawn(move || caretake(&caretaking, ended))
             .map_err(|e| {
                 pyo3::exceptions::PyRuntimeError::new_err(format!(
-                    "cannot start the server's caretaker thread: {e}"
+                    "cannot start the connections' caretaker thread: {e}"
                 ))
             })?;
         Ok(Driven { shared })
@@ -247,7 +248,7 @@ impl Driven {
     /// another thread): an asyncio loop that watches it and calls [`Driven::turn`] then serves
     /// the connections on its own thread. `None` where it cannot be found (`poll_fd.rs`).
     pub(crate) fn poll_fd(&self) -> Option<RawFd> {
-        self.shared.poll_fd
+        Some(self.shared.quiet.poll_fd.load(Ordering::SeqCst)).filter(|fd| *fd >= 0)
     }
 
     /// One turn of the runtime on this thread, for an asyncio loop: queues the answers kept,
@@ -273,20 +274,19 @@ impl Driven {
         F: Future<Output = ()> + Send + 'static,
     {
         let mut task = Some(task);
-        let spawned = self.turn_after(|| {
-            let task = task.take().expect("spawned once");
-            tokio::spawn(task).abort_handle()
-        });
-        match (spawned, task) {
-            (Some(handle), _) => handle,
-            (None, Some(task)) => self.handle().spawn(task).abort_handle(),
-            (None, None) => unreachable!("a turn that did not run spawned nothing"),
+        if let Some(spawned) =
+            self.turn_after(|| tokio::spawn(task.take().expect("spawned once")).abort_handle())
+        {
+            return spawned;
         }
+        let task = task.expect("a turn that did not run spawned nothing");
+        self.handle().spawn(task).abort_handle()
     }
 
-    /// A turn of `passes` passes (each runs the ready tasks, then polls the sockets without
-    /// waiting) that first queues the kept answers and runs `first` inside the runtime; `None`,
-    /// running nothing, while a Python thread drives the runtime already.
+    /// A turn of the runtime on this thread: queues the kept answers, runs `first` inside the
+    /// runtime, then lets it run until it is out of work (`Quiet`), or for at most
+    /// [`TURN_ROUNDS`] rounds; `None`, running nothing, while a Python thread drives the
+    /// runtime already.
     fn turn_after<R>(&self, first: impl FnOnce() -> R) -> Option<R> {
         let shared = &*self.shared;
         if shared.drivers.load(Ordering::SeqCst) > 0 {
