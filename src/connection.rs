@@ -276,29 +276,30 @@ impl Outbox {
     /// As [`Outbox::send`].
     pub(crate) fn try_send(&self, frame: Frame) -> Result<bool> {
         Ok(match self.try_reserve(frame)? {
-            Some(reserved) => {
+            Reservation::Placed(reserved) => {
                 reserved.send();
                 true
             }
-            None => false,
+            Reservation::Full(_) => false,
         })
     }
 
-    /// Takes a place in the queue for `frame` if there is room (`Ok(None)` when it is full),
-    /// without queueing it yet: [`Reserved::send`] does, and no one waits for it in between.
+    /// Takes a place in the queue for `frame` if there is room, without queueing it yet:
+    /// [`Reserved::send`] does, and no one waits for it in between. When the queue is full
+    /// the frame comes back as it was, for a send that waits ([`Outbox::send`]).
     ///
     /// # Errors
     /// As [`Outbox::send`].
-    pub(crate) fn try_reserve(&self, frame: Frame) -> Result<Option<Reserved>> {
+    pub(crate) fn try_reserve(&self, frame: Frame) -> Result<Reservation> {
         self.check_size(&frame)?;
         let cost = self.state.cost(&frame);
         match self.state.room.try_acquire_many(cost) {
             Ok(room) => room.forget(),
-            Err(tokio::sync::TryAcquireError::NoPermits) => return Ok(None),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Ok(Reservation::Full(frame)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(self.state.closed_error()),
         }
         match self.queue.sender().clone().try_reserve_owned() {
-            Ok(permit) => Ok(Some(Reserved {
+            Ok(permit) => Ok(Reservation::Placed(Reserved {
                 place: Some((permit, frame)),
                 cost,
                 state: Arc::clone(&self.state),
@@ -306,7 +307,7 @@ impl Outbox {
             Err(full_or_closed) => {
                 self.state.release(u64::from(cost));
                 match full_or_closed {
-                    mpsc::error::TrySendError::Full(_) => Ok(None),
+                    mpsc::error::TrySendError::Full(_) => Ok(Reservation::Full(frame)),
                     mpsc::error::TrySendError::Closed(_) => Err(self.state.closed_error()),
                 }
             }
@@ -321,6 +322,16 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+/// What [`Outbox::try_reserve`] got.
+#[derive(Debug)]
+pub enum Reservation {
+    /// The frame has its place in the queue.
+    Placed(Reserved),
+    /// The queue is full: the frame back, untouched, so that the caller need not have kept a
+    /// copy for the send that waits for room.
+    Full(Frame),
 }
 
 /// A frame with its place in a connection's queue taken: queueing it cannot wait or fail (a

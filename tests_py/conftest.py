@@ -48,6 +48,30 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def echo_under_backpressure(address: tuple[str, int], size: int = 4 << 20) -> None:
+    """Sends `size` bytes of a counting pattern from a plain socket that reads nothing for
+    half a second, so that an echoing server's answers find its outbound queue full and wait
+    for room; then reads them all back and checks that they came whole and in order."""
+    pattern = b"".join(i.to_bytes(4, "big") for i in range(size // 4))
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(pattern)
+            except OSError as e:
+                failure.append(e)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.5)
+        echoed = recv_exactly(sock, len(pattern))
+        sender.join(timeout=10)
+    assert not failure, failure
+    assert echoed == pattern, "the answers came back whole and in order"
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real Redis (Debian's redis-server, which scripts/test.sh installs). Skipped, saying

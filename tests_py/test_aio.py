@@ -21,6 +21,8 @@ import uvloop
 import socketcomm
 import socketcomm.aio as aio
 
+from conftest import echo_under_backpressure
+
 Runner = Callable[[Callable[[], Awaitable[Any]]], Any]
 
 
@@ -412,6 +414,23 @@ def thread_cpu_seconds(name: str | None) -> float:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the runtime's descriptor is found in /proc")
+def test_awaited_replies_wait_for_room_in_a_full_queue_and_keep_their_order(run: Runner) -> None:
+    async def main() -> None:
+        async with aio.Server("127.0.0.1", 0, outbound_queue=4, slow_reader="wait") as server:
+
+            async def serve() -> None:
+                async for event in server:
+                    if isinstance(event, aio.Message):
+                        await event.reply(event.data)  # waits while the queue is full
+
+            serving = asyncio.create_task(serve())
+            await asyncio.to_thread(echo_under_backpressure, server.address)
+            await server.close()
+            await serving
+
+    run(main)
+
+
 def test_the_loop_serves_the_connections_itself(run: Runner) -> None:
     """The loop watches the connections' runtime and serves them on its own thread when they
     have work: the server's caretaker thread, which serves them while the loop does not,

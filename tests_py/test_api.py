@@ -12,7 +12,7 @@ import pytest
 
 import socketcomm
 
-from conftest import ReplyingServer
+from conftest import ReplyingServer, echo_under_backpressure
 
 
 def test_server_binds_on_construction_and_reports_its_address() -> None:
@@ -82,6 +82,21 @@ def test_a_message_from_a_plain_socket_says_it_is_raw() -> None:
             assert event.data == b"no framing here"
             event.reply(b"bare bytes back")
             assert sock.recv(1024) == b"bare bytes back"
+
+
+def test_replies_wait_for_room_in_a_full_queue_and_keep_their_order() -> None:
+    with socketcomm.Server("127.0.0.1", 0, outbound_queue=4, slow_reader="wait") as server:
+
+        def serve() -> None:
+            for event in server:
+                if isinstance(event, socketcomm.Message):
+                    event.reply(event.data)  # blocks while the queue is full
+
+        serving = threading.Thread(target=serve, daemon=True)
+        serving.start()
+        echo_under_backpressure(server.address)
+    serving.join(timeout=5)
+    assert not serving.is_alive()
 
 
 def test_iteration_ends_when_the_server_is_closed() -> None:

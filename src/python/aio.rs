@@ -90,7 +90,11 @@ impl Ready {
 }
 
 pub(crate) fn ready(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    Ok(Bound::new(py, Ready)?.into_any())
+    // NOTE: one for every call: it holds nothing, and a new object per answer cost an
+    // allocation and its release on every message of an asyncio server.
+    static READY: PyOnceLock<Py<Ready>> = PyOnceLock::new();
+    let ready = READY.get_or_try_init(py, || Py::new(py, Ready))?;
+    Ok(ready.bind(py).clone().into_any())
 }
 
 /// Runs `future` on the shared runtime and returns an asyncio future for its result, bound to
@@ -532,8 +536,8 @@ impl PyServer {
     fn _try_event(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         match self.core().try_event() {
             Ok(Some(event)) => {
-                let wakeup = self.wakeup()?;
-                let answering = self.driven().map(|driven| (driven, &wakeup));
+                let wakeup = self.wakeup(py)?;
+                let answering = self.driven().map(|driven| (driven, wakeup));
                 Ok(Some(event_to_py(py, event, Flavour::Async(answering))?))
             }
             Ok(None) => Ok(None),
@@ -546,8 +550,8 @@ impl PyServer {
 
     /// The descriptor that becomes readable (one byte per wake-up) once `_arm` was called and
     /// `_try_event` has an event or the end to report; the loop watches it with `add_reader`.
-    fn _wakeup_fd(&self) -> PyResult<i32> {
-        Ok(self.wakeup()?.fd())
+    fn _wakeup_fd(&self, py: Python<'_>) -> PyResult<i32> {
+        Ok(self.wakeup(py)?.fd())
     }
 
     /// The descriptor that is readable while the connections' runtime has work (`poll_fd.rs`):
@@ -571,8 +575,8 @@ impl PyServer {
     }
 
     /// The loop is about to wait for an event: wake it through `_wakeup_fd` when one is there.
-    fn _arm(&self) -> PyResult<()> {
-        self.wakeup()?.arm();
+    fn _arm(&self, py: Python<'_>) -> PyResult<()> {
+        self.wakeup(py)?.arm();
         Ok(())
     }
 

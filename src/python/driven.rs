@@ -31,7 +31,7 @@ use pyo3::prelude::*;
 use tokio::runtime::{Handle, Runtime};
 
 use super::runtime::{wait, wait_in_slices};
-use crate::server::{Message, Reserved};
+use crate::server::{Message, Reservation, Reserved};
 use crate::sync::lock;
 
 /// How long the runtime may go without a Python thread driving it before the caretaker does.
@@ -209,8 +209,8 @@ impl Driven {
     /// accepts), and whatever a signal handler raises while waiting.
     pub(crate) fn reply(&self, py: Python<'_>, message: &Message, body: Bytes) -> PyResult<()> {
         let shared = &*self.shared;
-        match message.reserve_reply(body.clone())? {
-            Some(answer) => {
+        match message.reserve_reply(body)? {
+            Reservation::Placed(answer) => {
                 lock(&shared.answers).push(answer);
                 // SeqCst, paired with the drivers' entry: either a thread that enters now
                 // finds the answer, or this sees that thread and queues the answer itself.
@@ -218,10 +218,10 @@ impl Driven {
                     shared.queue_answers();
                 }
             }
-            None => {
+            Reservation::Full(answer) => {
                 shared.queue_answers();
                 let message = message.clone();
-                wait(py, async move { message.reply(body).await }, None)?
+                wait(py, async move { message.send_reply(answer).await }, None)?
                     .expect("waits without a timeout")?;
             }
         }

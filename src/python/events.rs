@@ -17,7 +17,7 @@ use super::tls::{identity_of, PyPeerIdentity};
 use super::transfer::FileReceived;
 use super::wakeup::Wakeup;
 use crate::error::CloseInfo;
-use crate::server::{self as core, Event};
+use crate::server::{self as core, Event, Reservation};
 use crate::tls::PeerIdentity;
 
 /// A client connected.
@@ -208,24 +208,28 @@ impl AsyncMessage {
         let py = slf.py();
         let data = payload(data)?;
         let inner = &slf.as_super().get().fields.inner;
-        let Some((driven, wakeup)) = &slf.get().answering else {
-            if inner.try_reply(data.clone())? {
+        let answering = &slf.get().answering;
+        let answer = match inner.reserve_reply(data)? {
+            Reservation::Placed(answer) => {
+                match answering {
+                    Some((driven, wakeup)) => {
+                        driven.keep(answer);
+                        if wakeup.needs_flush() {
+                            schedule_flush(py, wakeup)?;
+                        }
+                    }
+                    None => answer.send(),
+                }
                 return ready(py);
             }
-            let message = inner.clone();
-            return spawn_awaitable(py, async move { message.reply(data).await });
+            Reservation::Full(answer) => answer,
         };
-        if let Some(answer) = inner.reserve_reply(data.clone())? {
-            driven.keep(answer);
-            if wakeup.needs_flush() {
-                schedule_flush(py, wakeup)?;
-            }
-            return ready(py);
+        if let Some((driven, _)) = answering {
+            // What was kept goes first, so that answers keep their order.
+            driven.queue_kept();
         }
-        // The queue is full: what was kept goes first, so that answers keep their order.
-        driven.queue_kept();
         let message = inner.clone();
-        spawn_awaitable(py, async move { message.reply(data).await })
+        spawn_awaitable(py, async move { message.send_reply(answer).await })
     }
 }
 

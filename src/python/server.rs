@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
 
 use super::convert::{address, payload, resolve};
@@ -221,7 +222,7 @@ pub(crate) struct PyServer {
     scheduler: Option<Arc<Scheduler>>,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
     /// How the events reach an asyncio loop, once `socketcomm.aio` serves this server.
-    wakeup: Mutex<Option<Arc<Wakeup>>>,
+    wakeup: PyOnceLock<Arc<Wakeup>>,
 }
 
 fn parse_mode(mode: &str, handlers: &Handlers) -> PyResult<Mode> {
@@ -452,7 +453,7 @@ impl PyServer {
             handler_threads,
             scheduler,
             dispatchers: Mutex::new(Vec::new()),
-            wakeup: Mutex::new(None),
+            wakeup: PyOnceLock::new(),
         })
     }
 
@@ -921,14 +922,14 @@ impl PyServer {
     ///
     /// # Errors
     /// `OSError` when the socket pair cannot be made.
-    pub(crate) fn wakeup(&self) -> PyResult<Arc<Wakeup>> {
-        let mut wakeup = lock(&self.wakeup);
-        if let Some(wakeup) = &*wakeup {
-            return Ok(Arc::clone(wakeup));
-        }
-        let handle = self.driven().map_or(runtime().handle(), |d| d.handle());
-        let made = Wakeup::start(Arc::clone(&self.core), self.driven().cloned(), handle)?;
-        Ok(Arc::clone(wakeup.insert(made)))
+    pub(crate) fn wakeup(&self, py: Python<'_>) -> PyResult<&Arc<Wakeup>> {
+        // NOTE: read for every event an asyncio server takes; a lock there cost more than the
+        // rest of the lookup.
+        let made = self.wakeup.get_or_try_init(py, || {
+            let handle = self.driven().map_or(runtime().handle(), |d| d.handle());
+            Wakeup::start(Arc::clone(&self.core), self.driven().cloned(), handle)
+        })?;
+        Ok(made)
     }
 
     /// Drives `future` to its end from this Python thread: on an event-mode server this thread
@@ -1031,6 +1032,13 @@ impl PyServer {
     }
 
     fn next_event(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<NextEvent> {
+        let to_py = |event| event_to_py(py, event, Flavour::Blocking(self.driven()));
+        // NOTE: the common case of a busy loop, an event queued already, costs one look at
+        // the queue: a queued event means the server was started, and the answers given
+        // meanwhile are queued once this thread next drives the runtime (below).
+        if let Ok(Some(event)) = self.core.try_event() {
+            return Ok(NextEvent::Event(to_py(event)?));
+        }
         if !self.core.is_shutting_down() {
             self.start_accepting(py)?;
         }
@@ -1038,11 +1046,7 @@ impl PyServer {
         match self.serve_until(py, async move { events.recv_async().await }, timeout)? {
             None => Ok(NextEvent::TimedOut),
             Some(Err(_)) => Ok(NextEvent::Closed),
-            Some(Ok(event)) => Ok(NextEvent::Event(event_to_py(
-                py,
-                event,
-                Flavour::Blocking(self.driven()),
-            )?)),
+            Some(Ok(event)) => Ok(NextEvent::Event(to_py(event)?)),
         }
     }
 }

@@ -29,8 +29,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::{Budget, Charge};
 use crate::config::{ServerConfig, SlowReader};
-pub use crate::connection::Reserved;
 use crate::connection::{Outbox, Readiness};
+pub use crate::connection::{Reservation, Reserved};
 use crate::error::{CloseInfo, Error, Result};
 use crate::frame::{CloseCode, Frame};
 use crate::sync::lock;
@@ -296,13 +296,26 @@ impl Message {
         self.conn.outbox.try_send(self.answer(data))
     }
 
-    /// Takes the answer's place in the outbound queue if it has room (`Ok(None)` when it is
-    /// full); [`Reserved::send`] queues it later without waiting.
+    /// Takes the answer's place in the outbound queue if it has room; [`Reserved::send`]
+    /// queues it later without waiting. When the queue is full the answer comes back, for
+    /// [`Message::send_reply`].
     ///
     /// # Errors
     /// As [`Connection::send`].
-    pub fn reserve_reply(&self, data: Bytes) -> Result<Option<Reserved>> {
+    pub fn reserve_reply(&self, data: Bytes) -> Result<Reservation> {
         self.conn.outbox.try_reserve(self.answer(data))
+    }
+
+    /// Queues an answer that [`Message::reserve_reply`] found no room for, waiting for room
+    /// as [`Message::reply`] does.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Connection::send`].
+    pub async fn send_reply(&self, answer: Frame) -> Result<()> {
+        self.conn.send_frame(answer).await
     }
 }
 
