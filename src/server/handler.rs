@@ -20,7 +20,8 @@ use tokio_util::codec::Decoder;
 
 use super::reads::{ReadSize, READ_CHUNK};
 use super::{
-    lock, ConnId, Connection, Control, Event, EventSender, Hub, Message, Slot, Subscription, Wake,
+    lock, ConnId, Connection, ConnectionParts, Control, Event, EventSender, Hub, Message, Slot,
+    Subscription, Wake,
 };
 use crate::budget::{BufferRoom, Charge, ChargeWait, Inbound, FREE_READ_BUFFER};
 use crate::config::{Mode, Pings};
@@ -167,18 +168,18 @@ async fn serve_on<S: Transport>(
     // Raw clients have no frame limit; a framed client's comes with its hello.
     let state = ConnState::new(u32::MAX, hub.config.outbound_bytes);
     let (outbox, mut queued) = outbound(hub.config.outbound_queue, state);
-    let conn = Connection {
+    let conn = Connection(Arc::new(ConnectionParts {
         id,
         peer,
         outbox,
-        control: Arc::new(Control {
+        control: Control {
             wake: Wake::default(),
             abort: hub.abort.child_token(),
             slow_reader: hub.config.slow_reader,
-        }),
+        },
         outgoing: Arc::default(),
         identity,
-    };
+    }));
     lock(&hub.connections).insert(id, conn.clone());
     // A shutdown that began before the insert did not see this connection: catch up.
     if hub.stop.is_cancelled() {

@@ -41,16 +41,33 @@ use crate::transfer::{self, FileDir, Outgoing, Progress, ReceivedFile, SentFile}
 pub type ConnId = u64;
 
 /// The server's handle on one connection; cheap to clone.
+///
+/// NOTE: one reference count for the whole handle. Every message carries a clone, and one
+/// count per part (the queue, its state, the controls, the transfers) cost a handful of
+/// atomic operations per message each way.
 #[derive(Debug, Clone)]
-pub struct Connection {
+pub struct Connection(Arc<ConnectionParts>);
+
+/// The parts of one connection's handle, behind its one reference count (the methods are
+/// [`Connection`]'s).
+#[derive(Debug)]
+pub struct ConnectionParts {
     id: ConnId,
     peer: SocketAddr,
     outbox: Outbox,
-    control: Arc<Control>,
+    control: Control,
     /// Files the server is sending on this connection, waiting for the client's answers.
     outgoing: Arc<Outgoing>,
     /// The client's verified certificate, on a TLS server that asks for one.
     identity: Option<Arc<PeerIdentity>>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = ConnectionParts;
+
+    fn deref(&self) -> &ConnectionParts {
+        &self.0
+    }
 }
 
 /// How the owner ends one connection from outside its task.
