@@ -188,23 +188,10 @@ async fn serve_on<S: Transport>(
     log::debug!("connection {id} from {peer}");
     hub.emit(&events, Event::Connected(conn.clone())).await;
 
-    let receiving = Receiving::new(
-        hub.upload_dir.clone(),
-        conn.outbox.clone(),
-        Arc::new(Uploads {
-            hub: Arc::clone(&hub),
-            events: events.clone(),
-            conn: conn.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        }),
-        peer,
-        conn.peer_identity()
-            .map(|identity| identity.fingerprint.clone()),
-    );
     // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
     // here, so that the connection is still unregistered, its slot freed and its Disconnected
     // event sent, and the server goes on serving the others.
-    let running = run(&hub, (stream, fd), &conn, &mut queued, &events, receiving);
+    let running = run(&hub, (stream, fd), &conn, &mut queued, &events);
     let reason = match AssertUnwindSafe(running).catch_unwind().await {
         Ok(reason) => reason,
         Err(panic) => internal_error(&hub, &conn, panic.as_ref()),
@@ -273,6 +260,27 @@ fn internal_error(hub: &Hub, conn: &Connection, panic: &(dyn std::any::Any + Sen
     CloseInfo::new(None, "internal error in the server (a bug; see its log)")
 }
 
+/// What receives the files of one connection, made when its first file frame comes.
+///
+/// NOTE: made then rather than with the connection: most connections never send a file, and
+/// the receiver (with the handle it delivers through) would otherwise be part of every
+/// connection's task, idle ones too.
+fn receiving(hub: &Arc<Hub>, conn: &Connection, events: &EventSender) -> Box<Receiving> {
+    Box::new(Receiving::new(
+        hub.upload_dir.clone(),
+        conn.outbox.clone(),
+        Arc::new(Uploads {
+            hub: Arc::clone(hub),
+            events: events.clone(),
+            conn: conn.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+        conn.peer,
+        conn.peer_identity()
+            .map(|identity| identity.fingerprint.clone()),
+    ))
+}
+
 /// Turns files received into `upload_dir` into events, and counts transfers.
 struct Uploads {
     hub: Arc<Hub>,
@@ -324,12 +332,11 @@ fn count_ending(hub: &Hub, reason: &CloseInfo) {
 type Ending = (CloseInfo, Option<Frame>);
 
 async fn run<S: Transport>(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     (mut stream, fd): (S, Option<RawFd>),
     conn: &Connection,
     queued: &mut Queued,
     events: &EventSender,
-    receiving: Receiving,
 ) -> CloseInfo {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     // Room for the hello; a raw client's first message grows it as needed.
@@ -399,7 +406,7 @@ async fn run<S: Transport>(
             Arc::clone(conn.outbox.state()),
             fd,
         ),
-        receiving,
+        receiving: None,
         inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
         stall: None,
         read_size: ReadSize::new(),
@@ -428,7 +435,7 @@ const HIGH_WATER: usize = 256 * 1024;
 /// straight into the write buffer, and the application's messages arrive through the queue, so
 /// an echo costs no hand-off between tasks and a burst of frames costs one write.
 struct Driver<'a> {
-    hub: &'a Hub,
+    hub: &'a Arc<Hub>,
     conn: &'a Connection,
     events: &'a EventSender,
     raw: bool,
@@ -437,8 +444,8 @@ struct Driver<'a> {
     write_buf: BytesMut,
     idle: IdleTimer,
     heartbeat: Heartbeat,
-    /// Files arriving on this connection.
-    receiving: Receiving,
+    /// Files arriving on this connection, once the first one is offered.
+    receiving: Option<Box<Receiving>>,
     /// What this connection holds for the application, against its budget and the server's.
     inbound: Inbound,
     /// Set while a budget is spent: nothing more is read until it has room again.
@@ -872,13 +879,17 @@ impl Driver<'_> {
             | Frame::FileChunk { .. }
             | Frame::FileEnd { .. }
             | Frame::FileCancel { .. }) => {
+                let (hub, conn, events) = (self.hub, self.conn, self.events);
+                let receiving = self
+                    .receiving
+                    .get_or_insert_with(|| receiving(hub, conn, events));
                 // A closing connection drops the chunk; the loop sees the wake next.
                 tokio::select! {
                     biased;
-                    () = self.conn.control.wake.fired() => {}
+                    () = conn.control.wake.fired() => {}
                     // Boxed: a file chunk's future is large, and would otherwise be part of
                     // every connection's task.
-                    () = Box::pin(self.receiving.handle(frame)) => {}
+                    () = Box::pin(receiving.handle(frame)) => {}
                 }
                 return None;
             }
