@@ -177,7 +177,7 @@ async fn serve_on<S: Transport>(
             abort: hub.abort.child_token(),
             slow_reader: hub.config.slow_reader,
         },
-        outgoing: Arc::default(),
+        outgoing: Default::default(),
         identity,
     }));
     lock(&hub.connections).insert(id, conn.clone());
@@ -1165,7 +1165,9 @@ enum InPlace {
 struct IdleTimer {
     limit: Option<Duration>,
     last_seen: Instant,
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Made only with a limit: by default an established connection has none, and the timer
+    /// would be 128 bytes of every connection's memory, never polled.
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Bytes that must arrive since the last activity for more to count as activity (1: any).
     min_bytes: u64,
     /// Bytes that arrived since the last activity.
@@ -1175,12 +1177,10 @@ struct IdleTimer {
 impl IdleTimer {
     fn new(limit: Option<Duration>) -> IdleTimer {
         let now = Instant::now();
-        // Without a limit the timer is never polled; its deadline does not matter.
-        let deadline = now + limit.unwrap_or(Duration::from_secs(3600));
         IdleTimer {
             limit,
             last_seen: now,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            sleep: limit.map(|limit| Box::pin(tokio::time::sleep_until(now + limit))),
             min_bytes: 1,
             since: 0,
         }
@@ -1217,16 +1217,16 @@ impl IdleTimer {
 
     /// Completes once the connection has been idle for the limit; never without one.
     async fn expired(&mut self) {
-        let Some(limit) = self.limit else {
+        let (Some(limit), Some(sleep)) = (self.limit, self.sleep.as_mut()) else {
             return std::future::pending().await;
         };
         loop {
-            self.sleep.as_mut().await;
+            sleep.as_mut().await;
             let deadline = self.last_seen + limit;
             if Instant::now() >= deadline {
                 return;
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 

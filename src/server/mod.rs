@@ -57,7 +57,7 @@ pub struct ConnectionParts {
     outbox: Outbox,
     control: Control,
     /// Files the server is sending on this connection, waiting for the client's answers.
-    outgoing: Arc<Outgoing>,
+    outgoing: Outgoing,
     /// The client's verified certificate, on a TLS server that asks for one.
     identity: Option<Arc<PeerIdentity>>,
 }
