@@ -331,13 +331,21 @@ fn count_ending(hub: &Hub, reason: &CloseInfo) {
 /// Why the read loop stopped, and the close frame to send a framed client, if any.
 type Ending = (CloseInfo, Option<Frame>);
 
-async fn run<S: Transport>(
-    hub: &Arc<Hub>,
-    (mut stream, fd): (S, Option<RawFd>),
+/// What the greeting found out: the client's protocol, the bytes read past its hello, and the
+/// idle clock started at connect.
+struct Greeted {
+    raw: bool,
+    buffered: BytesMut,
+    idle: IdleTimer,
+}
+
+/// Tells a framed client from a plain socket by its first bytes, and answers a framed one's
+/// hello; `Err` with the ending when the connection ends first.
+async fn greet<S: Transport>(
+    hub: &Hub,
+    stream: &mut S,
     conn: &Connection,
-    queued: &mut Queued,
-    events: &EventSender,
-) -> CloseInfo {
+) -> Result<Greeted, CloseInfo> {
     let mut idle = IdleTimer::new(hub.config.idle_timeout);
     // Room for the hello; a raw client's first message grows it as needed.
     let mut buffered = BytesMut::with_capacity(2 * HELLO_LEN);
@@ -350,7 +358,7 @@ async fn run<S: Transport>(
             let reason = "the client began a TLS handshake, but this server serves plaintext \
                           (start it with tls=... to serve TLS)";
             log::info!("connection {} from {}: {reason}", conn.id, conn.peer);
-            return CloseInfo::new(None, reason);
+            return Err(CloseInfo::new(None, reason));
         }
         match frame::sniff(&buffered) {
             Sniff::Raw => break true,
@@ -358,20 +366,23 @@ async fn run<S: Transport>(
             Sniff::NeedMore => {}
         }
         let read = tokio::select! {
-            () = conn.control.wake.fired() => return woken(hub, conn).0,
-            () = idle.expired() => return idle.reason(),
-            () = until(hello_deadline) => return silent(hub, conn, buffered.is_empty()),
+            () = conn.control.wake.fired() => return Err(woken(hub, conn).0),
+            () = idle.expired() => return Err(idle.reason()),
+            () = until(hello_deadline) => return Err(silent(hub, conn, buffered.is_empty())),
             read = stream.read_buf(&mut buffered) => read,
         };
         // The bytes of an unfinished hello are not activity (see `handle_buffered`).
         match read {
             Ok(0) if buffered.is_empty() => {
-                return CloseInfo::new(None, "the client closed the connection without sending");
+                return Err(CloseInfo::new(
+                    None,
+                    "the client closed the connection without sending",
+                ));
             }
             // A few bytes that happen to start like the magic, then the end: raw after all.
             Ok(0) => break true,
             Ok(_) => {}
-            Err(e) => return io_ending(hub, &e),
+            Err(e) => return Err(io_ending(hub, &e)),
         }
     };
 
@@ -379,9 +390,7 @@ async fn run<S: Transport>(
         let hello_bytes: [u8; HELLO_LEN] = buffered.split_to(HELLO_LEN)[..]
             .try_into()
             .expect("sniff saw a whole hello");
-        if let Err(reason) = answer_hello(hub, &mut stream, conn, &hello_bytes).await {
-            return reason;
-        }
+        answer_hello(hub, stream, conn, &hello_bytes).await?;
         if buffered.is_empty() {
             // Allocated again once the client sends more (see `read_lazily`).
             buffered = BytesMut::new();
@@ -391,28 +400,27 @@ async fn run<S: Transport>(
     if raw {
         idle.count_bytes(hub.config.raw_min_rate);
     }
-    let (mut reader, mut writer) = stream.halves();
-    let mut driver = Driver {
-        hub,
-        conn,
-        events,
+    Ok(Greeted {
         raw,
-        codec: FrameCodec::new(hub.config.max_frame),
-        read_buf: buffered,
-        write_buf: BytesMut::new(),
+        buffered,
         idle,
-        heartbeat: Heartbeat::new(
-            if raw { Pings::OFF } else { hub.config.pings },
-            Arc::clone(conn.outbox.state()),
-            fd,
-        ),
-        receiving: None,
-        inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
-        stall: None,
-        read_size: ReadSize::new(),
-        messages_in: 0,
-        messages_out: 0,
+    })
+}
+
+async fn run<S: Transport>(
+    hub: &Arc<Hub>,
+    (mut stream, fd): (S, Option<RawFd>),
+    conn: &Connection,
+    queued: &mut Queued,
+    events: &EventSender,
+) -> CloseInfo {
+    // NOTE: the greeting's state ends with it (its own future, a temporary here), so that the
+    // connection's task does not carry it through the connection's whole life.
+    let mut driver = match greet(hub, &mut stream, conn).await {
+        Ok(greeted) => Driver::new(hub, conn, events, greeted, fd),
+        Err(reason) => return reason,
     };
+    let (mut reader, mut writer) = stream.halves();
     let (reason, last_frame) = driver
         .run(&mut reader, &mut writer, queued, S::BUFFERS_WRITES)
         .await;
@@ -458,7 +466,41 @@ struct Driver<'a> {
     messages_out: u64,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    fn new(
+        hub: &'a Arc<Hub>,
+        conn: &'a Connection,
+        events: &'a EventSender,
+        Greeted {
+            raw,
+            buffered,
+            idle,
+        }: Greeted,
+        fd: Option<RawFd>,
+    ) -> Driver<'a> {
+        Driver {
+            hub,
+            conn,
+            events,
+            raw,
+            codec: FrameCodec::new(hub.config.max_frame),
+            read_buf: buffered,
+            write_buf: BytesMut::new(),
+            idle,
+            heartbeat: Heartbeat::new(
+                if raw { Pings::OFF } else { hub.config.pings },
+                Arc::clone(conn.outbox.state()),
+                fd,
+            ),
+            receiving: None,
+            inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
+            stall: None,
+            read_size: ReadSize::new(),
+            messages_in: 0,
+            messages_out: 0,
+        }
+    }
+
     fn flush_counts(&mut self) {
         let counters = &self.hub.counters;
         if self.messages_in > 0 {
