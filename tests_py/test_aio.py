@@ -413,7 +413,6 @@ def thread_cpu_seconds(name: str | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the runtime's descriptor is found in /proc")
 def test_awaited_replies_wait_for_room_in_a_full_queue_and_keep_their_order(run: Runner) -> None:
     async def main() -> None:
         async with aio.Server("127.0.0.1", 0, outbound_queue=4, slow_reader="wait") as server:
@@ -431,6 +430,7 @@ def test_awaited_replies_wait_for_room_in_a_full_queue_and_keep_their_order(run:
     run(main)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the runtime's descriptor is found in /proc")
 def test_the_loop_serves_the_connections_itself(run: Runner) -> None:
     """The loop watches the connections' runtime and serves them on its own thread when they
     have work: the server's caretaker thread, which serves them while the loop does not,

@@ -407,6 +407,7 @@ async fn greet<S: Transport>(
     })
 }
 
+/// One connection from its first byte to its end: the greeting, the loop, the last writes.
 async fn run<S: Transport>(
     hub: &Arc<Hub>,
     (mut stream, fd): (S, Option<RawFd>),
@@ -1205,11 +1206,10 @@ enum InPlace {
 /// to that many bytes per second of `idle_timeout`: a client that trickles a byte now and then
 /// is dropped like an idle one.
 struct IdleTimer {
-    limit: Option<Duration>,
+    /// The limit and its clock, only with a limit: by default an established connection has
+    /// none, and a clock would be 128 bytes of every connection's memory, never polled.
+    armed: Option<(Duration, std::pin::Pin<Box<tokio::time::Sleep>>)>,
     last_seen: Instant,
-    /// Made only with a limit: by default an established connection has none, and the timer
-    /// would be 128 bytes of every connection's memory, never polled.
-    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Bytes that must arrive since the last activity for more to count as activity (1: any).
     min_bytes: u64,
     /// Bytes that arrived since the last activity.
@@ -1220,9 +1220,8 @@ impl IdleTimer {
     fn new(limit: Option<Duration>) -> IdleTimer {
         let now = Instant::now();
         IdleTimer {
-            limit,
+            armed: limit.map(|limit| (limit, Box::pin(tokio::time::sleep_until(now + limit)))),
             last_seen: now,
-            sleep: limit.map(|limit| Box::pin(tokio::time::sleep_until(now + limit))),
             min_bytes: 1,
             since: 0,
         }
@@ -1231,7 +1230,7 @@ impl IdleTimer {
     /// From now on, messages count as activity once `rate` bytes per second of the limit
     /// arrived since the last activity (a raw connection's rule; 0: any message counts).
     fn count_bytes(&mut self, rate: u64) {
-        if let Some(limit) = self.limit {
+        if let Some(limit) = self.limit() {
             let bytes = (rate as f64 * limit.as_secs_f64()).ceil();
             self.min_bytes = (bytes as u64).max(1);
         }
@@ -1246,12 +1245,16 @@ impl IdleTimer {
         }
     }
 
+    fn limit(&self) -> Option<Duration> {
+        self.armed.as_ref().map(|(limit, _)| *limit)
+    }
+
     fn armed(&self) -> bool {
-        self.limit.is_some()
+        self.armed.is_some()
     }
 
     fn touch(&mut self) {
-        if self.limit.is_some() {
+        if self.armed() {
             self.last_seen = Instant::now();
             self.since = 0;
         }
@@ -1259,12 +1262,12 @@ impl IdleTimer {
 
     /// Completes once the connection has been idle for the limit; never without one.
     async fn expired(&mut self) {
-        let (Some(limit), Some(sleep)) = (self.limit, self.sleep.as_mut()) else {
+        let Some((limit, sleep)) = &mut self.armed else {
             return std::future::pending().await;
         };
         loop {
             sleep.as_mut().await;
-            let deadline = self.last_seen + limit;
+            let deadline = self.last_seen + *limit;
             if Instant::now() >= deadline {
                 return;
             }
@@ -1273,7 +1276,7 @@ impl IdleTimer {
     }
 
     fn reason(&self) -> CloseInfo {
-        let limit = self.limit.unwrap_or_default();
+        let limit = self.limit().unwrap_or_default();
         CloseInfo::new(
             Some(CloseCode::IDLE_TIMEOUT),
             if self.min_bytes > 1 {

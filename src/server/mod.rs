@@ -305,14 +305,6 @@ impl Message {
         self.conn.send_frame(self.answer(data)).await
     }
 
-    /// Answers this message if the outbound queue has room; `Ok(false)` when it is full.
-    ///
-    /// # Errors
-    /// As [`Connection::send`].
-    pub fn try_reply(&self, data: Bytes) -> Result<bool> {
-        self.conn.outbox.try_send(self.answer(data))
-    }
-
     /// Takes the answer's place in the outbound queue if it has room; [`Reserved::send`]
     /// queues it later without waiting. When the queue is full the answer comes back, for
     /// [`Message::send_reply`].
