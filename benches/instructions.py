@@ -7,10 +7,10 @@ not move with the machine's noise, for comparing two versions of the code.
 
 Runs one server of benches/peers.py under callgrind (about 50 times slower than natively),
 loads it with the load generator for a bounded time, stops it, and prints one JSON object: the
-messages served, and the instructions per message executed in the connections' tasks
-(`server::handler::serve`, which reads, frames, answers and writes) and in the whole process
-(start-up and the interpreter included, so comparable only between runs of the same kind and
-length). Needs valgrind (`apt-get install valgrind`). Traffic stays on 127.0.0.1.
+messages served, and the instructions per message executed in the connections' tasks (the
+future of `server::handler::serve`, which reads, frames, answers and writes) and in the whole
+process (start-up and the interpreter included, so comparable only between runs of the same
+kind and length). Needs valgrind (`apt-get install valgrind`). Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ from pathlib import Path
 
 from run import BENCHES, RELEASE, ROOT, ensure_tools, say
 
-# callgrind_annotate's inclusive line for the function every connection's task runs in.
-CONNECTION_TASK = re.compile(r"^\s*([\d,]+) .*server::handler::serve::\{\{closure\}\} ")
+# callgrind_annotate's inclusive line for the function every connection's task runs in: its
+# future's poll (`handler::serve` chooses a plaintext or TLS future, and the poll of that
+# choice, an `Either`, is where the plaintext connection's future is inlined).
+CONNECTION_TASK = re.compile(
+    r"^\s*([\d,]+) .*(server::handler::serve(_on)?::\{\{closure\}\}"
+    r"|future::either::Either<A,B> as core::future::future::Future>::poll) "
+)
 TOTAL = re.compile(r"^\s*([\d,]+) .*PROGRAM TOTALS")
 
 

@@ -25,11 +25,21 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 from socketcomm._lifetime import python_command
 
 BENCHES = Path(__file__).resolve().parent
 HELLO = b"\x89SCM\x01\x01\x00\x00" + struct.pack(">I", 16 << 20)
+
+# Serves the `Echo` protocol defined before it on uvloop, and prints the port.
+UVLOOP_SERVE = """
+async def main():
+    server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
 
 SERVERS = {
     "socketcomm": """
@@ -51,13 +61,28 @@ class Echo(asyncio.Protocol):
             data = data[12:]
         if data:
             self.transport.write(data)
-async def main():
-    server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0, backlog=4096)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.Event().wait()
-uvloop.run(main())
-""",
+"""
+    + UVLOOP_SERVE,
+    # The same, for plain sockets: what comes is echoed, no hello.
+    "uvloop-raw": """
+import asyncio, uvloop
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.transport.write(data)
+"""
+    + UVLOOP_SERVE,
 }
+
+#: What each idle connection did before falling silent, with the servers that serve it: a
+#: framed client its hello, a plain socket one message of 1 KiB echoed.
+IDLE_SHAPES = {"framed": ("socketcomm", "uvloop"), "raw": ("socketcomm", "uvloop-raw")}
+RAW_MESSAGE = bytes(range(256)) * 4
+
+#: How long the connections stay silent before the server's memory is read: a socketcomm
+#: connection gives back its loop's state after between 0.5 and 1 s of quiet.
+IDLE_SETTLE = 2.0
 
 
 def raise_descriptor_limit(wanted: int) -> int:
@@ -146,52 +171,75 @@ def soak_messages(clients: int, messages: int, limit: float) -> dict[str, object
 
 
 def soak_idle(connections: int) -> dict[str, object]:
-    """Opens ``connections`` framed connections (hello answered, then silent) to each server
-    and reads the server's RSS and descriptors before and after."""
+    """Opens ``connections`` connections to each server, framed (hello answered, then silent)
+    and raw (one message echoed, then silent), and reads the server's RSS and descriptors
+    before and after."""
     raise_descriptor_limit(connections + 200)
     results: dict[str, object] = {"soak": "idle", "connections": connections}
-    for kind in ("socketcomm", "uvloop"):
-        process, port = start(kind)
-        try:
-            time.sleep(0.5)
-            before = rss_kib(process.pid)
-            socks = []
-            for _ in range(connections):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-                sock.sendall(HELLO)
-                socks.append(sock)
-            for sock in socks:
-                answer = b""
-                while len(answer) < 12:
-                    chunk = sock.recv(12 - len(answer))
-                    if not chunk:
-                        raise RuntimeError(f"{kind} closed an idle connection")
-                    answer += chunk
-            time.sleep(1.0)
-            after = rss_kib(process.pid)
-            held = descriptors(process.pid)
-            # Still answering after holding them all.
-            socks[0].sendall(struct.pack(">IB", 3, 1) + b"hi")
-            echo = socks[0].recv(64)
-            results[kind] = {
-                "rss_before_mib": round(before / 1024, 1),
-                "rss_after_mib": round(after / 1024, 1),
-                "bytes_per_connection": round((after - before) * 1024 / connections),
-                "descriptors": held,
-                "still_answers": echo.endswith(b"hi"),
-            }
-        finally:
-            for sock in socks:
-                sock.close()
-            stop(process)
-    ours = results["socketcomm"]
-    peer = results["uvloop"]
-    assert isinstance(ours, dict) and isinstance(peer, dict)
-    results["ratio_to_uvloop"] = round(
-        ours["bytes_per_connection"] / max(1, peer["bytes_per_connection"]), 2
-    )
-    results["ok"] = bool(ours["still_answers"]) and ours["descriptors"] >= connections
+    ok = True
+    for shape, kinds in IDLE_SHAPES.items():
+        measured = {kind: idle_connections(kind, shape, connections) for kind in kinds}
+        ours, peer = measured[kinds[0]], measured[kinds[1]]
+        ok = ok and ours["still_answers"] and ours["descriptors"] >= connections
+        results[shape] = {
+            **measured,
+            "ratio_to_uvloop": round(
+                ours["bytes_per_connection"] / max(1, peer["bytes_per_connection"]), 2
+            ),
+        }
+    results["ok"] = ok
     return results
+
+
+class Idle(TypedDict):
+    rss_before_mib: float
+    rss_after_mib: float
+    bytes_per_connection: int
+    descriptors: int
+    still_answers: bool
+
+
+def idle_connections(kind: str, shape: str, connections: int) -> Idle:
+    """One server of ``kind`` holding ``connections`` idle connections of ``shape``."""
+    process, port = start(kind)
+    socks: list[socket.socket] = []
+    try:
+        time.sleep(0.5)
+        before = rss_kib(process.pid)
+        greeting, answer_len = (HELLO, 12) if shape == "framed" else (RAW_MESSAGE, len(RAW_MESSAGE))
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(greeting)
+            socks.append(sock)
+        for sock in socks:
+            answer = b""
+            while len(answer) < answer_len:
+                chunk = sock.recv(answer_len - len(answer))
+                if not chunk:
+                    raise RuntimeError(f"{kind} closed an idle connection")
+                answer += chunk
+            if shape == "raw" and answer != RAW_MESSAGE:
+                raise RuntimeError(f"{kind} echoed something else")
+        time.sleep(IDLE_SETTLE)
+        after = rss_kib(process.pid)
+        held = descriptors(process.pid)
+        # Still answering after holding them all.
+        if shape == "framed":
+            socks[0].sendall(struct.pack(">IB", 3, 1) + b"hi")
+        else:
+            socks[0].sendall(b"hi")
+        echo = socks[0].recv(64)
+        return {
+            "rss_before_mib": round(before / 1024, 1),
+            "rss_after_mib": round(after / 1024, 1),
+            "bytes_per_connection": round((after - before) * 1024 / connections),
+            "descriptors": held,
+            "still_answers": echo.endswith(b"hi"),
+        }
+    finally:
+        for sock in socks:
+            sock.close()
+        stop(process)
 
 
 def soak_churn(cycles: int) -> dict[str, object]:

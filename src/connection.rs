@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
@@ -425,20 +425,27 @@ impl Queued {
     /// # Cancel safety
     /// Cancel safe.
     pub(crate) async fn recv(&mut self) -> Option<Frame> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Queued::recv`] as a poll: the next frame, or this task woken when one is queued.
+    #[inline]
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
         if self.receiver().is_none() {
-            std::future::poll_fn(|cx| {
-                // Registered before looking again: a queue made in between wakes this task.
-                self.lazy.made.register(cx.waker());
-                match self.receiver() {
-                    Some(_) => Poll::Ready(()),
-                    None => Poll::Pending,
-                }
-            })
-            .await;
+            // Registered before looking again: a queue made in between wakes this task.
+            self.lazy.made.register(cx.waker());
+            if self.receiver().is_none() {
+                return Poll::Pending;
+            }
         }
-        let frame = self.queue.as_mut()?.recv().await?;
-        self.state.release(u64::from(self.state.cost(&frame)));
-        Some(frame)
+        let Some(queue) = self.queue.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(queue.poll_recv(cx));
+        if let Some(frame) = &frame {
+            self.state.release(u64::from(self.state.cost(frame)));
+        }
+        Poll::Ready(frame)
     }
 
     /// The next frame if one is queued.
@@ -680,18 +687,34 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     /// Whether a write may leave bytes in a buffer of the writer's own (TLS's records), which
     /// then need a flush; a TCP socket's writes go straight to the kernel.
     const BUFFERS_WRITES: bool;
+    /// Whether [`Transport::poll_read_ready`] tells when data is ready, so that a quiet
+    /// connection can wait on it alone (TLS may hold decrypted bytes of its own).
+    const PARKS: bool;
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+    /// Ready when a read would find data or the end; only where [`Transport::PARKS`].
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The TCP socket underneath, for asking the kernel about it (see `heartbeat.rs`).
+    fn tcp(&self) -> &tokio::net::TcpStream;
 }
 
 impl Transport for tokio::net::TcpStream {
     type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
     type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
     const BUFFERS_WRITES: bool = false;
+    const PARKS: bool = true;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         // NOTE: borrowed halves of a TCP stream cost nothing; `tokio::io::split` takes a lock on
         // every read and write, which only TLS (one state for both directions) needs.
         self.split()
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
     }
 }
 
@@ -701,9 +724,19 @@ impl Transport for ServerTlsStream {
     type Reader<'a> = tokio::io::ReadHalf<&'a mut ServerTlsStream>;
     type Writer<'a> = tokio::io::WriteHalf<&'a mut ServerTlsStream>;
     const BUFFERS_WRITES: bool = true;
+    const PARKS: bool = false;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         tokio::io::split(self)
+    }
+
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Never parked (see `PARKS`): rustls may hold decrypted bytes the socket does not show.
+        Poll::Ready(Ok(()))
+    }
+
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
     }
 }
 

@@ -11,6 +11,7 @@
 //! forgotten NAT flow brings neither, and a peer whose process hangs stops acknowledging once
 //! its receive window is full.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -130,6 +131,15 @@ impl Heartbeat {
         self.outstanding = None;
         if let Some(interval) = pings.interval {
             sleep.as_mut().reset(sent + interval);
+        }
+    }
+
+    /// Ready once the timer has fired, without acting on it: [`Heartbeat::beat`] does, next.
+    /// Never without pings.
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.armed {
+            Some((_, sleep)) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
         }
     }
 

@@ -9,9 +9,11 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,27 +52,31 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// speaks, and then to take the answer.
 const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one connection to its end (after the TLS handshake, on a TLS server).
-pub(super) async fn serve(
+/// Serves one connection to its end (after the TLS handshake, on a TLS server): the future
+/// that the connection's task runs.
+///
+/// NOTE: a task holds its future inline, so this future's size is every connection's memory,
+/// idle ones too. What a connection keeps for its life is owned here, once (an `async fn`
+/// would keep its arguments twice: as arguments and as the locals they move into); what it
+/// needs only while data flows is boxed, and dropped once it has been quiet (see [`live`]).
+pub(super) fn serve(
     hub: Arc<Hub>,
     id: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     events: EventSender,
     slot: Slot,
-) {
-    let fd = socket_fd(&stream);
-    let Some(tls) = hub.config.tls.clone() else {
-        return serve_on(hub, id, (stream, fd), peer, events, None, slot).await;
-    };
-    // NOTE: boxed, so that the TLS states (rustls' connection is large) do not make every
-    // plaintext connection's task that much bigger: a task holds its future inline.
-    Box::pin(async move {
-        if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
-            serve_on(hub, id, (stream, fd), peer, events, identity, slot).await;
-        }
-    })
-    .await;
+) -> impl Future<Output = ()> + Send {
+    match hub.config.tls.clone() {
+        None => Either::Left(serve_on(hub, id, stream, peer, events, None, slot)),
+        // NOTE: boxed, so that the TLS states (rustls' connection is large) do not make every
+        // plaintext connection's task that much bigger.
+        Some(tls) => Either::Right(Box::pin(async move {
+            if let Some((stream, identity)) = secure(&hub, &tls, stream, peer).await {
+                serve_on(hub, id, stream, peer, events, identity, slot).await;
+            }
+        })),
+    }
 }
 
 /// The first byte of a TLS record that carries a handshake message (a ClientHello).
@@ -155,16 +161,16 @@ fn socket_fd(stream: &TcpStream) -> Option<RawFd> {
     return None;
 }
 
-/// Serves one connection, plaintext or already secured, to its end; `fd` is its TCP socket's.
-async fn serve_on<S: Transport>(
+/// Serves one connection, plaintext or already secured, to its end.
+fn serve_on<S: Transport>(
     hub: Arc<Hub>,
     id: ConnId,
-    (stream, fd): (S, Option<RawFd>),
+    mut stream: S,
     peer: SocketAddr,
     events: EventSender,
     identity: Option<Arc<PeerIdentity>>,
     slot: Slot,
-) {
+) -> impl Future<Output = ()> + Send {
     // Raw clients have no frame limit; a framed client's comes with its hello.
     let state = ConnState::new(u32::MAX, hub.config.outbound_bytes);
     let (outbox, mut queued) = outbound(hub.config.outbound_queue, state);
@@ -180,36 +186,46 @@ async fn serve_on<S: Transport>(
         outgoing: Default::default(),
         identity,
     }));
-    lock(&hub.connections).insert(id, conn.clone());
-    // A shutdown that began before the insert did not see this connection: catch up.
-    if hub.stop.is_cancelled() {
-        conn.control.wake.fire();
+    // NOTE: the captured values are used in place, never moved into a nested `async fn`:
+    // each would hold its own copy for the connection's life (see `serve`). What only the
+    // connection's handle needs (its id, address, identity) lives there alone.
+    async move {
+        // Registered by the task itself, so that a task never run (its runtime gone) leaves no
+        // connection behind.
+        lock(&hub.connections).insert(conn.id, conn.clone());
+        // A shutdown that began before the insert did not see this connection: catch up.
+        if hub.stop.is_cancelled() {
+            conn.control.wake.fire();
+        }
+        log::debug!("connection {} from {}", conn.id, conn.peer);
+        if let Some(waiting) = hub.offer(&events, Event::Connected(conn.clone())) {
+            waiting.await;
+        }
+
+        // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
+        // here, so that the connection is still unregistered, its slot freed and its Disconnected
+        // event sent, and the server goes on serving the others.
+        let running = live(&hub, &mut stream, &conn, &mut queued, &events);
+        let reason = match AssertUnwindSafe(running).catch_unwind().await {
+            Ok(reason) => reason,
+            Err(panic) => internal_error(&hub, &conn, panic.as_ref()),
+        };
+        count_ending(&hub, &reason);
+
+        conn.outbox.state().mark_closed(reason.clone());
+        conn.outgoing.close();
+        lock(&hub.connections).remove(&conn.id);
+        hub.rooms.leave_all(id);
+        // NOTE: the slot is free before Disconnected is sent, so that an application (or a test)
+        // that connects again on seeing it is never refused as over `max_connections`.
+        drop(slot);
+        // Senders that still hold the connection learn at once that it is gone.
+        queued.close();
+        log::debug!("connection {} from {} ended: {reason}", conn.id, conn.peer);
+        if let Some(waiting) = hub.offer(&events, Event::Disconnected { conn, reason }) {
+            waiting.await;
+        }
     }
-    log::debug!("connection {id} from {peer}");
-    hub.emit(&events, Event::Connected(conn.clone())).await;
-
-    // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
-    // here, so that the connection is still unregistered, its slot freed and its Disconnected
-    // event sent, and the server goes on serving the others.
-    let running = run(&hub, (stream, fd), &conn, &mut queued, &events);
-    let reason = match AssertUnwindSafe(running).catch_unwind().await {
-        Ok(reason) => reason,
-        Err(panic) => internal_error(&hub, &conn, panic.as_ref()),
-    };
-    count_ending(&hub, &reason);
-
-    conn.outbox.state().mark_closed(reason.clone());
-    conn.outgoing.close();
-    lock(&hub.connections).remove(&id);
-    hub.rooms.leave_all(id);
-    // NOTE: the slot is free before Disconnected is sent, so that an application (or a test)
-    // that connects again on seeing it is never refused as over `max_connections`.
-    drop(slot);
-    // Senders that still hold the connection learn at once that it is gone.
-    queued.close();
-    log::debug!("connection {id} from {peer} ended: {reason}");
-    hub.emit(&events, Event::Disconnected { conn, reason })
-        .await;
 }
 
 /// Completes at `deadline`; never without one.
@@ -218,6 +234,25 @@ async fn until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Completes once `sleep` has fired, with one load per poll: it does not register this task
+/// ([`wake_at`] does). Never without a sleep.
+async fn elapsed(sleep: Option<&Pin<Box<tokio::time::Sleep>>>) {
+    std::future::poll_fn(|_| match sleep {
+        Some(sleep) if sleep.is_elapsed() => Poll::Ready(()),
+        _ => Poll::Pending,
+    })
+    .await;
+}
+
+/// Has this task woken when `sleep` fires, without waiting for it.
+async fn wake_at(sleep: &mut Pin<Box<tokio::time::Sleep>>) {
+    std::future::poll_fn(|cx| {
+        let _ = sleep.as_mut().poll(cx);
+        Poll::Ready(())
+    })
+    .await;
 }
 
 /// The ending of a connection that did not say what it speaks within `hello_timeout` (counted
@@ -407,25 +442,80 @@ async fn greet<S: Transport>(
     })
 }
 
-/// One connection from its first byte to its end: the greeting, the loop, the last writes.
-async fn run<S: Transport>(
+/// One connection from its first byte to its end: the greeting, then turns of the loop while
+/// data flows, parked in between, then the last writes.
+///
+/// NOTE: the greeting and the loop are boxed, and the loop's box is dropped once the
+/// connection has been quiet for [`QUIET`] (see [`Driver::run`]): a quiet connection's task
+/// holds only what it keeps ([`Kept`]) and the small wait of [`park`], not the loop's state,
+/// its buffers or their capacity.
+// An `async fn` would hold its arguments twice (see `serve`).
+#[allow(clippy::manual_async_fn)]
+fn live<'a, S: Transport>(
+    hub: &'a Arc<Hub>,
+    stream: &'a mut S,
+    conn: &'a Connection,
+    queued: &'a mut Queued,
+    events: &'a EventSender,
+) -> impl Future<Output = CloseInfo> + Send + 'a {
+    // A block, not an `async fn`, for the reason `serve` gives.
+    async move {
+        let mut kept = match Box::pin(greet(hub, stream, conn)).await {
+            Ok(greeted) => Kept::new(hub, conn, greeted, socket_fd(stream.tcp())),
+            Err(reason) => return reason,
+        };
+        let mut turn = Box::pin(active(hub, stream, conn, queued, events, &mut kept, None)).await;
+        loop {
+            if let Turn::Ended(reason) = turn {
+                return reason;
+            }
+            let first = park(stream, conn, queued, &mut kept).await;
+            turn = Box::pin(active(hub, stream, conn, queued, events, &mut kept, first)).await;
+        }
+    }
+}
+
+/// How a turn of [`active`] ended.
+enum Turn {
+    /// Nothing happened for [`QUIET`]: the connection parks.
+    Quiet,
+    Ended(CloseInfo),
+}
+
+/// How long a connection with nothing to do keeps its loop's state before it parks; it parks
+/// after between one and two of these.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// The connection's loop while data flows, from `first` (a frame taken from the queue while
+/// parked) until it has been quiet for [`QUIET`] or ends; ending, it writes what is left.
+async fn active<S: Transport>(
     hub: &Arc<Hub>,
-    (mut stream, fd): (S, Option<RawFd>),
+    stream: &mut S,
     conn: &Connection,
     queued: &mut Queued,
     events: &EventSender,
-) -> CloseInfo {
-    // NOTE: the greeting's state ends with it (its own future, a temporary here), so that the
-    // connection's task does not carry it through the connection's whole life.
-    let mut driver = match greet(hub, &mut stream, conn).await {
-        Ok(greeted) => Driver::new(hub, conn, events, greeted, fd),
-        Err(reason) => return reason,
-    };
+    kept: &mut Kept,
+    first: Option<Frame>,
+) -> Turn {
+    let mut driver = Driver::new(hub, conn, events, kept);
+    if let Some(frame) = first {
+        driver.take_queued(frame, queued);
+    }
     let (mut reader, mut writer) = stream.halves();
-    let (reason, last_frame) = driver
-        .run(&mut reader, &mut writer, queued, S::BUFFERS_WRITES)
+    let stop = driver
+        .run(
+            &mut reader,
+            &mut writer,
+            queued,
+            S::BUFFERS_WRITES,
+            S::PARKS,
+        )
         .await;
     driver.flush_counts();
+    let Some((reason, last_frame)) = stop else {
+        driver.park_buffers();
+        return Turn::Quiet;
+    };
     // NOTE: what was queued before the end is still written, but nothing queued after it is
     // taken: senders learn of the end at once. Otherwise a producer that keeps sending while
     // the server closes would grow the final flush without bound (backpressure gone the
@@ -433,7 +523,86 @@ async fn run<S: Transport>(
     conn.outbox.state().mark_closed(reason.clone());
     queued.close();
     driver.finish(&mut writer, queued, last_frame).await;
-    reason
+    Turn::Ended(reason)
+}
+
+/// Waits, holding little, until a quiet connection has something to do: bytes (or the end) to
+/// read, a frame queued for it, a timer due, or a close; returns the frame if it took one.
+///
+/// NOTE: it looks at each source without acting on it (a timer's meaning, a read): the loop
+/// does that on its next turn, the one place that knows how.
+async fn park<S: Transport>(
+    // `&mut` only so that the future is `Send` without `S: Sync`.
+    stream: &mut S,
+    conn: &Connection,
+    queued: &mut Queued,
+    kept: &mut Kept,
+) -> Option<Frame> {
+    std::future::poll_fn(move |cx| {
+        if conn.control.wake.poll_fired(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        if kept.queue_open {
+            if let Poll::Ready(frame) = queued.poll_recv(cx) {
+                kept.queue_open = frame.is_some();
+                return Poll::Ready(frame);
+            }
+        }
+        let due = stream.poll_read_ready(cx).is_ready()
+            | kept.idle.poll_due(cx).is_ready()
+            | kept.heartbeat.poll_due(cx).is_ready();
+        if due {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// What a connection keeps for its whole life, parked or not (the rest of its loop's state
+/// lives only while data flows: [`Driver`]).
+struct Kept {
+    raw: bool,
+    codec: FrameCodec,
+    idle: IdleTimer,
+    heartbeat: Heartbeat,
+    /// Files arriving on this connection, once the first one is offered.
+    receiving: Option<Box<Receiving>>,
+    /// What this connection holds for the application, against its budget and the server's.
+    inbound: Inbound,
+    /// Bytes read and not yet handled (the start of a frame), while parked.
+    read_buf: BytesMut,
+    /// Whether the outbound queue may still bring frames.
+    queue_open: bool,
+}
+
+impl Kept {
+    fn new(
+        hub: &Arc<Hub>,
+        conn: &Connection,
+        Greeted {
+            raw,
+            buffered,
+            idle,
+        }: Greeted,
+        fd: Option<RawFd>,
+    ) -> Kept {
+        Kept {
+            raw,
+            codec: FrameCodec::new(hub.config.max_frame),
+            idle,
+            heartbeat: Heartbeat::new(
+                if raw { Pings::OFF } else { hub.config.pings },
+                Arc::clone(conn.outbox.state()),
+                fd,
+            ),
+            receiving: None,
+            inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
+            read_buf: buffered,
+            queue_open: true,
+        }
+    }
 }
 
 /// Stop reading (from the socket and from the queue) while this much output waits to be
@@ -447,16 +616,9 @@ struct Driver<'a> {
     hub: &'a Arc<Hub>,
     conn: &'a Connection,
     events: &'a EventSender,
-    raw: bool,
-    codec: FrameCodec,
+    kept: &'a mut Kept,
     read_buf: BytesMut,
     write_buf: BytesMut,
-    idle: IdleTimer,
-    heartbeat: Heartbeat,
-    /// Files arriving on this connection, once the first one is offered.
-    receiving: Option<Box<Receiving>>,
-    /// What this connection holds for the application, against its budget and the server's.
-    inbound: Inbound,
     /// Set while a budget is spent: nothing more is read until it has room again.
     /// (Boxed: an idle connection's task carries a pointer, not the message.)
     stall: Option<Box<Stall>>,
@@ -472,34 +634,40 @@ impl<'a> Driver<'a> {
         hub: &'a Arc<Hub>,
         conn: &'a Connection,
         events: &'a EventSender,
-        Greeted {
-            raw,
-            buffered,
-            idle,
-        }: Greeted,
-        fd: Option<RawFd>,
+        kept: &'a mut Kept,
     ) -> Driver<'a> {
         Driver {
             hub,
             conn,
             events,
-            raw,
-            codec: FrameCodec::new(hub.config.max_frame),
-            read_buf: buffered,
+            read_buf: std::mem::take(&mut kept.read_buf),
+            kept,
             write_buf: BytesMut::new(),
-            idle,
-            heartbeat: Heartbeat::new(
-                if raw { Pings::OFF } else { hub.config.pings },
-                Arc::clone(conn.outbox.state()),
-                fd,
-            ),
-            receiving: None,
-            inbound: Inbound::new(hub.config.inbound_bytes, &hub.buffered),
             stall: None,
             read_size: ReadSize::new(),
             messages_in: 0,
             messages_out: 0,
         }
+    }
+
+    /// Before parking: what was read and not handled stays with the connection; the buffers'
+    /// spare room goes back (a quiet connection holds none).
+    fn park_buffers(&mut self) {
+        self.kept.read_buf = if self.read_buf.is_empty() {
+            BytesMut::new()
+        } else {
+            std::mem::take(&mut self.read_buf)
+        };
+        self.kept
+            .inbound
+            .shrink_buffer(self.kept.read_buf.capacity());
+    }
+
+    /// Takes `frame` (and whatever else is queued) from the queue into the write buffer.
+    fn take_queued(&mut self, frame: Frame, queued: &mut Queued) {
+        encode(&frame, self.kept.raw, &mut self.write_buf);
+        self.messages_out += u64::from(is_message(&frame))
+            + drain_into(queued, self.kept.raw, &mut self.write_buf, HIGH_WATER);
     }
 
     fn flush_counts(&mut self) {
@@ -516,26 +684,38 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Runs the loop until the connection ends (`Some`, with why) or, where it `parks`, until
+    /// it has been quiet for [`QUIET`] (`None`).
     async fn run<R, W>(
         &mut self,
         reader: &mut R,
         writer: &mut W,
         queued: &mut Queued,
         buffers_writes: bool,
-    ) -> Ending
+        parks: bool,
+    ) -> Option<Ending>
     where
         R: AsyncRead + WaitReadable + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut queue_open = true;
         // NOTE: a TLS writer may take bytes into its own buffer without writing them all to
         // the socket (when it would block); they go out only on a later write or a flush. So
         // once our buffer is empty, the writer is flushed: without it the end of a large
         // answer could wait, unsent, until the connection next had something to say.
         let mut unflushed = false;
+        // NOTE: quiet is told by counting the loop's turns between two ticks of one timer,
+        // not by a clock read or a timer moved per message; and the timer is polled once per
+        // tick, and otherwise only looked at (a timer's poll costs a tenth of a native echo's
+        // turn).
+        let mut quiet = parks.then(|| Box::pin(tokio::time::sleep(QUIET)));
+        if let Some(quiet) = &mut quiet {
+            wake_at(quiet).await;
+        }
+        let (mut turns, mut turns_at_tick) = (0u64, 0u64);
         loop {
+            turns += 1;
             if let Some(ending) = self.handle_buffered().await {
-                return ending;
+                return Some(ending);
             }
             self.flush_counts();
             let writing = !self.write_buf.is_empty();
@@ -550,66 +730,77 @@ impl<'a> Driver<'a> {
             // NOTE: a connection held back for its budget is neither idle nor silent: its
             // client is sending, and the application has yet to take what came.
             let stalled = self.stall.is_some();
+            let queue_open = self.kept.queue_open;
             tokio::select! {
                 biased;
-                () = self.conn.control.wake.fired() => return woken(self.hub, self.conn),
-                () = self.idle.expired(), if self.idle.armed() && !stalled => {
-                    let info = self.idle.reason();
+                () = self.conn.control.wake.fired() => return Some(woken(self.hub, self.conn)),
+                () = self.kept.idle.expired(), if self.kept.idle.armed() && !stalled => {
+                    let info = self.kept.idle.reason();
                     let frame = Frame::close(CloseCode::IDLE_TIMEOUT, &info.reason);
-                    return (info, Some(frame));
+                    return Some((info, Some(frame)));
                 }
                 room = room_for(self.stall.as_deref_mut()), if stalled => {
                     // Boxed: this rare path's future would otherwise be part of every
                     // connection's task, idle ones too.
                     if let Some(ending) = Box::pin(self.resume(room)).await {
-                        return ending;
+                        return Some(ending);
                     }
                 }
-                beat = self.heartbeat.beat(), if self.heartbeat.armed() && !stalled => match beat {
+                beat = self.kept.heartbeat.beat(), if self.kept.heartbeat.armed() && !stalled => match beat {
                     Beat::Ping(ping) => encode(&ping, false, &mut self.write_buf),
                     Beat::Gone(info) => {
                         log::info!("connection {} from {}: {info}", self.conn.id, self.conn.peer);
                         let frame = Frame::close(CloseCode::PING_TIMEOUT, &info.reason);
-                        return (info, Some(frame));
+                        return Some((info, Some(frame)));
                     }
                 },
                 written = write_or_flush(writer, &self.write_buf), if writing || unflushed => {
                     if let Some(ending) = self.wrote(written, &mut unflushed, buffers_writes) {
-                        return ending;
+                        return Some(ending);
                     }
                 }
                 frame = queued.recv(), if queue_open && taking => match frame {
                     Some(frame) => {
-                        encode(&frame, self.raw, &mut self.write_buf);
-                        self.messages_out += u64::from(is_message(&frame))
-                            + drain_into(queued, self.raw, &mut self.write_buf, HIGH_WATER);
+                        self.take_queued(frame, queued);
                         // Written now rather than on the loop's next turn, which would poll
                         // every branch again first: an answer usually goes out in one write.
                         // A write that would block is polled again, with this task's waker, by
                         // that next turn.
                         if let Some(written) = write_or_flush(writer, &self.write_buf).now_or_never() {
                             if let Some(ending) = self.wrote(written, &mut unflushed, buffers_writes) {
-                                return ending;
+                                return Some(ending);
                             }
                         }
                     }
-                    None => queue_open = false,
+                    None => self.kept.queue_open = false,
                 },
                 read = read_lazily(reader, &mut self.read_buf, self.read_size.get()), if reading => match read {
                     Ok(0) if self.read_buf.is_empty() => {
-                        return (CloseInfo::new(None, "closed by the client"), None);
+                        return Some((CloseInfo::new(None, "closed by the client"), None));
                     }
                     Ok(0) => {
                         let e = FrameError::Truncated(self.read_buf.len());
-                        return (CloseInfo::new(None, format!("the client left: {e}")), None);
+                        return Some((CloseInfo::new(None, format!("the client left: {e}")), None));
                     }
                     Ok(n) => {
-                        self.heartbeat.heard();
+                        self.kept.heartbeat.heard();
                         self.hub.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                         self.read_size.adapt(n, room);
                     }
-                    Err(e) => return (io_ending(self.hub, &e), None),
+                    Err(e) => return Some((io_ending(self.hub, &e), None)),
                 },
+                // Looked at only while the loop waits for the client (a busy loop is not quiet).
+                () = elapsed(quiet.as_ref()), if parks && !writing && !unflushed && !stalled => {
+                    // Only this tick's own turn since the last one: nothing else happened.
+                    if turns == turns_at_tick + 1 {
+                        return None;
+                    }
+                    turns_at_tick = turns;
+                    if let Some(quiet) = &mut quiet {
+                        quiet.as_mut().reset(Instant::now() + QUIET);
+                        wake_at(quiet).await;
+                    }
+                }
             }
         }
     }
@@ -658,7 +849,7 @@ impl<'a> Driver<'a> {
         let ending = self.handle_frames(&mut active).await;
         if active {
             // A raw client's messages are what it sent: its bytes count (`raw_min_rate`).
-            self.idle.heard(buffered - self.read_buf.len());
+            self.kept.idle.heard(buffered - self.read_buf.len());
         }
         ending
     }
@@ -684,13 +875,13 @@ impl<'a> Driver<'a> {
                     Err(e) => return Some(self.protocol_error(e)),
                 }
             }
-            let frame = if self.raw {
+            let frame = if self.kept.raw {
                 if self.read_buf.is_empty() {
                     return None;
                 }
                 Frame::Data(take_chunk(&mut self.read_buf))
             } else {
-                match self.codec.decode(&mut self.read_buf) {
+                match self.kept.codec.decode(&mut self.read_buf) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => return None,
                     Err(e) => return Some(self.protocol_error(e)),
@@ -712,7 +903,7 @@ impl<'a> Driver<'a> {
     /// NOTE: the hot path of the native modes: no allocation, no reference counting, one copy.
     fn answer_in_place(&mut self) -> Result<InPlace, FrameError> {
         let echo = self.hub.config.mode == Mode::Echo;
-        if self.raw {
+        if self.kept.raw {
             if self.read_buf.is_empty() {
                 return Ok(InPlace::NeedMore);
             }
@@ -736,7 +927,7 @@ impl<'a> Driver<'a> {
                 return Ok(InPlace::Answered(echoed));
             }
         }
-        let Some((total, kind)) = self.codec.peek(&mut self.read_buf)? else {
+        let Some((total, kind)) = self.kept.codec.peek(&mut self.read_buf)? else {
             return Ok(InPlace::NeedMore);
         };
         let request = is_request(kind, total);
@@ -768,7 +959,7 @@ impl<'a> Driver<'a> {
     fn echo_whole_frames(&mut self) -> u64 {
         let (mut end, mut messages) = (0, 0);
         // A bad frame stops the run; the frame-at-a-time path meets it next and refuses it.
-        while let Ok(Some((total, kind))) = self.codec.check(&self.read_buf[end..]) {
+        while let Ok(Some((total, kind))) = self.kept.codec.check(&self.read_buf[end..]) {
             if is_request(kind, total) {
                 self.read_buf[end + LENGTH_PREFIX] = frame::kind::REPLY;
             } else if kind != frame::kind::DATA {
@@ -891,19 +1082,19 @@ impl<'a> Driver<'a> {
                 } else {
                     self.subscription(id, &pattern, true)
                 };
-                encode(&ack, self.raw, &mut self.write_buf);
+                encode(&ack, self.kept.raw, &mut self.write_buf);
                 return None;
             }
             Frame::Unsubscribe { id, pattern } => {
                 encode(
                     &self.subscription(id, &pattern, false),
-                    self.raw,
+                    self.kept.raw,
                     &mut self.write_buf,
                 );
                 return None;
             }
             Frame::Ping(token) => {
-                encode(&Frame::Pong(token), self.raw, &mut self.write_buf);
+                encode(&Frame::Pong(token), self.kept.raw, &mut self.write_buf);
                 return None;
             }
             Frame::Close { code, reason } => {
@@ -924,6 +1115,7 @@ impl<'a> Driver<'a> {
             | Frame::FileCancel { .. }) => {
                 let (hub, conn, events) = (self.hub, self.conn, self.events);
                 let receiving = self
+                    .kept
                     .receiving
                     .get_or_insert_with(|| receiving(hub, conn, events));
                 // A closing connection drops the chunk; the loop sees the wake next.
@@ -937,7 +1129,7 @@ impl<'a> Driver<'a> {
                 return None;
             }
             Frame::Pong(token) => {
-                self.heartbeat.pong(token);
+                self.kept.heartbeat.pong(token);
                 return None;
             }
             Frame::Reply { .. } | Frame::FileRange { .. } | Frame::TopicAck { .. } => {
@@ -952,7 +1144,7 @@ impl<'a> Driver<'a> {
         match self.hub.config.mode {
             Mode::Events => {
                 let mut message = message;
-                let charge = self.inbound.charge(message.data.len());
+                let charge = self.kept.inbound.charge(message.data.len());
                 // What follows the message in the read buffer keeps the buffer's share.
                 self.release_read_room();
                 match charge {
@@ -968,12 +1160,12 @@ impl<'a> Driver<'a> {
             }
             Mode::Echo => {
                 let answer = message.answer(message.data.clone());
-                encode(&answer, self.raw, &mut self.write_buf);
+                encode(&answer, self.kept.raw, &mut self.write_buf);
                 self.messages_out += 1;
             }
             Mode::Ack => {
                 let answer = message.answer(self.hub.config.ack_reply.clone());
-                encode(&answer, self.raw, &mut self.write_buf);
+                encode(&answer, self.kept.raw, &mut self.write_buf);
                 self.messages_out += 1;
             }
             // NOTE: the fan-out futures are boxed: inline, they would be part of every
@@ -1004,7 +1196,7 @@ impl<'a> Driver<'a> {
             rest.extend_from_slice(&self.read_buf);
             self.read_buf = rest;
         }
-        self.inbound.shrink_buffer(self.read_buf.capacity());
+        self.kept.inbound.shrink_buffer(self.read_buf.capacity());
     }
 
     /// Brings the read buffer's share of `max_buffered` in line with its size; when the server
@@ -1013,8 +1205,8 @@ impl<'a> Driver<'a> {
         if self.stall.is_some() {
             return;
         }
-        if let Err(more) = self.inbound.fit_buffer(self.read_buf.capacity()) {
-            let room = self.inbound.buffer_room(more, BUFFER_STALL_LIMIT);
+        if let Err(more) = self.kept.inbound.fit_buffer(self.read_buf.capacity()) {
+            let room = self.kept.inbound.buffer_room(more, BUFFER_STALL_LIMIT);
             self.stall = Some(Box::new(Stall::Buffer(Box::pin(room))));
         }
     }
@@ -1025,8 +1217,8 @@ impl<'a> Driver<'a> {
     async fn resume(&mut self, room: Room) -> Option<Ending> {
         let stall = self.stall.take().map(|stall| *stall);
         // What comes next is the client's, not silence: it was sending all along.
-        self.idle.touch();
-        self.heartbeat.heard();
+        self.kept.idle.touch();
+        self.kept.heartbeat.heard();
         match (stall, room) {
             (Some(Stall::Message(mut message, _)), Room::Message(charge)) => {
                 message.charge = charge;
@@ -1036,7 +1228,7 @@ impl<'a> Driver<'a> {
             }
             (_, Room::Buffer(Ok(permit))) => {
                 if let Some(permit) = permit {
-                    self.inbound.add_to_buffer(permit);
+                    self.kept.inbound.add_to_buffer(permit);
                 }
             }
             (_, Room::Buffer(Err(waited))) => {
@@ -1049,7 +1241,7 @@ impl<'a> Driver<'a> {
                 );
                 // Given back now, not when the close is written: another frame waits for it.
                 self.read_buf = BytesMut::new();
-                self.inbound.shrink_buffer(0);
+                self.kept.inbound.shrink_buffer(0);
                 log::warn!(
                     "connection {} from {}: {reason}",
                     self.conn.id,
@@ -1078,10 +1270,10 @@ impl<'a> Driver<'a> {
             return;
         }
         self.hub.counters.messages_out.fetch_add(
-            drain_into(queued, self.raw, &mut self.write_buf, usize::MAX),
+            drain_into(queued, self.kept.raw, &mut self.write_buf, usize::MAX),
             Ordering::Relaxed,
         );
-        if let Some(last) = last.filter(|_| !self.raw) {
+        if let Some(last) = last.filter(|_| !self.kept.raw) {
             encode(&last, false, &mut self.write_buf);
         }
         let flushed = tokio::select! {
@@ -1205,10 +1397,14 @@ enum InPlace {
 /// On a raw connection with `raw_min_rate`, messages count as activity only once they add up
 /// to that many bytes per second of `idle_timeout`: a client that trickles a byte now and then
 /// is dropped like an idle one.
-struct IdleTimer {
-    /// The limit and its clock, only with a limit: by default an established connection has
-    /// none, and a clock would be 128 bytes of every connection's memory, never polled.
-    armed: Option<(Duration, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+///
+/// NOTE: the clock exists only with a limit (by default an established connection has none),
+/// and is boxed: without a limit the timer is one pointer of every connection's task.
+struct IdleTimer(Option<Box<IdleClock>>);
+
+struct IdleClock {
+    limit: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
     last_seen: Instant,
     /// Bytes that must arrive since the last activity for more to count as activity (1: any).
     min_bytes: u64,
@@ -1219,71 +1415,81 @@ struct IdleTimer {
 impl IdleTimer {
     fn new(limit: Option<Duration>) -> IdleTimer {
         let now = Instant::now();
-        IdleTimer {
-            armed: limit.map(|limit| (limit, Box::pin(tokio::time::sleep_until(now + limit)))),
-            last_seen: now,
-            min_bytes: 1,
-            since: 0,
-        }
+        IdleTimer(limit.map(|limit| {
+            Box::new(IdleClock {
+                limit,
+                sleep: Box::pin(tokio::time::sleep_until(now + limit)),
+                last_seen: now,
+                min_bytes: 1,
+                since: 0,
+            })
+        }))
     }
 
     /// From now on, messages count as activity once `rate` bytes per second of the limit
     /// arrived since the last activity (a raw connection's rule; 0: any message counts).
     fn count_bytes(&mut self, rate: u64) {
-        if let Some(limit) = self.limit() {
-            let bytes = (rate as f64 * limit.as_secs_f64()).ceil();
-            self.min_bytes = (bytes as u64).max(1);
+        if let Some(clock) = &mut self.0 {
+            let bytes = (rate as f64 * clock.limit.as_secs_f64()).ceil();
+            clock.min_bytes = (bytes as u64).max(1);
         }
     }
 
     /// Messages of `bytes` bytes in all arrived.
     fn heard(&mut self, bytes: usize) {
-        self.since += bytes as u64;
-        if self.since >= self.min_bytes {
-            self.since = 0;
-            self.touch();
+        if let Some(clock) = &mut self.0 {
+            clock.since += bytes as u64;
+            if clock.since >= clock.min_bytes {
+                clock.since = 0;
+                clock.last_seen = Instant::now();
+            }
         }
     }
 
-    fn limit(&self) -> Option<Duration> {
-        self.armed.as_ref().map(|(limit, _)| *limit)
-    }
-
     fn armed(&self) -> bool {
-        self.armed.is_some()
+        self.0.is_some()
     }
 
     fn touch(&mut self) {
-        if self.armed() {
-            self.last_seen = Instant::now();
-            self.since = 0;
+        if let Some(clock) = &mut self.0 {
+            clock.last_seen = Instant::now();
+            clock.since = 0;
+        }
+    }
+
+    /// Ready once the clock has run out, without looking at the activity since:
+    /// [`IdleTimer::expired`] does, next. Never without a limit.
+    fn poll_due(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(clock) => clock.sleep.as_mut().poll(cx),
+            None => Poll::Pending,
         }
     }
 
     /// Completes once the connection has been idle for the limit; never without one.
     async fn expired(&mut self) {
-        let Some((limit, sleep)) = &mut self.armed else {
+        let Some(clock) = &mut self.0 else {
             return std::future::pending().await;
         };
         loop {
-            sleep.as_mut().await;
-            let deadline = self.last_seen + *limit;
+            clock.sleep.as_mut().await;
+            let deadline = clock.last_seen + clock.limit;
             if Instant::now() >= deadline {
                 return;
             }
-            sleep.as_mut().reset(deadline);
+            clock.sleep.as_mut().reset(deadline);
         }
     }
 
     fn reason(&self) -> CloseInfo {
-        let limit = self.limit().unwrap_or_default();
+        let (limit, min_bytes) = self
+            .0
+            .as_ref()
+            .map_or((Duration::ZERO, 1), |clock| (clock.limit, clock.min_bytes));
         CloseInfo::new(
             Some(CloseCode::IDLE_TIMEOUT),
-            if self.min_bytes > 1 {
-                format!(
-                    "sent under {} bytes in {limit:?} (idle_timeout, raw_min_rate)",
-                    self.min_bytes
-                )
+            if min_bytes > 1 {
+                format!("sent under {min_bytes} bytes in {limit:?} (idle_timeout, raw_min_rate)")
             } else {
                 format!("idle for more than {limit:?} (idle_timeout)")
             },

@@ -227,18 +227,21 @@ impl Wake {
     /// # Cancel safety
     /// Cancel safe.
     async fn fired(&self) {
-        std::future::poll_fn(|cx| {
-            if self.is_fired() {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.is_fired() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await;
+    }
+
+    /// [`Wake::fired`] as a poll.
+    #[inline]
+    fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.is_fired() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.is_fired() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -979,33 +982,27 @@ async fn accept_loop(
                         let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
                         let (conn_hub, events) = (Arc::clone(&hub), events.clone());
                         let Some(serving) = &serving else {
-                            hub.tasks.spawn(async move {
-                                handler::serve(conn_hub, id, stream, peer, events, slot).await;
-                            });
+                            hub.tasks
+                                .spawn(handler::serve(conn_hub, id, stream, peer, events, slot));
                             continue;
                         };
                         // NOTE: a socket is registered with the runtime that made it; it moves
-                        // as a plain descriptor, so that its readiness wakes the runtime that
-                        // serves it, not this one.
-                        let stream = match stream.into_std() {
-                            Ok(stream) => stream,
-                            Err(e) => {
-                                log::warn!("cannot hand the connection from {peer} over: {e}");
-                                continue;
-                            }
+                        // as a plain descriptor and is registered again inside the runtime that
+                        // serves it, so that its readiness wakes that one, not this one.
+                        let stream = {
+                            let _inside = serving.enter();
+                            stream.into_std().and_then(TcpStream::from_std)
                         };
-                        hub.tasks.spawn_on(
-                            async move {
-                                match TcpStream::from_std(stream) {
-                                    Ok(stream) => {
-                                        handler::serve(conn_hub, id, stream, peer, events, slot)
-                                            .await;
-                                    }
-                                    Err(e) => log::warn!("cannot serve {peer}: {e}"),
-                                }
-                            },
-                            serving,
-                        );
+                        match stream {
+                            Ok(stream) => {
+                                let serve =
+                                    handler::serve(conn_hub, id, stream, peer, events, slot);
+                                hub.tasks.spawn_on(serve, serving);
+                            }
+                            Err(e) => {
+                                log::warn!("cannot hand the connection from {peer} over: {e}")
+                            }
+                        }
                     }
                     Err(reason) => match Arc::clone(&hub.refusals).try_acquire_owned() {
                         Ok(permit) => {
@@ -1075,7 +1072,8 @@ impl AcceptErrors {
 /// it is dropped.
 pub(super) struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    /// Boxed: only with `max_connections_per_ip`, and a slot is in every connection's task.
+    _address: Option<Box<AddressSlot>>,
 }
 
 /// One connection counted against its client's address.
@@ -1117,10 +1115,10 @@ fn take_slot(hub: &Arc<Hub>, peer: SocketAddr) -> std::result::Result<Slot, Stri
                 ));
             }
             *count += 1;
-            Some(AddressSlot {
+            Some(Box::new(AddressSlot {
                 counts: Arc::clone(&hub.per_address),
                 ip,
-            })
+            }))
         }
     };
     // Taken after the address's count, so that a refusal by either gives back nothing it took
