@@ -180,7 +180,6 @@ fn serve_on<S: Transport>(
         outbox,
         control: Control {
             wake: Wake::default(),
-            abort: hub.abort.child_token(),
             slow_reader: hub.config.slow_reader,
         },
         outgoing: Default::default(),
@@ -464,7 +463,14 @@ fn live<'a, S: Transport>(
             Ok(greeted) => Kept::new(hub, conn, greeted, socket_fd(stream.tcp())),
             Err(reason) => return reason,
         };
-        let mut turn = Box::pin(active(hub, stream, conn, queued, events, &mut kept, None)).await;
+        // A client that has said nothing past its hello parks at once: its loop starts when
+        // there is something to do.
+        let parks_now = S::PARKS && kept.read_buf.is_empty();
+        let mut turn = if parks_now {
+            Turn::Quiet
+        } else {
+            Box::pin(active(hub, stream, conn, queued, events, &mut kept, None)).await
+        };
         loop {
             if let Turn::Ended(reason) = turn {
                 return reason;
@@ -1266,7 +1272,7 @@ impl<'a> Driver<'a> {
         queued: &mut Queued,
         last: Option<Frame>,
     ) {
-        if self.conn.control.abort.is_cancelled() {
+        if dropping(self.hub, self.conn) {
             return;
         }
         self.hub.counters.messages_out.fetch_add(
@@ -1277,7 +1283,8 @@ impl<'a> Driver<'a> {
             encode(&last, false, &mut self.write_buf);
         }
         let flushed = tokio::select! {
-            () = self.conn.control.abort.cancelled() => return,
+            () = self.hub.abort.cancelled() => return,
+            () = self.conn.control.wake.dropping() => return,
             flushed = tokio::time::timeout(FLUSH_GRACE, async {
                 writer.write_all(&self.write_buf).await?;
                 writer.shutdown().await
@@ -1588,7 +1595,7 @@ pub(super) async fn refuse_full(
 /// Why the connection's wake token fired: the hard stop, the server's shutdown, or a close of
 /// this connection alone; and the close frame to send, if any.
 fn woken(hub: &Hub, conn: &Connection) -> Ending {
-    if conn.control.abort.is_cancelled() {
+    if dropping(hub, conn) {
         return (conn.close_info().unwrap_or_else(shutting_down), None);
     }
     if hub.stop.is_cancelled() {
@@ -1598,6 +1605,12 @@ fn woken(hub: &Hub, conn: &Connection) -> Ending {
     let info = closed_by_server(conn);
     let frame = Frame::close(info.code.unwrap_or(CloseCode::NORMAL), &info.reason);
     (info, Some(frame))
+}
+
+/// Whether what is queued for `conn` is to be dropped, unwritten: its own close said so, or
+/// the server's hard stop.
+fn dropping(hub: &Hub, conn: &Connection) -> bool {
+    conn.control.wake.is_dropping() || hub.abort.is_cancelled()
 }
 
 fn closed_by_server(conn: &Connection) -> CloseInfo {
