@@ -1,8 +1,8 @@
 """The long soaks of docs/reliability.md, each bounded in count and time, with their figures:
 
     python benches/soak.py messages   # 1,000 clients x 1,000 messages, checksummed, in order
-    python benches/soak.py idle       # 10,000 idle connections: server RSS per connection,
-                                      # next to a uvloop Protocol server holding the same
+    python benches/soak.py idle       # 10,000 idle connections, framed and raw: server RSS
+                                      # per connection, next to uvloop servers holding the same
     python benches/soak.py churn      # 20,000 connect/close cycles: descriptors and RSS
     python benches/soak.py all        # the three, one after the other
 

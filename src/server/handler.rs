@@ -197,9 +197,7 @@ fn serve_on<S: Transport>(
             conn.control.wake.fire();
         }
         log::debug!("connection {} from {}", conn.id, conn.peer);
-        if let Some(waiting) = hub.offer(&events, Event::Connected(conn.clone())) {
-            waiting.await;
-        }
+        hub.emit(&events, Event::Connected(conn.clone())).await;
 
         // NOTE: a panic (a bug) in the connection's loop ends this connection alone: it is caught
         // here, so that the connection is still unregistered, its slot freed and its Disconnected
@@ -214,16 +212,15 @@ fn serve_on<S: Transport>(
         conn.outbox.state().mark_closed(reason.clone());
         conn.outgoing.close();
         lock(&hub.connections).remove(&conn.id);
-        hub.rooms.leave_all(id);
+        hub.rooms.leave_all(conn.id);
         // NOTE: the slot is free before Disconnected is sent, so that an application (or a test)
         // that connects again on seeing it is never refused as over `max_connections`.
         drop(slot);
         // Senders that still hold the connection learn at once that it is gone.
         queued.close();
         log::debug!("connection {} from {} ended: {reason}", conn.id, conn.peer);
-        if let Some(waiting) = hub.offer(&events, Event::Disconnected { conn, reason }) {
-            waiting.await;
-        }
+        hub.emit(&events, Event::Disconnected { conn, reason })
+            .await;
     }
 }
 
@@ -1409,6 +1406,7 @@ enum InPlace {
 /// and is boxed: without a limit the timer is one pointer of every connection's task.
 struct IdleTimer(Option<Box<IdleClock>>);
 
+/// An idle timer's state, with a limit.
 struct IdleClock {
     limit: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -1417,6 +1415,14 @@ struct IdleClock {
     min_bytes: u64,
     /// Bytes that arrived since the last activity.
     since: u64,
+}
+
+impl IdleClock {
+    /// Activity now.
+    fn touch(&mut self) {
+        self.last_seen = Instant::now();
+        self.since = 0;
+    }
 }
 
 impl IdleTimer {
@@ -1447,8 +1453,7 @@ impl IdleTimer {
         if let Some(clock) = &mut self.0 {
             clock.since += bytes as u64;
             if clock.since >= clock.min_bytes {
-                clock.since = 0;
-                clock.last_seen = Instant::now();
+                clock.touch();
             }
         }
     }
@@ -1459,8 +1464,7 @@ impl IdleTimer {
 
     fn touch(&mut self) {
         if let Some(clock) = &mut self.0 {
-            clock.last_seen = Instant::now();
-            clock.since = 0;
+            clock.touch();
         }
     }
 
